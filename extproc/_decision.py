@@ -1,0 +1,70 @@
+"""``Decision``: everything one routing decision carries.
+
+The same object feeds the Envoy mutations, the response headers, the dynamic metadata,
+the metrics and ``switchyard policy explain``, so they can never disagree.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Any
+
+from extproc._policy import Backend
+from extproc._signals import SignalResult
+
+__all__ = ["Decision", "DIRECT_RULE", "DEFAULT_RULE", "PASSTHROUGH_RULE"]
+
+#: ``rule`` of a decision made because the request named a backend's model.
+DIRECT_RULE = "direct"
+#: ``rule`` of a decision where no rule matched.
+DEFAULT_RULE = "default"
+#: ``rule`` recorded for requests that are not routed (other paths, methods, content types).
+PASSTHROUGH_RULE = "passthrough"
+
+
+@dataclass
+class Decision:
+    """The chosen backend and why.
+
+    ``signals`` holds every signal that was evaluated, in evaluation order; signals no
+    rule reached are absent. ``skipped`` lists rules that matched or were passed over
+    because their backend was not eligible for this request, with the reason.
+    """
+
+    backend: Backend
+    rule: str
+    requested_model: str | None = None
+    rewrite_model: bool = False
+    tenant: str | None = None
+    signals: dict[str, SignalResult] = field(default_factory=dict)
+    skipped: list[tuple[str, str]] = field(default_factory=list)
+
+    @property
+    def model(self) -> str:
+        return self.backend.model
+
+    def metadata(self) -> dict[str, str]:
+        """The Envoy dynamic metadata (namespace ``switchyard``) for access logs."""
+        return {
+            "backend": self.backend.name,
+            "cluster": self.backend.cluster,
+            "model": self.backend.model,
+            "rule": self.rule,
+            "requested_model": self.requested_model or "",
+        }
+
+    def explain(self) -> dict[str, Any]:
+        """The decision as a JSON-ready object (``switchyard policy explain``)."""
+        return {
+            "backend": self.backend.name,
+            "cluster": self.backend.cluster,
+            "model": self.backend.model,
+            "rule": self.rule,
+            "requested_model": self.requested_model,
+            "model_rewritten": self.rewrite_model,
+            "tenant": self.tenant,
+            "signals": {
+                name: {"matched": result.matched, "value": result.value} for name, result in self.signals.items()
+            },
+            "skipped_rules": [{"rule": rule, "reason": reason} for rule, reason in self.skipped],
+        }

@@ -1,0 +1,72 @@
+"""switchyard's exceptions.
+
+One root, so callers can catch everything switchyard raises on purpose with one clause,
+and library errors (grpc, yaml, torch) never leak unwrapped: they are re-raised as one of
+these with ``raise ... from exc``.
+
+    SwitchyardError
+    ├── PolicyError          a policy file is invalid; carries every problem found
+    ├── RequestError         a client request cannot be routed (bad JSON, too big, ...)
+    │                        carries the HTTP status and an OpenAI-style error code
+    ├── ScorerError          a learned scorer failed, timed out or returned a bad number
+    └── CheckpointError      a probe / router checkpoint is missing, corrupt or mismatched
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+__all__ = [
+    "SwitchyardError",
+    "PolicyError",
+    "PolicyProblem",
+    "RequestError",
+    "ScorerError",
+    "CheckpointError",
+]
+
+
+class SwitchyardError(Exception):
+    """Root of every exception switchyard raises on purpose."""
+
+
+@dataclass(frozen=True)
+class PolicyProblem:
+    """One problem in a policy file, located as ``file:line:column`` (1-based)."""
+
+    path: str
+    line: int
+    column: int
+    message: str
+
+    def __str__(self) -> str:
+        return f"{self.path}:{self.line}:{self.column}: {self.message}"
+
+
+class PolicyError(SwitchyardError):
+    """A policy file is invalid. ``problems`` lists every problem, in file order."""
+
+    def __init__(self, problems: list[PolicyProblem]) -> None:
+        self.problems = sorted(problems, key=lambda p: (p.path, p.line, p.column))
+        super().__init__("\n".join(str(p) for p in self.problems))
+
+
+class RequestError(SwitchyardError):
+    """A client request cannot be routed.
+
+    ``status`` is the HTTP status Envoy returns to the client, ``code`` the OpenAI-style
+    error code in the JSON error body.
+    """
+
+    def __init__(self, message: str, *, status: int = 400, code: str = "invalid_request") -> None:
+        self.status = status
+        self.code = code
+        super().__init__(message)
+
+
+class ScorerError(SwitchyardError):
+    """A learned scorer failed, missed its deadline, or returned a non-finite score."""
+
+
+class CheckpointError(SwitchyardError):
+    """A checkpoint folder is missing, corrupt, or does not match the backbone given."""

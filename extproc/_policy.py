@@ -1,0 +1,226 @@
+"""The typed policy, and loading it from YAML with every problem located.
+
+:func:`load_policy` reads a file, validates it against ``_policy_schema`` on the YAML node
+tree, then checks what a schema cannot (references between sections, regexes, duplicate
+rule names, tokenizer files) and returns a :class:`Policy` or raises one
+:class:`PolicyError` listing every problem as ``file:line:column: message``.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Union
+
+import yaml
+
+from extproc._errors import PolicyError, PolicyProblem
+from extproc._policy_schema import POLICY_SCHEMA
+from extproc._schema import Validation, dotted
+from extproc._signals import Signal, build_signal
+
+__all__ = [
+    "Backend",
+    "Rule",
+    "Condition",
+    "SignalRef",
+    "AllOf",
+    "AnyOf",
+    "Not",
+    "ModelsConfig",
+    "TenantsConfig",
+    "RoutingConfig",
+    "Policy",
+    "load_policy",
+    "parse_policy",
+]
+
+
+@dataclass(frozen=True)
+class Backend:
+    name: str
+    cluster: str
+    model: str
+    cost: float = 1.0
+    supports_images: bool = True
+    max_context_tokens: int | None = None
+
+
+@dataclass(frozen=True)
+class SignalRef:
+    name: str
+
+
+@dataclass(frozen=True)
+class AllOf:
+    items: tuple[Condition, ...]
+
+
+@dataclass(frozen=True)
+class AnyOf:
+    items: tuple[Condition, ...]
+
+
+@dataclass(frozen=True)
+class Not:
+    item: Condition
+
+
+Condition = Union[SignalRef, AllOf, AnyOf, Not]
+
+
+@dataclass(frozen=True)
+class Rule:
+    name: str
+    when: Condition
+    backend: str
+
+
+@dataclass(frozen=True)
+class ModelsConfig:
+    routed: frozenset[str] = frozenset({"auto"})
+    direct: bool = True
+    unknown: str = "route"
+
+
+@dataclass(frozen=True)
+class TenantsConfig:
+    header: str = "x-tenant-id"
+    allow: dict[str, tuple[str, ...]] = field(default_factory=dict)
+    otherwise: tuple[str, ...] | None = None
+
+
+@dataclass(frozen=True)
+class RoutingConfig:
+    paths: frozenset[str] = frozenset({"/v1/chat/completions"})
+    max_body_bytes: int = 1 << 20
+    rewrite_model: bool = True
+
+
+@dataclass(frozen=True)
+class Policy:
+    """A validated policy. Build it with :func:`load_policy` or :func:`parse_policy`."""
+
+    source: str
+    backends: dict[str, Backend]
+    default: str
+    signals: dict[str, Signal]
+    rules: tuple[Rule, ...]
+    models: ModelsConfig
+    tenants: TenantsConfig
+    routing: RoutingConfig
+
+    def backend_for_model(self, model: str) -> Backend | None:
+        """The backend whose served model (or name) is ``model``, if any."""
+        for backend in self.backends.values():
+            if backend.model == model:
+                return backend
+        return self.backends.get(model)
+
+
+def load_policy(path: str | Path) -> Policy:
+    """Read and validate the policy file at ``path``."""
+    path = Path(path)
+    try:
+        text = path.read_text(encoding="utf-8")
+    except (OSError, UnicodeDecodeError) as exc:
+        raise PolicyError([PolicyProblem(str(path), 1, 1, f"Cannot read the policy file: {exc}.")]) from exc
+    return parse_policy(text, source=str(path), base_dir=path.parent)
+
+
+def parse_policy(text: str, *, source: str = "<policy>", base_dir: Path | None = None) -> Policy:
+    """Validate policy YAML ``text``; ``source`` names it in error messages."""
+    v = Validation(source)
+    try:
+        root = yaml.compose(text, Loader=yaml.SafeLoader)
+    except yaml.YAMLError as exc:
+        mark = getattr(exc, "problem_mark", None) or getattr(exc, "context_mark", None)
+        line, column = (mark.line + 1, mark.column + 1) if mark else (1, 1)
+        reason = getattr(exc, "problem", None) or str(exc)
+        raise PolicyError([PolicyProblem(source, line, column, f"Invalid YAML: {reason}.")]) from exc
+    if root is None:
+        raise PolicyError([PolicyProblem(source, 1, 1, "The policy file is empty.")])
+    v.marks[()] = (root.start_mark.line + 1, root.start_mark.column + 1)
+    data = POLICY_SCHEMA.validate(root, (), v)
+    if data is None or v.problems:
+        raise PolicyError(v.problems)
+    policy = _build(data, v, base_dir or Path("."))
+    if v.problems:
+        raise PolicyError(v.problems)
+    return policy
+
+
+def _build(data: dict[str, Any], v: Validation, base_dir: Path) -> Policy:
+    def report(path: tuple, message: str) -> None:
+        v.problem(None, message, path)
+
+    backends = {
+        name: Backend(name=name, **{k: val for k, val in spec.items() if k != "description"})
+        for name, spec in data["backends"].items()
+    }
+
+    def check_backend(name: str, path: tuple) -> None:
+        if name not in backends:
+            report(path, f"`{dotted(path)}` names backend {name!r}, which is not defined; defined: {', '.join(backends)}.")
+
+    check_backend(data["default"], ("default",))
+
+    signals: dict[str, Signal] = {}
+    for name, config in data["signals"].items():
+        signal = build_signal(name, config, base_dir, lambda key, msg, n=name: report(("signals", n) + key, msg))
+        if signal is not None:
+            signals[name] = signal
+
+    rules: list[Rule] = []
+    seen: dict[str, int] = {}
+    for index, spec in enumerate(data["rules"]):
+        path = ("rules", index)
+        if spec["name"] in seen:
+            report(path + ("name",), f"Duplicate rule name {spec['name']!r}; rules[{seen[spec['name']]}] has it too.")
+        seen.setdefault(spec["name"], index)
+        check_backend(spec["backend"], path + ("backend",))
+        when = _condition(spec["when"], path + ("when",), data["signals"], report)
+        rules.append(Rule(spec["name"], when, spec["backend"]))
+
+    tenants = data["tenants"]
+    for tenant, names in tenants["allow"].items():
+        for i, name in enumerate(names):
+            check_backend(name, ("tenants", "allow", tenant, i))
+    if tenants["otherwise"] is not None:
+        for i, name in enumerate(tenants["otherwise"]):
+            check_backend(name, ("tenants", "otherwise", i))
+
+    models, routing = data["models"], data["routing"]
+    for i, p in enumerate(routing["paths"]):
+        if not p.startswith("/"):
+            report(("routing", "paths", i), f"`routing.paths[{i}]` must start with '/', got {p!r}.")
+    return Policy(
+        source=v.source,
+        backends=backends,
+        default=data["default"],
+        signals=signals,
+        rules=tuple(rules),
+        models=ModelsConfig(frozenset(models["routed"]), models["direct"], models["unknown"]),
+        tenants=TenantsConfig(
+            tenants["header"].lower(),
+            {t: tuple(b) for t, b in tenants["allow"].items()},
+            tuple(tenants["otherwise"]) if tenants["otherwise"] is not None else None,
+        ),
+        routing=RoutingConfig(frozenset(routing["paths"]), routing["max_body_bytes"], routing["rewrite_model"]),
+    )
+
+
+def _condition(raw: Any, path: tuple, signals: dict[str, Any], report) -> Condition:
+    if isinstance(raw, str):
+        if raw not in signals:
+            known = ", ".join(signals) or "none"
+            report(path, f"`{dotted(path)}` refers to signal {raw!r}, which is not defined; defined: {known}.")
+        return SignalRef(raw)
+    (op, value), = raw.items()
+    if op == "not":
+        return Not(_condition(value, path + ("not",), signals, report))
+    items: Sequence[Condition] = tuple(
+        _condition(item, path + (op, i), signals, report) for i, item in enumerate(value)
+    )
+    return AllOf(items) if op == "all" else AnyOf(items)

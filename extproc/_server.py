@@ -1,0 +1,108 @@
+"""Running the ext_proc gRPC server (grpc.aio), with health checks and graceful stop.
+
+``serve`` runs one process, or ``workers`` processes sharing one port through
+``SO_REUSEPORT`` so a multi-core pod is used: the kernel spreads Envoy's connections over
+them. SIGTERM / SIGINT stop accepting streams, mark the health service NOT_SERVING and
+let in-flight streams finish within the grace period.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import os
+import signal
+import sys
+from pathlib import Path
+
+import grpc
+from envoy.service.ext_proc.v3 import external_processor_pb2_grpc as ext_grpc
+from grpc_health.v1 import health_pb2, health_pb2_grpc
+from grpc_health.v1._async import HealthServicer
+
+from extproc._engine import PolicyEngine
+from extproc._errors import SwitchyardError
+from extproc._policy import load_policy
+from extproc._servicer import ExternalProcessor
+
+__all__ = ["serve", "serve_async", "parse_listen"]
+
+log = logging.getLogger("switchyard.server")
+
+EXT_PROC_SERVICE = "envoy.service.ext_proc.v3.ExternalProcessor"
+
+
+def parse_listen(listen: str) -> tuple[str, int]:
+    """``"127.0.0.1:50051"`` -> ``("127.0.0.1", 50051)``; ``[::1]:50051`` for IPv6."""
+    host, sep, port = listen.rpartition(":")
+    if not sep or not port.isdigit() or not host:
+        raise SwitchyardError(f"--listen must be HOST:PORT, got {listen!r}.")
+    return host.strip("[]"), int(port)
+
+
+async def serve_async(policy_path: Path, listen: str, *, grace: float = 5.0, reuse_port: bool = False) -> None:
+    """Serve until SIGTERM/SIGINT. The policy is loaded (and must be valid) before binding."""
+    engine = PolicyEngine(load_policy(policy_path))
+    host, port = parse_listen(listen)
+    server = grpc.aio.server(options=[("grpc.so_reuseport", 1 if reuse_port else 0)])
+    ext_grpc.add_ExternalProcessorServicer_to_server(ExternalProcessor(lambda: engine), server)
+    health = HealthServicer()
+    health_pb2_grpc.add_HealthServicer_to_server(health, server)
+    address = f"[{host}]:{port}" if ":" in host else f"{host}:{port}"
+    try:
+        bound = server.add_insecure_port(address)
+    except RuntimeError as exc:
+        raise SwitchyardError(f"Cannot listen on {listen}: {exc}.") from exc
+    await server.start()
+    for service in ("", EXT_PROC_SERVICE):
+        await health.set(service, health_pb2.HealthCheckResponse.SERVING)
+    log.info("serving", extra={"listen": f"{host}:{bound}", "policy": str(policy_path), "pid": os.getpid()})
+    print(f"switchyard: serving on {host}:{bound}", file=sys.stderr, flush=True)
+
+    stop = asyncio.Event()
+    loop = asyncio.get_running_loop()
+    for sig in (signal.SIGTERM, signal.SIGINT):
+        loop.add_signal_handler(sig, stop.set)
+    await stop.wait()
+    log.info("stopping", extra={"grace_s": grace})
+    await health.enter_graceful_shutdown()
+    await server.stop(grace)
+
+
+def serve(policy_path: Path, listen: str, *, workers: int = 1, grace: float = 5.0) -> int:
+    """Run the server in this process, or in ``workers`` forked processes on one port."""
+    load_policy(policy_path)  # fail before forking: a bad policy never starts a server
+    if workers <= 1:
+        asyncio.run(serve_async(policy_path, listen, grace=grace))
+        return 0
+    host, port = parse_listen(listen)
+    if port == 0:
+        raise SwitchyardError("--workers > 1 needs a fixed port; --listen with port 0 cannot be shared.")
+    children: list[int] = []
+    for _ in range(workers):
+        pid = os.fork()
+        if pid == 0:  # child: grpc has not been initialised in the parent, so forking is safe
+            try:
+                asyncio.run(serve_async(policy_path, listen, grace=grace, reuse_port=True))
+                os._exit(0)
+            except BaseException:  # noqa: BLE001 - report and exit the child, never return into the parent's code
+                log.exception("worker failed")
+                os._exit(1)
+        children.append(pid)
+
+    def forward(signum, _frame):
+        for child in children:
+            try:
+                os.kill(child, signum)
+            except ProcessLookupError:
+                pass
+
+    signal.signal(signal.SIGTERM, forward)
+    signal.signal(signal.SIGINT, forward)
+    status = 0
+    for child in children:
+        _, code = os.waitpid(child, 0)
+        if os.waitstatus_to_exitcode(code) != 0:
+            status = 1
+            forward(signal.SIGTERM, None)  # one worker died: stop the rest so the pod restarts
+    return status

@@ -1,0 +1,154 @@
+"""The ext_proc gRPC servicer: one bidirectional stream per HTTP request.
+
+Envoy sends request headers, then the buffered request body, then response headers; the
+servicer answers each with exactly one message. Parsing and the policy run inline on the
+event loop: they are pure and take microseconds. Each stream pins the policy engine it
+started with, so a policy reload never changes a request mid-flight.
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+from collections.abc import AsyncIterator, Callable
+
+import grpc
+from envoy.service.ext_proc.v3 import external_processor_pb2 as ext
+from envoy.service.ext_proc.v3 import external_processor_pb2_grpc as ext_grpc
+
+from extproc._decision import Decision
+from extproc._engine import PolicyEngine
+from extproc._errors import RequestError
+from extproc._mutations import (
+    HEADER_PREFIX,
+    body_response,
+    decision_response_headers,
+    error_response,
+    headers_response,
+    route_mutation,
+)
+from extproc._request import RoutingRequest, is_json_content_type, parse_json_body
+from extproc._telemetry import Telemetry
+
+__all__ = ["ExternalProcessor", "RequestStream"]
+
+log = logging.getLogger("switchyard.extproc")
+
+
+def _header_map(headers) -> dict[str, str]:
+    out: dict[str, str] = {}
+    for header in headers.headers.headers:
+        value = header.raw_value.decode("utf-8", "replace") if header.raw_value else header.value
+        key = header.key.lower()
+        out[key] = f"{out[key]},{value}" if key in out else value
+    return out
+
+
+class RequestStream:
+    """The state of one HTTP request's ext_proc stream, and its answers."""
+
+    def __init__(self, engine: PolicyEngine, telemetry: Telemetry) -> None:
+        self.engine = engine
+        self.telemetry = telemetry
+        self.request: RoutingRequest | None = None
+        self.routed = False
+        self.decision: Decision | None = None
+        self.client_switchyard_headers: list[str] = []
+
+    def handle(self, message: ext.ProcessingRequest) -> ext.ProcessingResponse:
+        phase = message.WhichOneof("request")
+        if phase == "request_headers":
+            return self.on_request_headers(message.request_headers)
+        if phase == "request_body":
+            return self.on_request_body(message.request_body)
+        if phase == "response_headers":
+            return decision_response_headers(self.decision)
+        if phase == "request_trailers":
+            return ext.ProcessingResponse(request_trailers=ext.TrailersResponse())
+        if phase == "response_trailers":
+            return ext.ProcessingResponse(response_trailers=ext.TrailersResponse())
+        return ext.ProcessingResponse(response_body=ext.BodyResponse())
+
+    def on_request_headers(self, message: ext.HttpHeaders) -> ext.ProcessingResponse:
+        headers = _header_map(message)
+        method = headers.get(":method", "")
+        path = headers.get(":path", "").split("?", 1)[0]
+        self.request = RoutingRequest(method=method, path=path, headers=headers)
+        routing = self.engine.policy.routing
+        self.routed = method == "POST" and path in routing.paths and is_json_content_type(headers.get("content-type"))
+        # Envoy strips client-sent x-switchyard-* headers first; removing them here too
+        # keeps a misconfigured filter chain from letting a client pick the backend.
+        self.client_switchyard_headers = [h for h in headers if h.startswith(HEADER_PREFIX)]
+        common = None
+        if self.client_switchyard_headers:
+            common = ext.CommonResponse()
+            common.header_mutation.remove_headers.extend(self.client_switchyard_headers)
+        if not self.routed:
+            return headers_response(common)
+        length = headers.get("content-length", "")
+        if length.isdigit() and int(length) > routing.max_body_bytes:
+            return self._reject(
+                RequestError(
+                    f"The request body is {length} bytes; this gateway accepts at most {routing.max_body_bytes}.",
+                    status=413,
+                    code="request_too_large",
+                )
+            )
+        if message.end_of_stream:  # no body: decide on the headers alone
+            return self._route(None, headers_response)
+        return headers_response(common)
+
+    def on_request_body(self, message: ext.HttpBody) -> ext.ProcessingResponse:
+        if not self.routed or self.request is None:
+            return body_response()
+        return self._route(message.body, body_response)
+
+    def _route(self, raw: bytes | None, respond: Callable) -> ext.ProcessingResponse:
+        assert self.request is not None
+        started = time.perf_counter()
+        with self.telemetry.tracer.start_as_current_span("switchyard.decide") as span:
+            try:
+                if raw is not None:
+                    self.request.body = parse_json_body(raw, max_bytes=self.engine.policy.routing.max_body_bytes)
+                decision = self.engine.decide(self.request)
+            except RequestError as error:
+                span.set_attribute("switchyard.error", error.code)
+                return self._reject(error)
+            span.set_attribute("switchyard.backend", decision.backend.name)
+            span.set_attribute("switchyard.rule", decision.rule)
+        self.decision = decision
+        self.telemetry.decision_time.record(time.perf_counter() - started)
+        self.telemetry.decisions.add(1, {"backend": decision.backend.name, "rule": decision.rule})
+        if log.isEnabledFor(logging.DEBUG):
+            log.debug("decision", extra={"backend": decision.backend.name, "rule": decision.rule,
+                                         "signals": {k: r.matched for k, r in decision.signals.items()}})
+        common, metadata = route_mutation(decision, self.request.body, self.client_switchyard_headers)
+        return respond(common, metadata)
+
+    def _reject(self, error: RequestError) -> ext.ProcessingResponse:
+        self.telemetry.rejections.add(1, {"status": error.status, "code": error.code})
+        log.info("request rejected", extra={"status": error.status, "code": error.code})
+        return error_response(error)
+
+
+class ExternalProcessor(ext_grpc.ExternalProcessorServicer):
+    """``envoy.service.ext_proc.v3.ExternalProcessor`` backed by a policy engine.
+
+    ``engine`` is called once per stream, so a reloaded policy applies to new requests.
+    """
+
+    def __init__(self, engine: Callable[[], PolicyEngine], telemetry: Telemetry | None = None) -> None:
+        self._engine = engine
+        self._telemetry = telemetry or Telemetry()
+
+    async def Process(
+        self, request_iterator: AsyncIterator[ext.ProcessingRequest], context: grpc.aio.ServicerContext
+    ) -> AsyncIterator[ext.ProcessingResponse]:
+        stream = RequestStream(self._engine(), self._telemetry)
+        async for message in request_iterator:
+            try:
+                response = stream.handle(message)
+            except Exception:  # a bug must fail this request closed, not kill the server
+                log.exception("internal error while processing a request")
+                response = error_response(RequestError("Internal routing error.", status=500, code="internal_error"))
+            yield response

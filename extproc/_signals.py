@@ -1,0 +1,332 @@
+"""Cheap signals: the named facts about a request that rules test.
+
+Each signal kind is a small class built from its validated policy entry
+(:meth:`from_config`) and evaluated against a :class:`SignalContext`, which memoises the
+expensive intermediate values (the text of a scope, a token count, the language) so that
+several signals on the same text pay once. Signals are only evaluated when a rule's
+condition reaches them, and each at most once per request.
+
+The kinds are registered in :data:`SIGNAL_TYPES` (first the cheap ones; learned scores
+will join here as kinds whose value comes from a scorer).
+"""
+
+from __future__ import annotations
+
+import re
+from collections.abc import Callable
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, ClassVar
+
+from extproc._errors import SwitchyardError
+from extproc._language import detect_language
+from extproc._messages import conversation_text, last_user_text, message_text
+from extproc._request import RoutingRequest
+from extproc._tokens import EstimatedTokenCounter, TokenCounter, TokenizerFileCounter
+
+__all__ = ["Signal", "SignalResult", "SignalContext", "SIGNAL_TYPES", "build_signal"]
+
+#: ``report(key_path, message)`` records a problem at a key of the signal's entry.
+Report = Callable[[tuple[str, ...], str], None]
+
+_ESTIMATE = EstimatedTokenCounter()
+
+
+@dataclass(frozen=True)
+class SignalResult:
+    """A signal's outcome: whether it ``matched``, and the ``value`` it looked at."""
+
+    matched: bool
+    value: Any = None
+
+
+class SignalContext:
+    """Per-request memo of the values signals share (texts, token counts, language)."""
+
+    def __init__(self, request: RoutingRequest) -> None:
+        self.request = request
+        self._texts: dict[str, str] = {}
+        self._tokens: dict[tuple[str, str], int] = {}
+        self._languages: dict[str, str] = {}
+
+    def text(self, scope: str) -> str:
+        if scope not in self._texts:
+            messages = self.request.messages
+            if scope == "last_user":
+                text = last_user_text(messages)
+            elif scope == "system":
+                text = "\n".join(
+                    message_text(m) for m in messages if m.get("role") in ("system", "developer")
+                )
+            else:
+                text = conversation_text(messages)
+            self._texts[scope] = text
+        return self._texts[scope]
+
+    def token_count(self, scope: str, counter: TokenCounter) -> int:
+        key = (scope, getattr(counter, "name", "estimate"))
+        if key not in self._tokens:
+            self._tokens[key] = counter.count(self.text(scope))
+        return self._tokens[key]
+
+    def language(self, scope: str) -> str:
+        if scope not in self._languages:
+            self._languages[scope] = detect_language(self.text(scope))
+        return self._languages[scope]
+
+
+class Signal:
+    """Base class of signal kinds."""
+
+    kind: ClassVar[str]
+    name: str
+
+    @classmethod
+    def from_config(cls, name: str, config: dict[str, Any], base_dir: Path, report: Report) -> Signal | None:
+        raise NotImplementedError
+
+    def evaluate(self, ctx: SignalContext) -> SignalResult:
+        raise NotImplementedError
+
+
+def _compile(pattern: str, flags: int, key: tuple[str, ...], report: Report) -> re.Pattern[str] | None:
+    try:
+        return re.compile(pattern, flags)
+    except re.error as exc:
+        report(key, f"Invalid regular expression {pattern!r}: {exc}.")
+        return None
+
+
+@dataclass
+class KeywordsSignal(Signal):
+    kind: ClassVar[str] = "keywords"
+    name: str
+    keywords: tuple[str, ...]
+    pattern: re.Pattern[str]
+    min_matches: int
+    scope: str
+
+    @classmethod
+    def from_config(cls, name, config, base_dir, report):
+        flags = 0 if config["case_sensitive"] else re.IGNORECASE
+        parts = []
+        for keyword in config["keywords"]:
+            escaped = re.escape(keyword)
+            if config["whole_word"]:
+                escaped = rf"(?<!\w){escaped}(?!\w)"
+            parts.append(f"(?P<k{len(parts)}>{escaped})")
+        pattern = re.compile("|".join(parts), flags)
+        return cls(name, tuple(config["keywords"]), pattern, config["min_matches"], config["scope"])
+
+    def evaluate(self, ctx):
+        text = ctx.text(self.scope)
+        found: set[str] = set()
+        for match in self.pattern.finditer(text):
+            found.add(self.keywords[int(match.lastgroup[1:])])
+            if len(found) >= self.min_matches:
+                break
+        return SignalResult(len(found) >= self.min_matches, sorted(found))
+
+
+@dataclass
+class RegexSignal(Signal):
+    kind: ClassVar[str] = "regex"
+    name: str
+    patterns: tuple[re.Pattern[str], ...]
+    scope: str
+
+    @classmethod
+    def from_config(cls, name, config, base_dir, report):
+        flags = 0 if config["case_sensitive"] else re.IGNORECASE
+        compiled = [
+            _compile(p, flags, ("patterns", i), report) for i, p in enumerate(config["patterns"])
+        ]
+        if any(c is None for c in compiled):
+            return None
+        return cls(name, tuple(compiled), config["scope"])
+
+    def evaluate(self, ctx):
+        text = ctx.text(self.scope)
+        for pattern in self.patterns:
+            if pattern.search(text):
+                return SignalResult(True, pattern.pattern)
+        return SignalResult(False, None)
+
+
+@dataclass
+class TokenCountSignal(Signal):
+    kind: ClassVar[str] = "token_count"
+    name: str
+    above: int | None
+    below: int | None
+    scope: str
+    counter: TokenCounter
+
+    @classmethod
+    def from_config(cls, name, config, base_dir, report):
+        above, below = config["above"], config["below"]
+        if above is None and below is None:
+            report((), f"Signal `{name}` (token_count) needs `above`, `below` or both.")
+            return None
+        if above is not None and below is not None and below <= above + 1:
+            report(("below",), f"`below` ({below}) must be greater than `above` + 1 ({above + 1}); the range is empty.")
+            return None
+        counter: TokenCounter = _ESTIMATE
+        if config["tokenizer"] is not None:
+            path = (base_dir / config["tokenizer"]).resolve()
+            if not path.is_file():
+                report(("tokenizer",), f"Tokenizer file {str(path)!r} does not exist.")
+                return None
+            try:
+                counter = TokenizerFileCounter(path)
+            except SwitchyardError as exc:
+                report(("tokenizer",), str(exc))
+                return None
+        return cls(name, above, below, config["scope"], counter)
+
+    def evaluate(self, ctx):
+        count = ctx.token_count(self.scope, self.counter)
+        matched = (self.above is None or count > self.above) and (self.below is None or count < self.below)
+        return SignalResult(matched, count)
+
+
+@dataclass
+class ModalitySignal(Signal):
+    kind: ClassVar[str] = "modality"
+    name: str
+    modality: str
+    min_count: int
+
+    @classmethod
+    def from_config(cls, name, config, base_dir, report):
+        return cls(name, config["modality"], config["min_count"])
+
+    def evaluate(self, ctx):
+        count = ctx.request.image_count
+        return SignalResult(count >= self.min_count, count)
+
+
+def _exactly_one(name: str, config: dict[str, Any], keys: tuple[str, ...], report: Report) -> bool:
+    given = [k for k in keys if config.get(k) is not None]
+    if len(given) != 1:
+        shown = ", ".join(f"`{k}`" for k in keys)
+        report((), f"Signal `{name}` needs exactly one of {shown}; got {len(given)}.")
+        return False
+    return True
+
+
+@dataclass
+class HeaderSignal(Signal):
+    kind: ClassVar[str] = "header"
+    name: str
+    header: str
+    values: frozenset[str] | None
+    pattern: re.Pattern[str] | None
+    present: bool | None
+
+    @classmethod
+    def from_config(cls, name, config, base_dir, report):
+        if not _exactly_one(name, config, ("values", "pattern", "present"), report):
+            return None
+        pattern = None
+        if config["pattern"] is not None:
+            pattern = _compile(config["pattern"], 0, ("pattern",), report)
+            if pattern is None:
+                return None
+        values = frozenset(config["values"]) if config["values"] is not None else None
+        return cls(name, config["header"].lower(), values, pattern, config["present"])
+
+    def evaluate(self, ctx):
+        value = ctx.request.header(self.header)
+        if self.present is not None:
+            return SignalResult((value is not None) == self.present, value)
+        if value is None:
+            return SignalResult(False, None)
+        if self.values is not None:
+            return SignalResult(value in self.values, value)
+        return SignalResult(bool(self.pattern.fullmatch(value)), value)
+
+
+_MISSING = object()
+
+
+@dataclass
+class RequestFieldSignal(Signal):
+    kind: ClassVar[str] = "request_field"
+    name: str
+    field: str
+    present: bool | None
+    equals: Any
+    one_of: tuple[Any, ...] | None
+    above: float | None
+    below: float | None
+
+    @classmethod
+    def from_config(cls, name, config, base_dir, report):
+        given = {k for k in ("present", "equals", "in") if config[k] is not None}
+        if config["above"] is not None or config["below"] is not None:
+            given.add("above/below")
+        if len(given) != 1:
+            report((), f"Signal `{name}` needs exactly one of `present`, `equals`, `in`, `above`/`below`; got {len(given)}.")
+            return None
+        one_of = tuple(config["in"]) if config["in"] is not None else None
+        return cls(name, config["field"], config["present"], config["equals"], one_of, config["above"], config["below"])
+
+    def evaluate(self, ctx):
+        body = ctx.request.body or {}
+        value = body.get(self.field, _MISSING)
+        shown = None if value is _MISSING else value
+        if isinstance(shown, (list, dict)):
+            shown = f"<{type(shown).__name__} of {len(shown)}>"
+        if self.present is not None:
+            is_present = value is not _MISSING and value is not None and value != [] and value != {}
+            return SignalResult(is_present == self.present, shown)
+        if value is _MISSING:
+            return SignalResult(False, None)
+        if self.equals is not None:
+            return SignalResult(_same(value, self.equals), shown)
+        if self.one_of is not None:
+            return SignalResult(any(_same(value, v) for v in self.one_of), shown)
+        if isinstance(value, bool) or not isinstance(value, (int, float)):
+            return SignalResult(False, shown)
+        matched = (self.above is None or value > self.above) and (self.below is None or value < self.below)
+        return SignalResult(matched, value)
+
+
+def _same(a: Any, b: Any) -> bool:
+    """Equality that does not confuse ``True`` with ``1``."""
+    return type(a) is type(b) and a == b if isinstance(a, bool) or isinstance(b, bool) else a == b
+
+
+@dataclass
+class LanguageSignal(Signal):
+    kind: ClassVar[str] = "language"
+    name: str
+    languages: frozenset[str]
+    scope: str
+
+    @classmethod
+    def from_config(cls, name, config, base_dir, report):
+        from extproc._language import SUPPORTED_LANGUAGES
+
+        unknown = [code for code in config["languages"] if code not in SUPPORTED_LANGUAGES]
+        if unknown:
+            report(("languages",), f"Unsupported language code(s) {', '.join(unknown)}; supported: {', '.join(SUPPORTED_LANGUAGES)}.")
+            return None
+        return cls(name, frozenset(config["languages"]), config["scope"])
+
+    def evaluate(self, ctx):
+        language = ctx.language(self.scope)
+        return SignalResult(language in self.languages, language)
+
+
+#: Signal kinds by ``kind``; the policy schema's ``SIGNAL_KINDS`` declares their keys.
+SIGNAL_TYPES: dict[str, type[Signal]] = {
+    cls.kind: cls
+    for cls in (KeywordsSignal, RegexSignal, TokenCountSignal, ModalitySignal, HeaderSignal, RequestFieldSignal, LanguageSignal)
+}
+
+
+def build_signal(name: str, config: dict[str, Any], base_dir: Path, report: Report) -> Signal | None:
+    """Build the signal ``name`` from its validated entry; problems go to ``report``."""
+    return SIGNAL_TYPES[config["kind"]].from_config(name, config, base_dir, report)

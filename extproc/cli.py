@@ -1,0 +1,140 @@
+"""The ``switchyard`` command line (also ``python -m extproc``).
+
+    switchyard serve --policy PATH [--listen HOST:PORT] [--workers N]
+    switchyard policy check PATH...
+    switchyard policy explain PATH --request BODY.json [--header NAME=VALUE ...]
+    switchyard policy schema [--markdown]
+    switchyard train probe|latent-router ...   (needs the `ml` extra)
+    switchyard eval --checkpoint DIR ...       (needs the `ml` extra)
+    switchyard calibrate --checkpoint DIR ...  (needs the `ml` extra)
+
+The learned-scorer commands live in ``routers.cli``; they are registered only when one of
+them is asked for, so ``serve`` and ``policy`` never import ``routers`` or torch.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+from pathlib import Path
+
+from extproc._engine import PolicyEngine
+from extproc._errors import PolicyError, RequestError, SwitchyardError
+from extproc._policy import load_policy
+from extproc._request import RoutingRequest, parse_json_body
+
+__all__ = ["main", "build_parser"]
+
+ROUTERS_COMMANDS = ("train", "eval", "calibrate")
+
+
+def build_parser(with_routers: bool = False) -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="switchyard",
+        description="Envoy external processor that routes LLM requests to model backends.",
+        epilog="Learned scorers: `switchyard train|eval|calibrate --help` (needs `pip install 'switchyard[ml]'`).",
+    )
+    parser.add_argument("--log-level", default="info", choices=("debug", "info", "warning", "error"))
+    sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
+
+    serve = sub.add_parser("serve", help="Run the ext_proc gRPC server.")
+    serve.add_argument("--policy", type=Path, required=True, help="Policy YAML file.")
+    serve.add_argument("--listen", default="127.0.0.1:50051", help="HOST:PORT to listen on (default 127.0.0.1:50051).")
+    serve.add_argument("--workers", type=int, default=1, help="Processes sharing the port via SO_REUSEPORT (default 1).")
+    serve.add_argument("--grace", type=float, default=5.0, help="Seconds in-flight streams get on shutdown (default 5).")
+    serve.set_defaults(handler=_serve)
+
+    policy = sub.add_parser("policy", help="Check, explain or describe policy files.")
+    policy_sub = policy.add_subparsers(dest="policy_command", required=True, metavar="ACTION")
+    check = policy_sub.add_parser("check", help="Validate policy files; print every problem as PATH:LINE:COLUMN: message.")
+    check.add_argument("paths", type=Path, nargs="+", metavar="PATH")
+    check.set_defaults(handler=_check)
+    explain = policy_sub.add_parser("explain", help="Print the decision for one request body as JSON.")
+    explain.add_argument("path", type=Path, metavar="PATH", help="Policy YAML file.")
+    explain.add_argument("--request", type=Path, required=True, help="JSON body file ('-' for stdin).")
+    explain.add_argument("--header", action="append", default=[], metavar="NAME=VALUE", help="A request header (repeatable).")
+    explain.set_defaults(handler=_explain)
+    schema = policy_sub.add_parser("schema", help="Print the policy JSON Schema (or the README key table).")
+    schema.add_argument("--markdown", action="store_true", help="Print the README's key reference instead.")
+    schema.set_defaults(handler=_schema)
+
+    if with_routers:
+        from routers.cli import register
+
+        register(sub)
+    return parser
+
+
+def _serve(args: argparse.Namespace) -> int:
+    from extproc._server import serve
+
+    if args.workers < 1:
+        raise SwitchyardError(f"--workers must be >= 1, got {args.workers}.")
+    return serve(args.policy, args.listen, workers=args.workers, grace=args.grace)
+
+
+def _check(args: argparse.Namespace) -> int:
+    status = 0
+    for path in args.paths:
+        try:
+            load_policy(path)
+        except PolicyError as error:
+            for problem in error.problems:
+                print(problem)
+            status = 1
+        else:
+            print(f"{path}: ok")
+    return status
+
+
+def _explain(args: argparse.Namespace) -> int:
+    policy = load_policy(args.path)
+    raw = sys.stdin.buffer.read() if str(args.request) == "-" else args.request.read_bytes()
+    headers = {}
+    for item in args.header:
+        name, sep, value = item.partition("=")
+        if not sep or not name:
+            raise SwitchyardError(f"--header must be NAME=VALUE, got {item!r}.")
+        headers[name.strip().lower()] = value
+    try:
+        body = parse_json_body(raw, max_bytes=policy.routing.max_body_bytes)
+        decision = PolicyEngine(policy).decide(RoutingRequest(headers=headers, body=body))
+    except RequestError as error:
+        print(json.dumps({"error": {"status": error.status, "code": error.code, "message": str(error)}}, indent=2))
+        return 2
+    print(json.dumps(decision.explain(), indent=2, ensure_ascii=False))
+    return 0
+
+
+def _schema(args: argparse.Namespace) -> int:
+    from extproc._policy_schema import json_schema_text, markdown_reference
+
+    sys.stdout.write(markdown_reference() if args.markdown else json_schema_text())
+    return 0
+
+
+def main(argv: list[str] | None = None) -> int:
+    """Entry point; returns the exit code (0 ok, 1 invalid input/problems, 2 request error)."""
+    argv = list(sys.argv[1:] if argv is None else argv)
+    first = next((a for a in argv if not a.startswith("-")), None)
+    parser = build_parser(with_routers=first in ROUTERS_COMMANDS)
+    args = parser.parse_args(argv)
+    from extproc._telemetry import configure_logging
+
+    configure_logging(args.log_level)
+    try:
+        return int(args.handler(args) or 0)
+    except PolicyError as error:
+        for problem in error.problems:
+            print(problem, file=sys.stderr)
+        return 1
+    except SwitchyardError as error:
+        print(f"switchyard: {error}", file=sys.stderr)
+        return 1
+    except KeyboardInterrupt:
+        return 130
+
+
+if __name__ == "__main__":  # pragma: no cover
+    sys.exit(main())
