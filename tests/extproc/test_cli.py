@@ -1,0 +1,148 @@
+"""The `switchyard` CLI: explain, schema, serve (real processes for serve)."""
+
+from __future__ import annotations
+
+import json
+import os
+import socket
+import subprocess
+import sys
+import time
+
+import grpc
+import pytest
+from grpc_health.v1 import health_pb2, health_pb2_grpc
+
+from extproc.cli import main
+from tests.extproc.conftest import POLICIES, REPO, chat
+
+
+def explain(tmp_path, capsys, body, *args):
+    request = tmp_path / "body.json"
+    request.write_bytes(body if isinstance(body, bytes) else json.dumps(body).encode())
+    code = main(["policy", "explain", str(POLICIES / "default.yaml"), "--request", str(request), *args])
+    return code, json.loads(capsys.readouterr().out)
+
+
+def test_explain_prints_the_decision_and_the_evaluated_signals(tmp_path, capsys):
+    code, out = explain(tmp_path, capsys, chat("Please prove this theorem about primes"))
+    assert code == 0
+    assert {k: out[k] for k in ("backend", "cluster", "model", "rule")} == {
+        "backend": "large", "cluster": "large", "model": "large-model", "rule": "maths-reasoning"}
+    assert out["signals"]["maths"] == {"matched": True, "value": ["prove"]}  # stops at min_matches
+    assert out["signals"]["has_image"] == {"matched": False, "value": 0}
+    assert "short_prompt" not in out["signals"]  # the code rule's `all` stopped before it
+
+
+def test_explain_takes_headers(tmp_path, capsys):
+    policy = POLICIES / "examples" / "tenant-tiers.yaml"
+    request = tmp_path / "b.json"
+    request.write_text(json.dumps(chat("hello")))
+    assert main(["policy", "explain", str(policy), "--request", str(request), "--header", "X-Tenant-Tier=enterprise"]) == 0
+    out = json.loads(capsys.readouterr().out)
+    assert (out["backend"], out["rule"], out["tenant"]) == ("large", "enterprise-default", "enterprise")
+
+
+def test_explain_reports_request_errors_as_json(tmp_path, capsys):
+    code, out = explain(tmp_path, capsys, b"[1]")
+    assert code == 2 and out["error"]["status"] == 400 and out["error"]["code"] == "invalid_body"
+
+
+def test_schema_file_and_readme_table_match_the_declaration(capsys):
+    assert main(["policy", "schema"]) == 0
+    assert (REPO / "policies" / "policy.schema.json").read_text() == capsys.readouterr().out
+    assert main(["policy", "schema", "--markdown"]) == 0
+    assert capsys.readouterr().out in (REPO / "README.md").read_text()
+
+
+def test_policies_validate_against_the_json_schema():
+    jsonschema = pytest.importorskip("jsonschema")
+    import yaml
+
+    schema = json.loads((REPO / "policies" / "policy.schema.json").read_text())
+    for path in [POLICIES / "default.yaml", *(POLICIES / "examples").glob("*.yaml")]:
+        jsonschema.validate(yaml.safe_load(path.read_text()), schema)
+    with pytest.raises(jsonschema.ValidationError):
+        jsonschema.validate({"version": 1, "backends": {}, "default": "a", "bogus": 1}, schema)
+
+
+def _free_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]
+
+
+def _wait_serving(port: int, deadline: float = 20.0) -> None:
+    end = time.monotonic() + deadline
+    while time.monotonic() < end:
+        try:
+            with grpc.insecure_channel(f"127.0.0.1:{port}") as channel:
+                reply = health_pb2_grpc.HealthStub(channel).Check(
+                    health_pb2.HealthCheckRequest(service="envoy.service.ext_proc.v3.ExternalProcessor"), timeout=1)
+                if reply.status == health_pb2.HealthCheckResponse.SERVING:
+                    return
+        except grpc.RpcError:
+            time.sleep(0.1)
+    raise AssertionError(f"switchyard on port {port} never became healthy")
+
+
+@pytest.mark.parametrize("workers", [1, 2])
+def test_serve_reports_healthy_and_stops_cleanly_on_sigterm(workers):
+    port = _free_port()
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "extproc", "serve", "--policy", str(POLICIES / "default.yaml"),
+         "--listen", f"127.0.0.1:{port}", "--workers", str(workers), "--grace", "1"],
+        cwd=REPO, stderr=subprocess.PIPE, text=True,
+    )
+    try:
+        _wait_serving(port)
+        if workers == 2:
+            children = subprocess.run(["pgrep", "-P", str(proc.pid)], capture_output=True, text=True).stdout.split()
+            assert len(children) == 2
+        proc.terminate()
+        assert proc.wait(timeout=15) == 0
+        assert proc.stderr.read().count("switchyard: serving on") == workers
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+
+
+def test_serve_refuses_a_bad_policy(tmp_path):
+    bad = tmp_path / "bad.yaml"
+    bad.write_text("version: 1\nbackends: {}\n")
+    result = subprocess.run([sys.executable, "-m", "extproc", "serve", "--policy", str(bad)],
+                            cwd=REPO, capture_output=True, text=True, timeout=30)
+    assert result.returncode == 1
+    assert f"{bad}:" in result.stderr and "`default` is required" in result.stderr
+
+
+def test_extproc_imports_and_serves_without_torch():
+    """`extproc` must never import torch, transformers, peft or routers."""
+    code = (
+        "import sys\n"
+        "class Block:\n"
+        "    def find_spec(self, name, path=None, target=None):\n"
+        "        if name.split('.')[0] in ('torch', 'transformers', 'peft', 'routers'):\n"
+        "            raise ImportError('blocked: ' + name)\n"
+        "sys.meta_path.insert(0, Block())\n"
+        "import extproc, extproc.cli, extproc._server\n"
+        "from extproc.cli import main\n"
+        "assert main(['policy', 'check', 'policies/default.yaml']) == 0\n"
+        "print('ok')\n"
+    )
+    result = subprocess.run([sys.executable, "-c", code], cwd=REPO, capture_output=True, text=True, timeout=60,
+                            env={**os.environ, "PYTHONPATH": str(REPO)})
+    assert result.returncode == 0, result.stderr
+    assert result.stdout.strip().endswith("ok")
+
+
+def test_exported_names():
+    import extproc
+
+    assert sorted(extproc.__all__) == sorted(
+        ["Backend", "CheckpointError", "Decision", "ExternalProcessor", "Policy", "PolicyEngine", "PolicyError",
+         "PolicyProblem", "RequestError", "Rule", "RoutingRequest", "ScorerError", "SwitchyardError",
+         "conversation_text", "image_urls", "last_user_text", "load_policy", "message_text", "parse_json_body",
+         "parse_policy"]
+    )
+    assert all(hasattr(extproc, name) for name in extproc.__all__)

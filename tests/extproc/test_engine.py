@@ -1,0 +1,113 @@
+"""PolicyEngine: rule order, lazy signals, direct models, tenants, eligibility."""
+
+from __future__ import annotations
+
+import pytest
+
+from extproc import PolicyEngine, RequestError, RoutingRequest, load_policy, parse_policy
+from tests.extproc.conftest import POLICIES, chat
+
+POLICY = """
+version: 1
+backends:
+  small: {cluster: c-small, model: s, supports_images: false, max_context_tokens: 50}
+  large: {cluster: c-large, model: l}
+default: small
+tenants:
+  header: x-tenant
+  allow:
+    free: [small]
+signals:
+  code: {kind: keywords, keywords: [python]}
+  long: {kind: token_count, above: 20}
+  image: {kind: modality}
+  stream: {kind: request_field, field: stream, equals: true}
+  vip: {kind: header, header: x-plan, values: [vip]}
+rules:
+  - {name: code, when: code, backend: large}
+  - {name: long, when: {all: [long, {not: stream}]}, backend: large}
+  - {name: vip, when: vip, backend: large}
+"""
+
+
+@pytest.fixture
+def engine():
+    return PolicyEngine(parse_policy(POLICY))
+
+
+def decide(engine, body, **headers):
+    return engine.decide(RoutingRequest.from_json(body, {k.replace("_", "-"): v for k, v in headers.items()}))
+
+
+def test_first_matching_rule_wins_and_model_is_rewritten(engine):
+    decision = decide(engine, chat("write python please"))
+    assert (decision.backend.name, decision.rule, decision.model) == ("large", "code", "l")
+    assert decision.rewrite_model
+    assert decision.metadata()["cluster"] == "c-large"
+
+
+def test_no_rule_means_default(engine):
+    decision = decide(engine, chat("hello"))
+    assert (decision.backend.name, decision.rule) == ("small", "default")
+
+
+def test_signals_are_lazy_and_short_circuit(engine):
+    decision = decide(engine, chat("python"))
+    assert list(decision.signals) == ["code"]  # later rules' signals never computed
+    decision = decide(engine, chat("short"))
+    assert "stream" not in decision.signals  # `all` stopped at `long` = false
+    assert decision.signals["long"].value == 2
+
+
+def test_nested_not(engine):
+    long_text = "word " * 100
+    assert decide(engine, chat(long_text)).rule == "long"
+    assert decide(engine, chat(long_text, stream=True)).backend.name == "large"  # small cannot hold it
+    assert decide(engine, chat(long_text, stream=True)).rule == "default"
+
+
+def test_header_signal(engine):
+    assert decide(engine, chat("hi"), x_plan="vip").rule == "vip"
+    assert decide(engine, chat("hi"), x_plan="basic").rule == "default"
+
+
+def test_direct_model_goes_straight_to_its_backend(engine):
+    decision = decide(engine, chat("python", model="s"))
+    assert (decision.backend.name, decision.rule, decision.rewrite_model) == ("small", "direct", False)
+    assert decide(engine, chat("hi", model="large")).backend.name == "large"  # backend name works too
+    assert decision.signals == {}
+
+
+def test_tenant_restricted_to_small_never_reaches_large(engine):
+    for body in (chat("python"), chat("word " * 10), chat("hi")):
+        assert decide(engine, body, x_tenant="free").backend.name == "small"
+    decision = decide(engine, chat("python"), x_tenant="free")
+    assert ("code", "backend not allowed for tenant") in decision.skipped
+    with pytest.raises(RequestError) as info:
+        decide(engine, chat("hi", model="l"), x_tenant="free")
+    assert (info.value.status, info.value.code) == (403, "model_not_allowed")
+
+
+def test_images_never_go_to_a_text_only_backend(engine):
+    body = {"model": "auto", "messages": [{"role": "user", "content": [
+        {"type": "text", "text": "hi"}, {"type": "image_url", "image_url": {"url": "data:image/png;base64,AA"}}]}]}
+    decision = decide(engine, body)
+    assert decision.backend.name == "large" and decision.rule == "default"
+    with pytest.raises(RequestError) as info:  # the free tenant has no backend for images
+        decide(engine, body, x_tenant="free")
+    assert (info.value.status, info.value.code) == (503, "no_eligible_backend")
+
+
+def test_unknown_model_routed_or_rejected():
+    policy = load_policy(POLICIES / "examples" / "three-tier-vision.yaml")
+    with pytest.raises(RequestError) as info:
+        PolicyEngine(policy).decide(RoutingRequest.from_json(chat("hi", model="gpt-17")))
+    assert (info.value.status, info.value.code) == (404, "model_not_found")
+    routed = PolicyEngine(parse_policy(POLICY)).decide(RoutingRequest.from_json(chat("hi", model="gpt-17")))
+    assert routed.rule == "default" and routed.requested_model == "gpt-17"
+
+
+def test_request_without_body_is_decided_on_headers(engine):
+    request = RoutingRequest(headers={"x-plan": "vip"}, body=None)
+    decision = engine.decide(request)
+    assert decision.rule == "vip" and not decision.rewrite_model

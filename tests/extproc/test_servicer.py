@@ -1,0 +1,154 @@
+"""The ext_proc servicer over a real gRPC channel (no Envoy): the messages Envoy would get."""
+
+from __future__ import annotations
+
+import json
+
+import grpc
+import pytest
+from envoy.config.core.v3 import base_pb2
+from envoy.service.ext_proc.v3 import external_processor_pb2 as ext
+from envoy.service.ext_proc.v3 import external_processor_pb2_grpc as ext_grpc
+
+from extproc import ExternalProcessor, PolicyEngine, load_policy
+from tests.extproc.conftest import POLICIES, chat
+
+JSON_HEADERS = {":method": "POST", ":path": "/v1/chat/completions", "content-type": "application/json"}
+
+
+def headers_message(headers: dict[str, str], end_of_stream: bool = False) -> ext.ProcessingRequest:
+    message = ext.HttpHeaders(end_of_stream=end_of_stream)
+    for key, value in headers.items():
+        message.headers.headers.append(base_pb2.HeaderValue(key=key, raw_value=value.encode()))
+    return ext.ProcessingRequest(request_headers=message)
+
+
+def body_message(body: bytes) -> ext.ProcessingRequest:
+    return ext.ProcessingRequest(request_body=ext.HttpBody(body=body, end_of_stream=True))
+
+
+RESPONSE_HEADERS = ext.ProcessingRequest(response_headers=ext.HttpHeaders())
+
+
+@pytest.fixture(scope="module")
+def stub():
+    """A real grpc.aio server on a free loopback port, in a background thread."""
+    import asyncio
+    import threading
+
+    engine = PolicyEngine(load_policy(POLICIES / "default.yaml"))
+    started = threading.Event()
+    state: dict = {}
+
+    async def run():
+        server = grpc.aio.server()
+        ext_grpc.add_ExternalProcessorServicer_to_server(ExternalProcessor(lambda: engine), server)
+        state["port"] = server.add_insecure_port("127.0.0.1:0")
+        await server.start()
+        state["stop"] = asyncio.Event()
+        started.set()
+        await state["stop"].wait()
+        await server.stop(0)
+
+    loop = asyncio.new_event_loop()
+    thread = threading.Thread(target=loop.run_until_complete, args=(run(),), daemon=True)
+    thread.start()
+    assert started.wait(10)
+    channel = grpc.insecure_channel(f"127.0.0.1:{state['port']}")
+    yield ext_grpc.ExternalProcessorStub(channel)
+    channel.close()
+    loop.call_soon_threadsafe(state["stop"].set)
+    thread.join(10)
+
+
+def exchange(stub, *messages):
+    return list(stub.Process(iter(messages), timeout=10))
+
+
+def header_values(mutation) -> dict[str, str]:
+    return {h.header.key: h.header.raw_value.decode() for h in mutation.set_headers}
+
+
+def test_routed_request_sets_header_clears_route_cache_rewrites_model(stub):
+    body = json.dumps(chat("Write a python function to merge two sorted lists")).encode()
+    head, routed, resp = exchange(stub, headers_message(JSON_HEADERS), body_message(body), RESPONSE_HEADERS)
+    assert head.WhichOneof("response") == "request_headers"
+    common = routed.request_body.response
+    assert common.clear_route_cache
+    headers = header_values(common.header_mutation)
+    assert headers["x-switchyard-backend"] == "large"
+    new_body = json.loads(common.body_mutation.body)
+    assert new_body["model"] == "large-model"
+    assert new_body["messages"] == json.loads(body)["messages"]
+    assert int(headers["content-length"]) == len(common.body_mutation.body)
+    metadata = routed.dynamic_metadata.fields["switchyard"].struct_value.fields
+    assert metadata["rule"].string_value == "code" and metadata["cluster"].string_value == "large"
+    assert header_values(resp.response_headers.response.header_mutation) == {
+        "x-switchyard-backend": "large",
+        "x-switchyard-rule": "code",
+    }
+
+
+def test_body_is_not_rewritten_when_the_model_already_matches(stub):
+    body = json.dumps(chat("hi", model="small-model")).encode()
+    _, routed = exchange(stub, headers_message(JSON_HEADERS), body_message(body))
+    common = routed.request_body.response
+    assert not common.HasField("body_mutation")
+    assert header_values(common.header_mutation) == {"x-switchyard-backend": "small"}
+
+
+@pytest.mark.parametrize(
+    "raw,status,code",
+    [
+        (b"{not json", 400, "invalid_json"),
+        (b"[1, 2]", 400, "invalid_body"),
+        (b'{"model": "auto"}', 400, "invalid_messages"),
+        (b'{"model": "auto", "messages": []}', 400, "invalid_messages"),
+        (b'{"model": 7, "messages": [{"role": "user", "content": "x"}]}', 400, "invalid_model"),
+        (b'{"messages": [{"role": "user", "content": "\xff\xfe"}]}', 400, "invalid_encoding"),
+        (b"", 400, "missing_body"),
+        (b'{"messages": [{"role": "user", "content": "' + b"a" * (1 << 20) + b'"}]}', 413, "request_too_large"),
+    ],
+)
+def test_bad_bodies_get_an_immediate_json_error(stub, raw, status, code):
+    _, answer = exchange(stub, headers_message(JSON_HEADERS), body_message(raw))
+    immediate = answer.immediate_response
+    assert immediate.status.code == status
+    error = json.loads(immediate.body)["error"]
+    assert error["code"] == code and error["message"]
+    assert header_values(immediate.headers)["content-type"] == "application/json"
+
+
+def test_declared_oversize_body_is_rejected_on_headers(stub):
+    (answer,) = exchange(stub, headers_message({**JSON_HEADERS, "content-length": str(5 << 20)}))
+    assert answer.immediate_response.status.code == 413
+
+
+@pytest.mark.parametrize(
+    "headers",
+    [
+        {":method": "GET", ":path": "/v1/models"},
+        {":method": "POST", ":path": "/v1/embeddings", "content-type": "application/json"},
+        {":method": "POST", ":path": "/v1/chat/completions", "content-type": "text/plain"},
+    ],
+)
+def test_other_requests_pass_through_untouched(stub, headers):
+    head, body, resp = exchange(stub, headers_message(headers), body_message(b"not json at all"), RESPONSE_HEADERS)
+    assert head.request_headers.response == ext.CommonResponse()
+    assert body.request_body.response == ext.CommonResponse()
+    assert resp.response_headers.response == ext.CommonResponse()
+
+
+def test_client_switchyard_headers_are_removed(stub):
+    spoofed = {**JSON_HEADERS, "x-switchyard-backend": "large", "x-switchyard-rule": "fake"}
+    body = json.dumps(chat("hi")).encode()
+    head, routed = exchange(stub, headers_message(spoofed), body_message(body))
+    assert set(head.request_headers.response.header_mutation.remove_headers) == {"x-switchyard-backend", "x-switchyard-rule"}
+    assert header_values(routed.request_body.response.header_mutation)["x-switchyard-backend"] == "small"
+
+
+def test_request_without_body_is_decided_on_headers(stub):
+    (answer,) = exchange(stub, headers_message(JSON_HEADERS, end_of_stream=True))
+    common = answer.request_headers.response
+    assert common.clear_route_cache
+    assert header_values(common.header_mutation)["x-switchyard-backend"] == "small"
