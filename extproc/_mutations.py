@@ -60,7 +60,9 @@ def route_mutation(decision: Decision, body: dict | None, remove: Iterable[str] 
         common.body_mutation.body = data
         common.header_mutation.set_headers.append(_set("content-length", str(len(data))))
     metadata = struct_pb2.Struct()
-    metadata.update({METADATA_NAMESPACE: decision.metadata()})
+    fields = metadata.fields[METADATA_NAMESPACE].struct_value.fields
+    for key, value in decision.metadata().items():
+        fields[key].string_value = value
     return common, metadata
 
 

@@ -106,16 +106,19 @@ class RequestStream:
     def _route(self, raw: bytes | None, respond: Callable) -> ext.ProcessingResponse:
         assert self.request is not None
         started = time.perf_counter()
-        with self.telemetry.tracer.start_as_current_span("switchyard.decide") as span:
-            try:
-                if raw is not None:
-                    self.request.body = parse_json_body(raw, max_bytes=self.engine.policy.routing.max_body_bytes)
-                decision = self.engine.decide(self.request)
-            except RequestError as error:
+        span = self.telemetry.tracer.start_span("switchyard.decide") if self.telemetry.tracing else None
+        try:
+            if raw is not None:
+                self.request.body = parse_json_body(raw, max_bytes=self.engine.policy.routing.max_body_bytes)
+            decision = self.engine.decide(self.request)
+        except RequestError as error:
+            if span is not None:
                 span.set_attribute("switchyard.error", error.code)
-                return self._reject(error)
-            span.set_attribute("switchyard.backend", decision.backend.name)
-            span.set_attribute("switchyard.rule", decision.rule)
+                span.end()
+            return self._reject(error)
+        if span is not None:
+            span.set_attributes({"switchyard.backend": decision.backend.name, "switchyard.rule": decision.rule})
+            span.end()
         self.decision = decision
         self.telemetry.decision_time.record(time.perf_counter() - started)
         self.telemetry.decisions.add(1, {"backend": decision.backend.name, "rule": decision.rule})

@@ -30,6 +30,7 @@ __all__ = ["Signal", "SignalResult", "SignalContext", "SIGNAL_TYPES", "build_sig
 Report = Callable[[tuple[str, ...], str], None]
 
 _ESTIMATE = EstimatedTokenCounter()
+_WORD = re.compile(r"\w+")
 
 
 @dataclass(frozen=True)
@@ -48,6 +49,7 @@ class SignalContext:
         self._texts: dict[str, str] = {}
         self._tokens: dict[tuple[str, str], int] = {}
         self._languages: dict[str, str] = {}
+        self._words: dict[tuple[str, bool], frozenset[str]] = {}
 
     def text(self, scope: str) -> str:
         if scope not in self._texts:
@@ -62,6 +64,20 @@ class SignalContext:
                 text = conversation_text(messages)
             self._texts[scope] = text
         return self._texts[scope]
+
+    def lower_text(self, scope: str) -> str:
+        key = scope + ":lower"
+        if key not in self._texts:
+            self._texts[key] = self.text(scope).lower()
+        return self._texts[key]
+
+    def words(self, scope: str, case_sensitive: bool) -> frozenset[str]:
+        """The set of ``\\w+`` words of a scope's text (lower-cased unless ``case_sensitive``)."""
+        key = (scope, case_sensitive)
+        if key not in self._words:
+            text = self.text(scope) if case_sensitive else self.lower_text(scope)
+            self._words[key] = frozenset(_WORD.findall(text))
+        return self._words[key]
 
     def token_count(self, scope: str, counter: TokenCounter) -> int:
         key = (scope, getattr(counter, "name", "estimate"))
@@ -99,32 +115,44 @@ def _compile(pattern: str, flags: int, key: tuple[str, ...], report: Report) -> 
 
 @dataclass
 class KeywordsSignal(Signal):
+    """Single-word keywords are looked up in the text's word set (one pass over the text,
+    shared by every keywords signal on the same scope); phrases and keywords with
+    punctuation (``stack trace``, ``c++``) are substring searches checked at word edges."""
+
     kind: ClassVar[str] = "keywords"
     name: str
-    keywords: tuple[str, ...]
-    pattern: re.Pattern[str]
+    case_sensitive: bool
+    words: dict[str, str]  # normalised single word -> keyword as written
+    phrases: tuple[tuple[str, str, re.Pattern[str] | None], ...]  # (normalised, keyword, edge check)
     min_matches: int
     scope: str
 
     @classmethod
     def from_config(cls, name, config, base_dir, report):
-        flags = 0 if config["case_sensitive"] else re.IGNORECASE
-        parts = []
+        case_sensitive = config["case_sensitive"]
+        words: dict[str, str] = {}
+        phrases = []
         for keyword in config["keywords"]:
-            escaped = re.escape(keyword)
-            if config["whole_word"]:
-                escaped = rf"(?<!\w){escaped}(?!\w)"
-            parts.append(f"(?P<k{len(parts)}>{escaped})")
-        pattern = re.compile("|".join(parts), flags)
-        return cls(name, tuple(config["keywords"]), pattern, config["min_matches"], config["scope"])
+            key = keyword if case_sensitive else keyword.lower()
+            if config["whole_word"] and _WORD.fullmatch(key):
+                words[key] = keyword
+            else:
+                edge = None
+                if config["whole_word"]:
+                    edge = re.compile(rf"(?<!\w){re.escape(key)}(?!\w)")
+                phrases.append((key, keyword, edge))
+        return cls(name, case_sensitive, words, tuple(phrases), config["min_matches"], config["scope"])
 
     def evaluate(self, ctx):
-        text = ctx.text(self.scope)
-        found: set[str] = set()
-        for match in self.pattern.finditer(text):
-            found.add(self.keywords[int(match.lastgroup[1:])])
-            if len(found) >= self.min_matches:
-                break
+        found: list[str] = []
+        if self.words:
+            present = ctx.words(self.scope, self.case_sensitive)
+            found += [keyword for word, keyword in self.words.items() if word in present]
+        if self.phrases and len(found) < self.min_matches:
+            text = ctx.text(self.scope) if self.case_sensitive else ctx.lower_text(self.scope)
+            for key, keyword, edge in self.phrases:
+                if key in text and (edge is None or edge.search(text)):
+                    found.append(keyword)
         return SignalResult(len(found) >= self.min_matches, sorted(found))
 
 

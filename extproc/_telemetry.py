@@ -49,9 +49,13 @@ def configure_logging(level: str = "info") -> None:
 class Telemetry:
     """The OpenTelemetry instruments the servicer records into."""
 
-    def __init__(self) -> None:
-        meter = metrics.get_meter("switchyard")
-        self.tracer = trace.get_tracer("switchyard")
+    def __init__(self, meter_provider=None, tracer_provider=None) -> None:
+        """Uses the global OpenTelemetry providers unless others are given (tests)."""
+        meter = metrics.get_meter("switchyard", meter_provider=meter_provider)
+        self.tracer = trace.get_tracer("switchyard", tracer_provider=tracer_provider)
+        # Without an SDK the API hands out no-op spans; skipping them saves ~10 µs a request.
+        provider = tracer_provider or trace.get_tracer_provider()
+        self.tracing = not isinstance(provider, (trace.NoOpTracerProvider, trace.ProxyTracerProvider))
         self.decisions = meter.create_counter(
             "switchyard.decisions", unit="{request}", description="Routing decisions, by backend and rule."
         )

@@ -29,7 +29,7 @@ def test_explain_prints_the_decision_and_the_evaluated_signals(tmp_path, capsys)
     assert code == 0
     assert {k: out[k] for k in ("backend", "cluster", "model", "rule")} == {
         "backend": "large", "cluster": "large", "model": "large-model", "rule": "maths-reasoning"}
-    assert out["signals"]["maths"] == {"matched": True, "value": ["prove"]}  # stops at min_matches
+    assert out["signals"]["maths"] == {"matched": True, "value": ["prove", "theorem"]}
     assert out["signals"]["has_image"] == {"matched": False, "value": 0}
     assert "short_prompt" not in out["signals"]  # the code rule's `all` stopped before it
 

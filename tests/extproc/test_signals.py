@@ -38,7 +38,7 @@ CASES = [
     ("{kind: regex, patterns: ['^hello$']}", U("say hello"), False),
     ("{kind: token_count, above: 3}", U("one two three four"), True),
     ("{kind: token_count, above: 3}", U("one two"), False),
-    ("{kind: token_count, above: 1, below: 5}", U("one two three"), True),
+    ("{kind: token_count, above: 1, below: 5}", U("one two"), True),
     ("{kind: token_count, above: 1, below: 5}", U("one two three four five six"), False),
     ("{kind: modality}", U([{"type": "image_url", "image_url": {"url": "data:image/png;base64,AA"}}]), True),
     ("{kind: modality, min_count: 2}", U([{"type": "image_url", "image_url": {"url": "data:,"}}]), False),
