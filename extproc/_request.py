@@ -28,6 +28,11 @@ def is_json_content_type(content_type: str | None) -> bool:
     return media == "application/json" or (media.startswith("application/") and media.endswith("+json"))
 
 
+def _reject_constant(name: str) -> None:
+    # NaN / Infinity are not JSON; json.loads accepts them, strict backends do not.
+    raise json.JSONDecodeError(f"{name} is not valid JSON", name, 0)
+
+
 def parse_json_body(raw: bytes, *, max_bytes: int) -> dict[str, Any]:
     """Decode a chat completions body, or raise :class:`RequestError` saying what is wrong."""
     if len(raw) > max_bytes:
@@ -45,7 +50,7 @@ def parse_json_body(raw: bytes, *, max_bytes: int) -> dict[str, Any]:
             f"The request body is not valid UTF-8 (byte {exc.start}).", code="invalid_encoding"
         ) from exc
     try:
-        body = json.loads(text)
+        body = json.loads(text, parse_constant=_reject_constant)
     except json.JSONDecodeError as exc:
         raise RequestError(
             f"The request body is not valid JSON: {exc.msg} at line {exc.lineno} column {exc.colno}.",

@@ -61,7 +61,7 @@ class RequestStream:
             return self.on_request_headers(message.request_headers)
         if phase == "request_body":
             return self.on_request_body(message.request_body)
-        if phase == "response_headers":
+        if phase == "response_headers":  # only when Envoy is configured to send them
             return decision_response_headers(self.decision)
         if phase == "request_trailers":
             return ext.ProcessingResponse(request_trailers=ext.TrailersResponse())
@@ -94,8 +94,8 @@ class RequestStream:
                     code="request_too_large",
                 )
             )
-        if message.end_of_stream:  # no body: decide on the headers alone
-            return self._route(None, headers_response)
+        if message.end_of_stream:  # no body at all: a chat completion needs one
+            return self._reject(RequestError("The request has no body; expected a JSON object.", code="missing_body"))
         return headers_response(common)
 
     def on_request_body(self, message: ext.HttpBody) -> ext.ProcessingResponse:
@@ -103,13 +103,12 @@ class RequestStream:
             return body_response()
         return self._route(message.body, body_response)
 
-    def _route(self, raw: bytes | None, respond: Callable) -> ext.ProcessingResponse:
+    def _route(self, raw: bytes, respond: Callable) -> ext.ProcessingResponse:
         assert self.request is not None
         started = time.perf_counter()
         span = self.telemetry.tracer.start_span("switchyard.decide") if self.telemetry.tracing else None
         try:
-            if raw is not None:
-                self.request.body = parse_json_body(raw, max_bytes=self.engine.policy.routing.max_body_bytes)
+            self.request.body = parse_json_body(raw, max_bytes=self.engine.policy.routing.max_body_bytes)
             decision = self.engine.decide(self.request)
         except RequestError as error:
             if span is not None:

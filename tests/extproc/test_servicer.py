@@ -107,6 +107,8 @@ def test_body_is_not_rewritten_when_the_model_already_matches(stub):
         (b'{"model": 7, "messages": [{"role": "user", "content": "x"}]}', 400, "invalid_model"),
         (b'{"messages": [{"role": "user", "content": "\xff\xfe"}]}', 400, "invalid_encoding"),
         (b"", 400, "missing_body"),
+        (b'{"messages": [{"role": "user", "content": "x"}], "temperature": NaN}', 400, "invalid_json"),
+        (b'{"messages": [{"role": "user", "content": "x"}], "max_tokens": Infinity}', 400, "invalid_json"),
         (b'{"messages": [{"role": "user", "content": "' + b"a" * (1 << 20) + b'"}]}', 413, "request_too_large"),
     ],
 )
@@ -147,8 +149,12 @@ def test_client_switchyard_headers_are_removed(stub):
     assert header_values(routed.request_body.response.header_mutation)["x-switchyard-backend"] == "small"
 
 
-def test_request_without_body_is_decided_on_headers(stub):
+def test_request_without_body_is_answered_on_headers(stub):
     (answer,) = exchange(stub, headers_message(JSON_HEADERS, end_of_stream=True))
-    common = answer.request_headers.response
-    assert common.clear_route_cache
-    assert header_values(common.header_mutation)["x-switchyard-backend"] == "small"
+    assert answer.immediate_response.status.code == 400
+    assert json.loads(answer.immediate_response.body)["error"]["code"] == "missing_body"
+
+
+def test_get_without_body_passes_through_on_headers(stub):
+    (answer,) = exchange(stub, headers_message({":method": "GET", ":path": "/v1/models"}, end_of_stream=True))
+    assert answer.request_headers.response == ext.CommonResponse()
