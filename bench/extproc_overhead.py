@@ -1,0 +1,303 @@
+"""What ext_proc costs: Envoy alone, Envoy + a do-nothing processor, Envoy + switchyard.
+
+    python bench/extproc_overhead.py [--requests 1500] [--duration 6] [--rounds 3] [--out PATH]
+
+Everything runs on loopback. The routes answer with ``direct_response``, so no backend
+costs anything and what is left is Envoy plus the processor. Three Envoy configurations,
+all rendered from envoy/standalone.yaml (access log off):
+
+- ``no-extproc``: the ext_proc filter removed;
+- ``noop``: bench/noop_processor.py (answers each message at once, sets the routing header
+  and clear_route_cache on the body);
+- ``switchyard``: ``python -m extproc serve`` with bench/policies/twenty_rules.yaml, a
+  20-rule cheap-signal policy that the request matches nowhere, so every rule is evaluated.
+  Both processors get two messages a request (headers, then the buffered body); the
+  response's x-switchyard-* headers come from the dynamic metadata, as in the shipped config.
+
+Per configuration: p50/p99 latency on one keep-alive connection (Python client, sequential
+requests) and throughput on 8 connections (``wrk`` when it is on PATH, else 8 Python client
+processes). Added latency = p50 − no-extproc p50. Targets: switchyard's added latency within
+1.15x of noop's, its throughput >= 0.9x noop's. Writes JSON (default
+bench/results/extproc_overhead.json) and prints a table.
+"""
+
+from __future__ import annotations
+
+import argparse
+import http.client
+import json
+import multiprocessing
+import os
+import platform
+import re
+import shutil
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(ROOT))
+
+import yaml  # noqa: E402
+
+from demo.envoy_config import STANDALONE, render_envoy_config  # noqa: E402
+from demo.stack import Child, envoy_binary, free_port, grpc_serving, http_ok  # noqa: E402
+
+CONFIGS = ("no-extproc", "noop", "switchyard")
+POLICY = ROOT / "bench" / "policies" / "twenty_rules.yaml"
+BODY = json.dumps({"model": "auto", "messages": [{"role": "user", "content": "Hi! How's your day going?"}]}).encode()
+HEADERS = {"content-type": "application/json", "content-length": str(len(BODY))}
+PATH = "/v1/chat/completions"
+CONNECTIONS = 8
+LATENCY_TARGET, THROUGHPUT_TARGET = 1.15, 0.9
+
+
+def envoy_config(listen: int, admin: int, extproc: int | None) -> dict:
+    """standalone.yaml with direct_response routes (answer = backend name) and no backends."""
+    config = render_envoy_config(STANDALONE, listen_port=listen, admin_port=admin, extproc_port=extproc or 1,
+                                 backends={"small": 1, "large": 1}, default_backend="small")
+    hcm = config["static_resources"]["listeners"][0]["filter_chains"][0]["filters"][0]["typed_config"]
+    hcm.pop("access_log", None)
+    for route in hcm["route_config"]["virtual_hosts"][0]["routes"]:
+        backend = route.pop("route")["cluster"]
+        answer = json.dumps({"object": "chat.completion", "model": f"{backend}-model", "backend": backend})
+        route["direct_response"] = {"status": 200, "body": {"inline_string": answer}}
+    clusters = config["static_resources"]["clusters"]
+    config["static_resources"]["clusters"] = [c for c in clusters if c["name"] == "switchyard" and extproc]
+    if extproc is None:
+        hcm["http_filters"] = [f for f in hcm["http_filters"] if f["name"] != "envoy.filters.http.ext_proc"]
+    return config
+
+
+def _wait(child: Child, ready, deadline: float) -> None:
+    while not ready():
+        if not child.running:
+            raise RuntimeError(f"{child.name} exited:\n{child.tail()}")
+        if time.monotonic() > deadline:
+            raise RuntimeError(f"{child.name} not ready:\n{child.tail()}")
+        time.sleep(0.05)
+
+
+def start(name: str, workdir: Path, concurrency: int) -> tuple[list[Child], int]:
+    """Start one configuration's processes; returns them and the Envoy listener port."""
+    listen, admin = free_port(), free_port()
+    extproc = None if name == "no-extproc" else free_port()
+    children = []
+    if name == "noop":
+        children.append(Child("noop", [sys.executable, str(ROOT / "bench" / "noop_processor.py"),
+                                       "--listen", f"127.0.0.1:{extproc}"], workdir / "noop.log"))
+    elif name.startswith("switchyard"):
+        children.append(Child("switchyard", [sys.executable, "-m", "extproc", "--log-level", "warning", "serve",
+                                             "--policy", str(POLICY), "--listen", f"127.0.0.1:{extproc}"],
+                              workdir / "switchyard.log"))
+    config = workdir / f"envoy-{name}.yaml"
+    config.write_text(yaml.safe_dump(envoy_config(listen, admin, extproc), sort_keys=False))
+    envoy = Child("envoy", [envoy_binary(), "-c", str(config), "--log-level", "warn", "--base-id", str(admin),
+                            "--concurrency", str(concurrency)], workdir / f"envoy-{name}.log")
+    children.append(envoy)
+    try:
+        deadline = time.monotonic() + 30
+        for child in children:
+            child.start()
+        if extproc:
+            _wait(children[0], lambda: grpc_serving(extproc), deadline)
+        _wait(envoy, lambda: http_ok(admin, "/ready"), deadline)
+    except BaseException:
+        stop(children)
+        raise
+    return children, listen
+
+
+def stop(children: list[Child]) -> None:
+    for child in reversed(children):
+        child.stop()
+
+
+def check(port: int, name: str) -> None:
+    """One request: 200, and (with a processor) routed by the processor's header."""
+    conn = http.client.HTTPConnection("127.0.0.1", port, timeout=5)
+    conn.request("POST", PATH, BODY, HEADERS)
+    reply = conn.getresponse()
+    data = reply.read()
+    conn.close()
+    if reply.status != 200:
+        raise RuntimeError(f"{name}: status {reply.status}: {data[:300]!r}")
+    if name.startswith("switchyard") and reply.getheader("x-switchyard-rule") != "default":
+        raise RuntimeError(f"{name}: expected rule 'default', got headers {reply.getheaders()}")
+
+
+def latency(port: int, requests: int, warmup: int = 300) -> list[float]:
+    """Seconds per request, sequential on one keep-alive connection."""
+    conn = http.client.HTTPConnection("127.0.0.1", port, timeout=5)
+    times = []
+    for i in range(warmup + requests):
+        started = time.perf_counter()
+        conn.request("POST", PATH, BODY, HEADERS)
+        reply = conn.getresponse()
+        reply.read()
+        elapsed = time.perf_counter() - started
+        if reply.status != 200:
+            raise RuntimeError(f"status {reply.status}")
+        if i >= warmup:
+            times.append(elapsed)
+    conn.close()
+    return times
+
+
+def _client(port: int, until: float, counts) -> None:
+    conn = http.client.HTTPConnection("127.0.0.1", port, timeout=5)
+    done = errors = 0
+    while time.monotonic() < until:
+        conn.request("POST", PATH, BODY, HEADERS)
+        reply = conn.getresponse()
+        reply.read()
+        done += 1
+        errors += reply.status != 200
+    conn.close()
+    counts.put((done, errors))
+
+
+def throughput(port: int, duration: float) -> tuple[float, int, str]:
+    """Requests per second on CONNECTIONS keep-alive connections; (rps, errors, tool)."""
+    if shutil.which("wrk"):
+        with tempfile.NamedTemporaryFile("w", suffix=".lua", delete=False) as script:
+            script.write(f'wrk.method = "POST"\nwrk.body = {json.dumps(BODY.decode())}\n'
+                         'wrk.headers["Content-Type"] = "application/json"\n')
+        try:
+            out = subprocess.run(["wrk", "-t1", f"-c{CONNECTIONS}", f"-d{duration:g}s", "-s", script.name,
+                                  f"http://127.0.0.1:{port}{PATH}"], capture_output=True, text=True, check=True).stdout
+        finally:
+            os.unlink(script.name)
+        errors = re.search(r"Non-2xx or 3xx responses: (\d+)", out)
+        return float(re.search(r"Requests/sec:\s+([\d.]+)", out).group(1)), int(errors.group(1)) if errors else 0, "wrk"
+    counts = multiprocessing.Queue()
+    until = time.monotonic() + duration
+    clients = [multiprocessing.Process(target=_client, args=(port, until, counts)) for _ in range(CONNECTIONS)]
+    for client in clients:
+        client.start()
+    results = [counts.get() for _ in clients]
+    for client in clients:
+        client.join()
+    return sum(d for d, _ in results) / duration, sum(e for _, e in results), "python"
+
+
+def measure(name: str, args: argparse.Namespace, workdir: Path) -> dict:
+    children, port = start(name, workdir, args.concurrency)
+    try:
+        check(port, name)
+        times = latency(port, args.requests)
+        rps, errors, tool = throughput(port, args.duration)
+    finally:
+        stop(children)
+    return {"latency_s": times, "rps": rps, "errors": errors, "load_tool": tool}
+
+
+def servicer_cost_us(requests: int = 3000) -> dict[str, float]:
+    """switchyard's own CPU per request, in this process (no gRPC, no Envoy), by message."""
+    from envoy.config.core.v3 import base_pb2
+    from envoy.service.ext_proc.v3 import external_processor_pb2 as ext
+
+    from extproc._engine import PolicyEngine
+    from extproc._policy import load_policy
+    from extproc._servicer import RequestStream
+    from extproc._telemetry import Telemetry
+
+    engine, telemetry = PolicyEngine(load_policy(POLICY)), Telemetry()
+    headers = ext.HttpHeaders()
+    for key, value in {":method": "POST", ":path": PATH, ":authority": "127.0.0.1", **HEADERS}.items():
+        headers.headers.headers.append(base_pb2.HeaderValue(key=key, raw_value=value.encode()))
+    messages = {
+        "request_headers": ext.ProcessingRequest(request_headers=headers),
+        "request_body": ext.ProcessingRequest(request_body=ext.HttpBody(body=BODY, end_of_stream=True)),
+        "response_headers": ext.ProcessingRequest(response_headers=ext.HttpHeaders()),
+    }
+    spent = dict.fromkeys(messages, 0.0)
+    for _ in range(requests):
+        stream = RequestStream(engine, telemetry)
+        for phase, message in messages.items():
+            started = time.perf_counter()
+            stream.handle(message)
+            spent[phase] += time.perf_counter() - started
+    return {phase: round(total / requests * 1e6, 1) for phase, total in spent.items()}
+
+
+def summarise(runs: dict[str, list[dict]]) -> dict:
+    results = {}
+    for name, rounds in runs.items():
+        times = sorted(t for r in rounds for t in r["latency_s"])
+        results[name] = {
+            "p50_ms": round(statistics.median(times) * 1e3, 4),
+            "p99_ms": round(times[int(len(times) * 0.99) - 1] * 1e3, 4),
+            "mean_ms": round(statistics.fmean(times) * 1e3, 4),
+            "rps_8_connections": round(statistics.fmean(r["rps"] for r in rounds), 1),
+            "rps_rounds": [round(r["rps"], 1) for r in rounds],
+            "errors": sum(r["errors"] for r in rounds),
+            "load_tool": rounds[0]["load_tool"],
+        }
+    base = results["no-extproc"]["p50_ms"]
+    for result in results.values():
+        result["added_p50_ms"] = round(result["p50_ms"] - base, 4)
+    noop, sw = results["noop"], results["switchyard"]
+    latency_ratio = sw["added_p50_ms"] / noop["added_p50_ms"] if noop["added_p50_ms"] > 0 else float("inf")
+    throughput_ratio = sw["rps_8_connections"] / noop["rps_8_connections"]
+    return {
+        "results": results,
+        "switchyard_vs_noop": {
+            "added_latency_ratio": round(latency_ratio, 3),
+            "throughput_ratio": round(throughput_ratio, 3),
+            "added_latency_target": LATENCY_TARGET,
+            "throughput_target": THROUGHPUT_TARGET,
+            "meets_targets": latency_ratio <= LATENCY_TARGET and throughput_ratio >= THROUGHPUT_TARGET,
+        },
+    }
+
+
+def table(report: dict) -> str:
+    lines = [f"{'config':<15} {'p50 ms':>8} {'p99 ms':>8} {'added p50':>10} {'req/s @8':>9}", "-" * 54]
+    for name, r in report["results"].items():
+        lines.append(f"{name:<15} {r['p50_ms']:>8.3f} {r['p99_ms']:>8.3f} {r['added_p50_ms']:>10.3f} {r['rps_8_connections']:>9.0f}")
+    ratio = report["switchyard_vs_noop"]
+    lines.append(f"switchyard/noop: added latency {ratio['added_latency_ratio']:.2f}x (target <= {LATENCY_TARGET}), "
+                 f"throughput {ratio['throughput_ratio']:.2f}x (target >= {THROUGHPUT_TARGET}): "
+                 f"{'PASS' if ratio['meets_targets'] else 'MISS'}")
+    cost = report["switchyard_servicer_us"]
+    lines.append("switchyard servicer CPU per request (in-process, µs): "
+                 + ", ".join(f"{phase} {us}" for phase, us in cost.items()))
+    return "\n".join(lines)
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--requests", type=int, default=1500, help="Sequential requests per round for latency.")
+    parser.add_argument("--duration", type=float, default=6, help="Seconds per round for throughput.")
+    parser.add_argument("--rounds", type=int, default=3, help="Rounds; configurations alternate within each.")
+    parser.add_argument("--concurrency", type=int, default=1, help="Envoy worker threads (default 1).")
+    parser.add_argument("--out", type=Path, default=ROOT / "bench" / "results" / "extproc_overhead.json")
+    args = parser.parse_args(argv)
+
+    runs: dict[str, list[dict]] = {name: [] for name in CONFIGS}
+    with tempfile.TemporaryDirectory(prefix="extproc-bench-") as tmp:
+        for round_ in range(args.rounds):
+            for name in CONFIGS:
+                print(f"round {round_ + 1}/{args.rounds}: {name}", file=sys.stderr, flush=True)
+                runs[name].append(measure(name, args, Path(tmp)))
+    report = summarise(runs)
+    report["switchyard_servicer_us"] = servicer_cost_us()
+    report["settings"] = {
+        "requests_per_round": args.requests, "throughput_seconds_per_round": args.duration, "rounds": args.rounds,
+        "connections": CONNECTIONS, "envoy_concurrency": args.concurrency, "body_bytes": len(BODY),
+        "policy": str(POLICY.relative_to(ROOT)), "cpus": os.cpu_count(), "platform": platform.platform(),
+        "python": platform.python_version(),
+    }
+    args.out.parent.mkdir(parents=True, exist_ok=True)
+    args.out.write_text(json.dumps(report, indent=2) + "\n")
+    print(table(report))
+    print(f"wrote {args.out}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

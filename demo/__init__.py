@@ -1,0 +1,1 @@
+"""The switchyard demo: a tiny OpenAI-compatible backend, Envoy config rendering, ``make run``."""

