@@ -14,6 +14,8 @@ Order of a decision:
 
 from __future__ import annotations
 
+from collections.abc import Callable
+
 from extproc._decision import DEFAULT_RULE, DIRECT_RULE, Decision
 from extproc._errors import RequestError
 from extproc._policy import AllOf, AnyOf, Backend, Condition, Not, Policy, SignalRef
@@ -26,40 +28,66 @@ __all__ = ["PolicyEngine"]
 _ESTIMATE = EstimatedTokenCounter()
 
 
+Check = Callable[["_Evaluation"], bool]
+
+
+def compile_condition(condition: Condition) -> Check:
+    """Turn a condition tree into nested closures: no type dispatch per request."""
+    if isinstance(condition, SignalRef):
+        name = condition.name
+        return lambda evaluation: evaluation.signal(name)
+    if isinstance(condition, Not):
+        inner = compile_condition(condition.item)
+        return lambda evaluation: not inner(evaluation)
+    checks = tuple(compile_condition(item) for item in condition.items)
+    if isinstance(condition, AllOf):
+
+        def all_of(evaluation: _Evaluation) -> bool:
+            for check in checks:
+                if not check(evaluation):
+                    return False
+            return True
+
+        return all_of
+
+    def any_of(evaluation: _Evaluation) -> bool:
+        for check in checks:
+            if check(evaluation):
+                return True
+        return False
+
+    return any_of
+
+
 class _Evaluation:
+    """One request's evaluation: memoised signal results and backend eligibility."""
+
     def __init__(self, policy: Policy, request: RoutingRequest) -> None:
-        self.policy = policy
+        self.signals = policy.signals
         self.ctx = SignalContext(request)
         self.results: dict[str, SignalResult] = {}
+        self._ineligible: dict[str, str | None] = {}
 
     def signal(self, name: str) -> bool:
         result = self.results.get(name)
         if result is None:
-            result = self.policy.signals[name].evaluate(self.ctx)
-            self.results[name] = result
+            result = self.results[name] = self.signals[name].evaluate(self.ctx)
         return result.matched
-
-    def holds(self, condition: Condition) -> bool:
-        if isinstance(condition, SignalRef):
-            return self.signal(condition.name)
-        if isinstance(condition, AllOf):
-            return all(self.holds(item) for item in condition.items)
-        if isinstance(condition, AnyOf):
-            return any(self.holds(item) for item in condition.items)
-        if isinstance(condition, Not):
-            return not self.holds(condition.item)
-        raise TypeError(f"Unknown condition {condition!r}")  # pragma: no cover
 
     def ineligible(self, backend: Backend) -> str | None:
         """Why ``backend`` cannot serve this request, or ``None`` when it can."""
+        if backend.name in self._ineligible:
+            return self._ineligible[backend.name]
+        reason = None
         request = self.ctx.request
         if not backend.supports_images and request.image_count:
-            return "backend does not support images"
-        if backend.max_context_tokens is not None:
+            reason = "backend does not support images"
+        elif backend.max_context_tokens is not None:
             tokens = self.ctx.token_count("all", _ESTIMATE)
             if tokens > backend.max_context_tokens:
-                return f"prompt (~{tokens} tokens) exceeds max_context_tokens {backend.max_context_tokens}"
-        return None
+                reason = f"prompt (~{tokens} tokens) exceeds max_context_tokens {backend.max_context_tokens}"
+        self._ineligible[backend.name] = reason
+        return reason
 
 
 class PolicyEngine:
@@ -67,6 +95,9 @@ class PolicyEngine:
 
     def __init__(self, policy: Policy) -> None:
         self.policy = policy
+        self._rules = tuple(
+            (rule, policy.backends[rule.backend], compile_condition(rule.when)) for rule in policy.rules
+        )
 
     def allowed_backends(self, tenant: str | None) -> tuple[str, ...]:
         """The backends a tenant may reach, in preference order."""
@@ -97,8 +128,7 @@ class PolicyEngine:
 
         evaluation = _Evaluation(policy, request)
         skipped: list[tuple[str, str]] = []
-        for rule in policy.rules:
-            backend = policy.backends[rule.backend]
+        for rule, backend, holds in self._rules:
             if backend.name not in allowed:
                 skipped.append((rule.name, "backend not allowed for tenant"))
                 continue
@@ -106,7 +136,7 @@ class PolicyEngine:
             if reason is not None:
                 skipped.append((rule.name, reason))
                 continue
-            if evaluation.holds(rule.when):
+            if holds(evaluation):
                 return self._decision(backend, rule.name, request, tenant, evaluation, skipped)
 
         candidates = [policy.default] if policy.default in allowed else []

@@ -41,6 +41,9 @@ class SignalResult:
     value: Any = None
 
 
+_NO_MATCH = SignalResult(False, ())
+
+
 class SignalContext:
     """Per-request memo of the values signals share (texts, token counts, language)."""
 
@@ -127,6 +130,9 @@ class KeywordsSignal(Signal):
     min_matches: int
     scope: str
 
+    def __post_init__(self) -> None:
+        self.word_set = frozenset(self.words)
+
     @classmethod
     def from_config(cls, name, config, base_dir, report):
         case_sensitive = config["case_sensitive"]
@@ -146,8 +152,10 @@ class KeywordsSignal(Signal):
     def evaluate(self, ctx):
         found: list[str] = []
         if self.words:
-            present = ctx.words(self.scope, self.case_sensitive)
-            found += [keyword for word, keyword in self.words.items() if word in present]
+            hits = self.word_set.intersection(ctx.words(self.scope, self.case_sensitive))
+            if not hits and not self.phrases:
+                return _NO_MATCH
+            found += [self.words[word] for word in hits]
         if self.phrases and len(found) < self.min_matches:
             text = ctx.text(self.scope) if self.case_sensitive else ctx.lower_text(self.scope)
             for key, keyword, edge in self.phrases:
@@ -178,7 +186,7 @@ class RegexSignal(Signal):
         for pattern in self.patterns:
             if pattern.search(text):
                 return SignalResult(True, pattern.pattern)
-        return SignalResult(False, None)
+        return _NO_MATCH
 
 
 @dataclass
