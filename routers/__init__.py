@@ -1,0 +1,77 @@
+"""switchyard's learned scorers: truncated backbone, hidden-state probes, LatentRouter.
+
+``import routers`` is cheap: nothing here imports torch. Public names are re-exported
+lazily from :data:`_EXPORTS` (name -> private module), so torch, transformers and peft load
+only when a name that needs them is first used. To export a new name, add one entry.
+"""
+
+from __future__ import annotations
+
+import importlib
+from typing import Any
+
+#: Public name -> module that defines it. Append here to export more.
+_EXPORTS: dict[str, str] = {
+    # labelled data
+    "DataError": "routers.data",
+    "Outcome": "routers.data",
+    "LabelledRequest": "routers.data",
+    "load_labelled": "routers.data",
+    "dataset_hash": "routers.data",
+    # metrics
+    "roc_auc": "routers.metrics",
+    "routing_curve": "routers.metrics",
+    "curve_shares": "routers.metrics",
+    "apgr": "routers.metrics",
+    "cpt": "routers.metrics",
+    "threshold_for_share": "routers.metrics",
+    # backbone and probes
+    "BackboneConfig": "routers.backbone",
+    "BackboneOutput": "routers.backbone",
+    "BackboneStates": "routers.backbone",
+    "TruncatedBackbone": "routers.backbone",
+    "MLPConfig": "routers.mlp",
+    "Probe": "routers.probes",
+    "LastTokenProbe": "routers.probes",
+    "LastTokenProbeConfig": "routers.probes",
+    "AttentionProbe": "routers.probes",
+    "AttentionProbeConfig": "routers.probes",
+    "ReLope": "routers.probes",
+    "ReLopeConfig": "routers.probes",
+    "build_probe": "routers.probes",
+    "ProbeCheckpoint": "routers.probe_checkpoint",
+    "read_checkpoint": "routers.probe_checkpoint",
+    "save_probe": "routers.probe_checkpoint",
+    "load_probe": "routers.probe_checkpoint",
+    "ProbeScorer": "routers.probe_scorer",
+    "TrainConfig": "routers.probe_training",
+    "TrainResult": "routers.probe_training",
+    "train_probe": "routers.probe_training",
+    # LatentRouter
+    "LatentRouter": "routers.latent_router",
+    "LatentRouterConfig": "routers.latent_router",
+    "LatentRouterModel": "routers.latent_router",
+    "ModelPool": "routers.latent_router",
+    "EncoderSpec": "routers.query_encoders",
+    "build_encoder": "routers.query_encoders",
+    "LatentTrainConfig": "routers.latent_training",
+    "train_latent_router": "routers.latent_training",
+    "save_latent_router": "routers.latent_checkpoint",
+    "load_latent_router": "routers.latent_checkpoint",
+    "evaluate_router": "routers.latent_eval",
+}
+
+__all__ = sorted(_EXPORTS)
+
+
+def __getattr__(name: str) -> Any:
+    module = _EXPORTS.get(name)
+    if module is None:
+        raise AttributeError(f"module 'routers' has no attribute {name!r}")
+    value = getattr(importlib.import_module(module), name)
+    globals()[name] = value
+    return value
+
+
+def __dir__() -> list[str]:
+    return sorted(set(globals()) | set(_EXPORTS))

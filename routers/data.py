@@ -1,0 +1,154 @@
+"""Labelled routing sets: JSONL, one request a line (DESIGN.md, "Data formats").
+
+    {"id": "q1", "messages": [...OpenAI chat messages...],
+     "outcomes": {"small": {"correct": 1, "cost": 0.2}, "large": {"score": 0.8}}}
+
+``correct`` is 0/1 (or a JSON boolean), ``score`` any finite number, ``cost`` a finite
+number >= 0; each outcome needs ``correct`` or ``score``. Errors name ``file:line`` and the
+field. Nothing here imports torch.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import math
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from extproc._errors import SwitchyardError
+
+__all__ = ["DataError", "Outcome", "LabelledRequest", "load_labelled", "parse_labelled", "dataset_hash"]
+
+
+class DataError(SwitchyardError):
+    """A labelled data file is missing, malformed, or lacks a field a command needs."""
+
+
+@dataclass(frozen=True)
+class Outcome:
+    """How one backend did on one request."""
+
+    correct: int | None = None
+    score: float | None = None
+    cost: float | None = None
+
+    @property
+    def quality(self) -> float | None:
+        """``score`` when set, else ``correct`` (as a float), else ``None``."""
+        if self.score is not None:
+            return self.score
+        return None if self.correct is None else float(self.correct)
+
+
+@dataclass(frozen=True)
+class LabelledRequest:
+    """One request of a labelled set: its chat ``messages`` and per-backend outcomes."""
+
+    id: str
+    messages: list[dict[str, Any]]
+    outcomes: dict[str, Outcome] = field(default_factory=dict)
+
+    def outcome(self, backend: str) -> Outcome:
+        """The outcome for ``backend``; :class:`DataError` naming the request if absent."""
+        try:
+            return self.outcomes[backend]
+        except KeyError:
+            known = ", ".join(sorted(self.outcomes)) or "none"
+            raise DataError(
+                f"Request {self.id!r} has no outcome for backend {backend!r} (has: {known})."
+            ) from None
+
+
+def _number(value: Any, where: str, name: str) -> float:
+    if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value):
+        raise DataError(f"{where}: `{name}` must be a finite number, got {value!r}.")
+    return float(value)
+
+
+def _outcome(raw: Any, where: str) -> Outcome:
+    if not isinstance(raw, Mapping):
+        raise DataError(f"{where}: must be an object, got {type(raw).__name__}.")
+    correct = raw.get("correct")
+    if correct is not None:
+        if correct not in (0, 1) or isinstance(correct, float):
+            raise DataError(f"{where}: `correct` must be 0, 1, true or false, got {correct!r}.")
+        correct = int(correct)
+    score = raw.get("score")
+    if score is not None:
+        score = _number(score, where, "score")
+    if correct is None and score is None:
+        raise DataError(f"{where}: needs `correct` (0/1) or `score` (number).")
+    cost = raw.get("cost")
+    if cost is not None:
+        cost = _number(cost, where, "cost")
+        if cost < 0:
+            raise DataError(f"{where}: `cost` must be >= 0, got {cost!r}.")
+    return Outcome(correct=correct, score=score, cost=cost)
+
+
+def _request(raw: Any, where: str) -> LabelledRequest:
+    if not isinstance(raw, Mapping):
+        raise DataError(f"{where}: a line must be a JSON object, got {type(raw).__name__}.")
+    rid = raw.get("id")
+    if isinstance(rid, bool) or not isinstance(rid, (str, int)):
+        raise DataError(f"{where}: `id` must be a string or integer, got {rid!r}.")
+    messages = raw.get("messages")
+    if not isinstance(messages, list) or not messages:
+        raise DataError(f"{where}: `messages` must be a non-empty list, got {messages!r:.80}.")
+    for i, message in enumerate(messages):
+        if not isinstance(message, Mapping) or not isinstance(message.get("role"), str):
+            raise DataError(f"{where}: `messages[{i}]` must be an object with a string `role`.")
+    outcomes = raw.get("outcomes")
+    if not isinstance(outcomes, Mapping) or not outcomes:
+        raise DataError(f"{where}: `outcomes` must be a non-empty object of backend -> outcome.")
+    parsed = {str(k): _outcome(v, f"{where}: `outcomes.{k}`") for k, v in outcomes.items()}
+    return LabelledRequest(id=str(rid), messages=[dict(m) for m in messages], outcomes=parsed)
+
+
+def parse_labelled(lines: Sequence[str], source: str = "<input>") -> list[LabelledRequest]:
+    """Parse JSONL lines (blank lines skipped); ids must be unique."""
+    requests: list[LabelledRequest] = []
+    seen: dict[str, int] = {}
+    for lineno, line in enumerate(lines, start=1):
+        if not line.strip():
+            continue
+        where = f"{source}:{lineno}"
+        try:
+            raw = json.loads(line)
+        except json.JSONDecodeError as exc:
+            raise DataError(f"{where}: not valid JSON ({exc.msg} at column {exc.colno}).") from exc
+        request = _request(raw, where)
+        if request.id in seen:
+            raise DataError(f"{where}: duplicate `id` {request.id!r} (first at line {seen[request.id]}).")
+        seen[request.id] = lineno
+        requests.append(request)
+    if not requests:
+        raise DataError(f"{source}: no requests (the file is empty).")
+    return requests
+
+
+def load_labelled(path: str | Path) -> list[LabelledRequest]:
+    """Read a labelled JSONL file; :class:`DataError` naming ``file:line`` and field on bad input."""
+    path = Path(path)
+    try:
+        text = path.read_text(encoding="utf-8")
+    except FileNotFoundError as exc:
+        raise DataError(f"Labelled data file {path} does not exist.") from exc
+    except (OSError, UnicodeDecodeError) as exc:
+        raise DataError(f"Cannot read labelled data file {path}: {exc}.") from exc
+    return parse_labelled(text.splitlines(), source=str(path))
+
+
+def dataset_hash(path: str | Path) -> str:
+    """Hex sha256 of the file's bytes, recorded in checkpoints as the training-set hash."""
+    digest = hashlib.sha256()
+    try:
+        with open(path, "rb") as f:
+            for chunk in iter(lambda: f.read(1 << 20), b""):
+                digest.update(chunk)
+    except OSError as exc:
+        raise DataError(f"Cannot read {path} to hash it: {exc}.") from exc
+    return digest.hexdigest()

