@@ -19,14 +19,6 @@ CONVERSATIONS = [
 ]
 
 
-@pytest.fixture(autouse=True)
-def _one_thread():
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
-
-
 @pytest.fixture(scope="module")
 def text_dir(tmp_path_factory):
     return tiny_text_model(tmp_path_factory.mktemp("bb"))

@@ -14,15 +14,6 @@ from routers.data import DataError
 from routers.synthetic import synthetic_rows, write_synthetic
 
 
-@pytest.fixture(autouse=True)
-def _one_thread():
-    """The models here are tiny: one thread is fastest and does not oversubscribe CI cores."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
-
-
 def _train_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser()
     latent_cli.add_train_latent_router_parser(parser.add_subparsers())

@@ -9,14 +9,6 @@ from extproc import CheckpointError
 from routers.query_encoders import ENCODER_KINDS, EncoderSpec, build_encoder, side_features
 
 
-@pytest.fixture(autouse=True)
-def _one_thread():
-    """The models here are tiny: one thread is fastest and does not oversubscribe CI cores."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
-
 IMAGE = "data:image/png;base64," + "A" * 400
 
 

@@ -8,15 +8,6 @@ import torch
 from routers.latent_router import LatentRouterConfig, LatentRouterModel, ModelPool, choose
 
 
-@pytest.fixture(autouse=True)
-def _one_thread():
-    """The models here are tiny: one thread is fastest and does not oversubscribe CI cores."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
-
-
 def _model(**kw) -> LatentRouterModel:
     torch.manual_seed(0)
     cfg = LatentRouterConfig(input_dim=12, num_models=5, profile_dim=3, hidden_size=32, **kw)

@@ -15,14 +15,6 @@ from routers.query_encoders import EncoderSpec, build_encoder
 from routers.synthetic import SYNTHETIC_CATEGORIES, synthetic_rows
 
 
-@pytest.fixture(autouse=True)
-def _one_thread():
-    """The models here are tiny: one thread is fastest and does not oversubscribe CI cores."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
-
 MID_LAMBDA = 0.3
 
 

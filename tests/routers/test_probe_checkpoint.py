@@ -17,14 +17,6 @@ from routers.probes import AttentionProbeConfig, LastTokenProbeConfig, ReLopeCon
 from tests.routers.test_probe_support import labelled, tiny_text_model, trigger_set
 
 
-@pytest.fixture(autouse=True)
-def _one_thread():
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
-
-
 @pytest.fixture(scope="module")
 def text_dir(tmp_path_factory):
     return tiny_text_model(tmp_path_factory.mktemp("ck"))

@@ -11,14 +11,6 @@ from extproc.cli import main
 from tests.routers.test_probe_support import tiny_text_model, trigger_set, write_jsonl
 
 
-@pytest.fixture(autouse=True)
-def _one_thread():
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
-
-
 @pytest.fixture(scope="module")
 def workspace(tmp_path_factory):
     root = tmp_path_factory.mktemp("cli")

@@ -14,14 +14,6 @@ from routers.probes.relope import kl_to_standard_normal
 from tests.routers.test_probe_support import labelled, tiny_text_model, trigger_set
 
 
-@pytest.fixture(autouse=True)
-def _one_thread():
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
-
-
 @pytest.fixture(scope="module")
 def backbone(tmp_path_factory):
     return TruncatedBackbone(BackboneConfig(str(tiny_text_model(tmp_path_factory.mktemp("rl"))), layer=2))

@@ -27,14 +27,6 @@ from tests.routers.test_probe_support import (
 FAST = TrainConfig(epochs=8, batch_size=16, lr=3e-3, patience=0, progress=False)
 
 
-@pytest.fixture(autouse=True)
-def _one_thread():
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
-
-
 @pytest.fixture(scope="module")
 def text_backbone(tmp_path_factory):
     return TruncatedBackbone(BackboneConfig(str(tiny_text_model(tmp_path_factory.mktemp("pt"))), layer=2))
