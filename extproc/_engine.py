@@ -21,11 +21,9 @@ from extproc._errors import RequestError
 from extproc._policy import AllOf, AnyOf, Backend, Condition, Not, Policy, SignalRef
 from extproc._request import RoutingRequest
 from extproc._signals import SignalContext, SignalResult
-from extproc._tokens import EstimatedTokenCounter
+from extproc._tokens import ESTIMATE
 
 __all__ = ["PolicyEngine"]
-
-_ESTIMATE = EstimatedTokenCounter()
 
 
 Check = Callable[["_Evaluation"], bool]
@@ -83,7 +81,7 @@ class _Evaluation:
         if not backend.supports_images and request.image_count:
             reason = "backend does not support images"
         elif backend.max_context_tokens is not None:
-            tokens = self.ctx.token_count("all", _ESTIMATE)
+            tokens = self.ctx.token_count("all", ESTIMATE)
             if tokens > backend.max_context_tokens:
                 reason = f"prompt (~{tokens} tokens) exceeds max_context_tokens {backend.max_context_tokens}"
         self._ineligible[backend.name] = reason

@@ -12,8 +12,6 @@ What Envoy needs from each phase (see DESIGN.md, "The request path"):
 from __future__ import annotations
 
 import json
-from collections.abc import Iterable
-
 from envoy.config.core.v3 import base_pb2
 from envoy.service.ext_proc.v3 import external_processor_pb2 as ext
 from envoy.type.v3 import http_status_pb2
@@ -48,11 +46,10 @@ def _set(key: str, value: str) -> base_pb2.HeaderValueOption:
     )
 
 
-def route_mutation(decision: Decision, body: dict | None, remove: Iterable[str] = ()) -> tuple[ext.CommonResponse, struct_pb2.Struct]:
+def route_mutation(decision: Decision, body: dict | None) -> tuple[ext.CommonResponse, struct_pb2.Struct]:
     """The common response that routes to the decision's backend, and its dynamic metadata."""
     common = ext.CommonResponse(clear_route_cache=True)
     common.header_mutation.set_headers.append(_set(ROUTING_HEADER, decision.backend.name))
-    common.header_mutation.remove_headers.extend(h for h in remove if h != ROUTING_HEADER)
     if decision.rewrite_model and body is not None:
         rewritten = dict(body)
         rewritten["model"] = decision.backend.model

@@ -17,7 +17,7 @@ from typing import Any
 from extproc._errors import RequestError
 from extproc._messages import image_urls
 
-__all__ = ["RoutingRequest", "parse_json_body", "is_json_content_type"]
+__all__ = ["RoutingRequest", "parse_json_body", "is_json_content_type", "body_too_large"]
 
 
 def is_json_content_type(content_type: str | None) -> bool:
@@ -28,6 +28,15 @@ def is_json_content_type(content_type: str | None) -> bool:
     return media == "application/json" or (media.startswith("application/") and media.endswith("+json"))
 
 
+def body_too_large(size: int, max_bytes: int) -> RequestError:
+    """The 413 for a body of ``size`` bytes over the ``max_bytes`` limit."""
+    return RequestError(
+        f"The request body is {size} bytes; this gateway accepts at most {max_bytes}.",
+        status=413,
+        code="request_too_large",
+    )
+
+
 def _reject_constant(name: str) -> None:
     # NaN / Infinity are not JSON; json.loads accepts them, strict backends do not.
     raise json.JSONDecodeError(f"{name} is not valid JSON", name, 0)
@@ -36,11 +45,7 @@ def _reject_constant(name: str) -> None:
 def parse_json_body(raw: bytes, *, max_bytes: int) -> dict[str, Any]:
     """Decode a chat completions body, or raise :class:`RequestError` saying what is wrong."""
     if len(raw) > max_bytes:
-        raise RequestError(
-            f"The request body is {len(raw)} bytes; this gateway accepts at most {max_bytes}.",
-            status=413,
-            code="request_too_large",
-        )
+        raise body_too_large(len(raw), max_bytes)
     if not raw.strip():
         raise RequestError("The request body is empty; expected a JSON object.", code="missing_body")
     try:

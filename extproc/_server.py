@@ -22,7 +22,7 @@ from grpc_health.v1._async import HealthServicer
 
 from extproc._engine import PolicyEngine
 from extproc._errors import SwitchyardError
-from extproc._policy import load_policy
+from extproc._policy import Policy, load_policy
 from extproc._servicer import ExternalProcessor
 
 __all__ = ["serve", "serve_async", "parse_listen"]
@@ -40,9 +40,9 @@ def parse_listen(listen: str) -> tuple[str, int]:
     return host.strip("[]"), int(port)
 
 
-async def serve_async(policy_path: Path, listen: str, *, grace: float = 5.0, reuse_port: bool = False) -> None:
-    """Serve until SIGTERM/SIGINT. The policy is loaded (and must be valid) before binding."""
-    engine = PolicyEngine(load_policy(policy_path))
+async def serve_async(policy: Policy, listen: str, *, grace: float = 5.0, reuse_port: bool = False) -> None:
+    """Serve ``policy`` until SIGTERM/SIGINT."""
+    engine = PolicyEngine(policy)
     host, port = parse_listen(listen)
     server = grpc.aio.server(options=[("grpc.so_reuseport", 1 if reuse_port else 0)])
     ext_grpc.add_ExternalProcessorServicer_to_server(ExternalProcessor(lambda: engine), server)
@@ -56,7 +56,7 @@ async def serve_async(policy_path: Path, listen: str, *, grace: float = 5.0, reu
     await server.start()
     for service in ("", EXT_PROC_SERVICE):
         await health.set(service, health_pb2.HealthCheckResponse.SERVING)
-    log.info("serving", extra={"listen": f"{host}:{bound}", "policy": str(policy_path), "pid": os.getpid()})
+    log.info("serving", extra={"listen": f"{host}:{bound}", "policy": policy.source, "pid": os.getpid()})
     print(f"switchyard: serving on {host}:{bound}", file=sys.stderr, flush=True)
 
     stop = asyncio.Event()
@@ -71,9 +71,9 @@ async def serve_async(policy_path: Path, listen: str, *, grace: float = 5.0, reu
 
 def serve(policy_path: Path, listen: str, *, workers: int = 1, grace: float = 5.0) -> int:
     """Run the server in this process, or in ``workers`` forked processes on one port."""
-    load_policy(policy_path)  # fail before forking: a bad policy never starts a server
+    policy = load_policy(policy_path)  # before forking: a bad policy never starts a server
     if workers <= 1:
-        asyncio.run(serve_async(policy_path, listen, grace=grace))
+        asyncio.run(serve_async(policy, listen, grace=grace))
         return 0
     host, port = parse_listen(listen)
     if port == 0:
@@ -83,7 +83,7 @@ def serve(policy_path: Path, listen: str, *, workers: int = 1, grace: float = 5.
         pid = os.fork()
         if pid == 0:  # child: grpc has not been initialised in the parent, so forking is safe
             try:
-                asyncio.run(serve_async(policy_path, listen, grace=grace, reuse_port=True))
+                asyncio.run(serve_async(policy, listen, grace=grace, reuse_port=True))
                 os._exit(0)
             except BaseException:  # noqa: BLE001 - report and exit the child, never return into the parent's code
                 log.exception("worker failed")

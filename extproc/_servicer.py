@@ -27,7 +27,7 @@ from extproc._mutations import (
     headers_response,
     route_mutation,
 )
-from extproc._request import RoutingRequest, is_json_content_type, parse_json_body
+from extproc._request import RoutingRequest, body_too_large, is_json_content_type, parse_json_body
 from extproc._telemetry import Telemetry
 
 __all__ = ["ExternalProcessor", "RequestStream"]
@@ -53,7 +53,6 @@ class RequestStream:
         self.request: RoutingRequest | None = None
         self.routed = False
         self.decision: Decision | None = None
-        self.client_switchyard_headers: list[str] = []
 
     def handle(self, message: ext.ProcessingRequest) -> ext.ProcessingResponse:
         phase = message.WhichOneof("request")
@@ -78,22 +77,16 @@ class RequestStream:
         self.routed = method == "POST" and path in routing.paths and is_json_content_type(headers.get("content-type"))
         # Envoy strips client-sent x-switchyard-* headers first; removing them here too
         # keeps a misconfigured filter chain from letting a client pick the backend.
-        self.client_switchyard_headers = [h for h in headers if h.startswith(HEADER_PREFIX)]
+        spoofed = [h for h in headers if h.startswith(HEADER_PREFIX)]
         common = None
-        if self.client_switchyard_headers:
+        if spoofed:
             common = ext.CommonResponse()
-            common.header_mutation.remove_headers.extend(self.client_switchyard_headers)
+            common.header_mutation.remove_headers.extend(spoofed)
         if not self.routed:
             return headers_response(common)
         length = headers.get("content-length", "")
         if length.isdigit() and int(length) > routing.max_body_bytes:
-            return self._reject(
-                RequestError(
-                    f"The request body is {length} bytes; this gateway accepts at most {routing.max_body_bytes}.",
-                    status=413,
-                    code="request_too_large",
-                )
-            )
+            return self._reject(body_too_large(int(length), routing.max_body_bytes))
         if message.end_of_stream:  # no body at all: a chat completion needs one
             return self._reject(RequestError("The request has no body; expected a JSON object.", code="missing_body"))
         return headers_response(common)
@@ -124,7 +117,7 @@ class RequestStream:
         if log.isEnabledFor(logging.DEBUG):
             log.debug("decision", extra={"backend": decision.backend.name, "rule": decision.rule,
                                          "signals": {k: r.matched for k, r in decision.signals.items()}})
-        common, metadata = route_mutation(decision, self.request.body, self.client_switchyard_headers)
+        common, metadata = route_mutation(decision, self.request.body)
         return respond(common, metadata)
 
     def _reject(self, error: RequestError) -> ext.ProcessingResponse:

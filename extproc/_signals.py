@@ -22,14 +22,13 @@ from extproc._errors import SwitchyardError
 from extproc._language import detect_language
 from extproc._messages import conversation_text, last_user_text, message_text
 from extproc._request import RoutingRequest
-from extproc._tokens import EstimatedTokenCounter, TokenCounter, TokenizerFileCounter
+from extproc._tokens import ESTIMATE, TokenCounter, TokenizerFileCounter
 
 __all__ = ["Signal", "SignalResult", "SignalContext", "SIGNAL_TYPES", "build_signal"]
 
 #: ``report(key_path, message)`` records a problem at a key of the signal's entry.
 Report = Callable[[tuple[str, ...], str], None]
 
-_ESTIMATE = EstimatedTokenCounter()
 _WORD = re.compile(r"\w+")
 
 
@@ -207,7 +206,7 @@ class TokenCountSignal(Signal):
         if above is not None and below is not None and below <= above + 1:
             report(("below",), f"`below` ({below}) must be greater than `above` + 1 ({above + 1}); the range is empty.")
             return None
-        counter: TokenCounter = _ESTIMATE
+        counter: TokenCounter = ESTIMATE
         if config["tokenizer"] is not None:
             path = (base_dir / config["tokenizer"]).resolve()
             if not path.is_file():

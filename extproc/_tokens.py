@@ -14,7 +14,7 @@ from typing import Protocol
 
 from extproc._errors import SwitchyardError
 
-__all__ = ["TokenCounter", "EstimatedTokenCounter", "TokenizerFileCounter"]
+__all__ = ["TokenCounter", "EstimatedTokenCounter", "TokenizerFileCounter", "ESTIMATE"]
 
 _CJK = re.compile(r"[\u3040-\u30ff\u3400-\u4dbf\u4e00-\u9fff\uac00-\ud7af\uf900-\ufaff]")
 
@@ -38,6 +38,10 @@ class EstimatedTokenCounter:
             text = _CJK.sub(" ", text)
         words = len(text.split())
         return cjk + (len(text) - _whitespace(text) + 3 * words) // 4
+
+
+#: The shared estimating counter (it holds no state).
+ESTIMATE = EstimatedTokenCounter()
 
 
 class TokenizerFileCounter:
