@@ -13,7 +13,6 @@ import time: each handler imports torch & co. when it runs.
 from __future__ import annotations
 
 import argparse
-import json
 from pathlib import Path
 
 __all__ = ["register", "COMMANDS"]
@@ -66,17 +65,11 @@ def register(subparsers: argparse._SubParsersAction) -> None:
 def checkpoint_kind(checkpoint: Path) -> str:
     """The ``kind`` recorded in a checkpoint folder's ``config.json``."""
     from extproc import CheckpointError
+    from routers.checkpoint_config import CONFIG_FILE, read_checkpoint_config
 
-    config_path = checkpoint / "config.json"
-    try:
-        config = json.loads(config_path.read_text())
-    except FileNotFoundError as exc:
-        raise CheckpointError(f"No checkpoint at {checkpoint}: {config_path} does not exist.") from exc
-    except json.JSONDecodeError as exc:
-        raise CheckpointError(f"{config_path} is not valid JSON: {exc}.") from exc
-    kind = config.get("kind")
+    kind = read_checkpoint_config(checkpoint).get("kind")
     if not isinstance(kind, str):
-        raise CheckpointError(f"{config_path} has no string `kind`, got {kind!r}.")
+        raise CheckpointError(f"{checkpoint / CONFIG_FILE} has no string `kind`, got {kind!r}.")
     return kind
 
 

@@ -16,6 +16,7 @@ from typing import Any
 import torch
 
 from extproc._errors import CheckpointError
+from routers.checkpoint_config import CONFIG_FILE, read_checkpoint_config
 from routers.latent_router import LatentRouter, LatentRouterConfig, LatentRouterModel, ModelPool
 from routers.query_encoders import EncoderSpec, build_encoder
 
@@ -47,7 +48,7 @@ def save_latent_router(router: LatentRouter, out: str | Path, training_set_hash:
             pass
     state = {k: v.detach().contiguous().cpu() for k, v in router.model.state_dict().items()}
     save_file(state, str(out / "model.safetensors"), metadata={"kind": KIND})
-    (out / "config.json").write_text(json.dumps(config, indent=2, default=_json_default) + "\n")
+    (out / CONFIG_FILE).write_text(json.dumps(config, indent=2, default=_json_default) + "\n")
     return out
 
 
@@ -69,13 +70,8 @@ def load_latent_router(
     from safetensors.torch import load_file
 
     folder = Path(folder)
-    config_path = folder / "config.json"
-    try:
-        config = json.loads(config_path.read_text())
-    except FileNotFoundError as exc:
-        raise CheckpointError(f"No checkpoint at {folder}: {config_path} does not exist.") from exc
-    except json.JSONDecodeError as exc:
-        raise CheckpointError(f"{config_path} is not valid JSON: {exc}.") from exc
+    config_path = folder / CONFIG_FILE
+    config = read_checkpoint_config(folder)
     if config.get("kind") != KIND:
         raise CheckpointError(f"{config_path} has kind {config.get('kind')!r}, expected {KIND!r}.")
     if config.get("format_version") != FORMAT_VERSION:

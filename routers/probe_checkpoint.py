@@ -23,6 +23,7 @@ from pathlib import Path
 from typing import Any
 
 from extproc._errors import CheckpointError
+from routers.checkpoint_config import CONFIG_FILE, read_checkpoint_config
 
 __all__ = [
     "CONFIG_FILE",
@@ -35,7 +36,6 @@ __all__ = [
     "store_threshold",
 ]
 
-CONFIG_FILE = "config.json"
 WEIGHTS_FILE = "model.safetensors"
 FORMAT_VERSION = 1
 _MATCHED = ("model_type", "hidden_size", "num_layers", "layer", "fingerprint")
@@ -83,15 +83,10 @@ def read_checkpoint(folder: str | Path) -> ProbeCheckpoint:
     """Parse ``folder/config.json``; :class:`CheckpointError` naming the problem."""
     folder = Path(folder)
     path = folder / CONFIG_FILE
-    try:
-        data = json.loads(path.read_text())
-    except FileNotFoundError as exc:
-        raise CheckpointError(f"No probe checkpoint at {folder}: {path} does not exist.") from exc
-    except (OSError, json.JSONDecodeError) as exc:
-        raise CheckpointError(f"Cannot read {path}: {exc}.") from exc
+    data = read_checkpoint_config(folder)
     from routers.probes import PROBE_KINDS
 
-    kind = data.get("kind") if isinstance(data, dict) else None
+    kind = data.get("kind")
     if kind not in PROBE_KINDS:
         raise CheckpointError(f"{path}: `kind` must be one of {', '.join(PROBE_KINDS)}, got {kind!r}.")
     if data.get("format_version") != FORMAT_VERSION:

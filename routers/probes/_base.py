@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from dataclasses import asdict, fields
+from dataclasses import asdict, dataclass, field, fields
 from typing import Any, ClassVar
 
 import torch
@@ -12,7 +12,7 @@ from torch.nn import functional as F
 from routers.backbone import BackboneStates
 from routers.mlp import MLPConfig
 
-__all__ = ["Probe", "ProbeConfigMixin", "check_int"]
+__all__ = ["Probe", "ProbeConfigMixin", "FrozenProbeConfig", "check_int"]
 
 
 def check_int(value: Any, name: str, low: int = 1) -> None:
@@ -43,6 +43,27 @@ class ProbeConfigMixin:
             if isinstance(value, list):
                 values[key] = tuple(value)
         return cls(**values)
+
+
+@dataclass(frozen=True)
+class FrozenProbeConfig(ProbeConfigMixin):
+    """Fields of the probes that read a frozen backbone's states (last-token, Attention).
+
+    - ``hidden_size``: the backbone's hidden size d.
+    - ``layer``: probe layer l (1-based).
+    - ``mlp``: the head (default 5 layers, 256 -> 128 -> 64 -> 32 -> 1).
+    - ``input_norm``: LayerNorm (no affine) on the states before the head, so the probe
+      does not depend on the layer's activation scale. Default true.
+    """
+
+    hidden_size: int
+    layer: int
+    mlp: MLPConfig = field(default_factory=MLPConfig)
+    input_norm: bool = True
+
+    def __post_init__(self) -> None:
+        check_int(self.hidden_size, "hidden_size")
+        check_int(self.layer, "layer")
 
 
 class Probe(nn.Module):

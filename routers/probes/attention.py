@@ -7,34 +7,21 @@ zero, i.e. at mean pooling. The backbone is untouched.
 from __future__ import annotations
 
 import math
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 
 import torch
 from torch import nn
 
 from routers.backbone import BackboneStates
-from routers.mlp import MLPConfig, MLPHead
-from routers.probes._base import Probe, ProbeConfigMixin, check_int
+from routers.mlp import MLPHead
+from routers.probes._base import FrozenProbeConfig, Probe
 
 __all__ = ["AttentionProbe", "AttentionProbeConfig"]
 
 
 @dataclass(frozen=True)
-class AttentionProbeConfig(ProbeConfigMixin):
-    """- ``hidden_size``: the backbone's hidden size d.
-    - ``layer``: probe layer l; the states *entering* it (layer l-1) are pooled.
-    - ``mlp``: the head on the pooled state (default 5 layers, 256 -> ... -> 1).
-    - ``input_norm``: LayerNorm (no affine) on each token state first. Default true.
-    """
-
-    hidden_size: int
-    layer: int
-    mlp: MLPConfig = field(default_factory=MLPConfig)
-    input_norm: bool = True
-
-    def __post_init__(self) -> None:
-        check_int(self.hidden_size, "hidden_size")
-        check_int(self.layer, "layer")
+class AttentionProbeConfig(FrozenProbeConfig):
+    """:class:`FrozenProbeConfig`; the states *entering* layer l (layer l-1) are pooled."""
 
 
 class AttentionProbe(Probe):

@@ -2,35 +2,21 @@
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 
 import torch
 from torch import nn
 
 from routers.backbone import BackboneStates
-from routers.mlp import MLPConfig, MLPHead
-from routers.probes._base import Probe, ProbeConfigMixin, check_int
+from routers.mlp import MLPHead
+from routers.probes._base import FrozenProbeConfig, Probe
 
 __all__ = ["LastTokenProbe", "LastTokenProbeConfig"]
 
 
 @dataclass(frozen=True)
-class LastTokenProbeConfig(ProbeConfigMixin):
-    """- ``hidden_size``: the backbone's hidden size d.
-    - ``layer``: probe layer l (1-based; the state *leaving* layer l is read).
-    - ``mlp``: the head (default 5 layers, 256 -> 128 -> 64 -> 32 -> 1).
-    - ``input_norm``: normalise the state (LayerNorm, no affine) before the MLP, so the
-      probe does not depend on the layer's activation scale. Default true.
-    """
-
-    hidden_size: int
-    layer: int
-    mlp: MLPConfig = field(default_factory=MLPConfig)
-    input_norm: bool = True
-
-    def __post_init__(self) -> None:
-        check_int(self.hidden_size, "hidden_size")
-        check_int(self.layer, "layer")
+class LastTokenProbeConfig(FrozenProbeConfig):
+    """:class:`FrozenProbeConfig`; the state *leaving* layer l is read."""
 
 
 class LastTokenProbe(Probe):
