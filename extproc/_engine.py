@@ -14,6 +14,7 @@ Order of a decision:
 
 from __future__ import annotations
 
+import ast
 from collections.abc import Callable
 
 from extproc._decision import DEFAULT_RULE, DIRECT_RULE, Decision
@@ -26,45 +27,45 @@ from extproc._tokens import ESTIMATE
 __all__ = ["PolicyEngine"]
 
 
-Check = Callable[["_Evaluation"], bool]
+#: A compiled condition: called with the request's memoised ``signal(name) -> bool``.
+Check = Callable[[Callable[[str], bool]], bool]
+
+
+def _expression(condition: Condition) -> ast.expr:
+    if isinstance(condition, SignalRef):
+        return ast.Call(ast.Name("signal", ast.Load()), [ast.Constant(condition.name)], [])
+    if isinstance(condition, Not):
+        return ast.UnaryOp(ast.Not(), _expression(condition.item))
+    items = [_expression(item) for item in condition.items]  # the policy parser forbids empty lists
+    if len(items) == 1:
+        return items[0]
+    return ast.BoolOp(ast.And() if isinstance(condition, AllOf) else ast.Or(), items)
 
 
 def compile_condition(condition: Condition) -> Check:
-    """Turn a condition tree into nested closures: no type dispatch per request."""
-    if isinstance(condition, SignalRef):
+    """Turn a condition tree into one Python boolean expression, e.g.
+    ``lambda signal: (signal("code") or signal("code_block")) and not signal("short")``.
+
+    Python's ``and`` / ``or`` short-circuit, so a signal is evaluated only when the
+    outcome depends on it. Signal names enter the code as constants, never as source text.
+    """
+    if isinstance(condition, SignalRef):  # the common case needs no wrapper at all
         name = condition.name
-        return lambda evaluation: evaluation.signal(name)
-    if isinstance(condition, Not):
-        inner = compile_condition(condition.item)
-        return lambda evaluation: not inner(evaluation)
-    checks = tuple(compile_condition(item) for item in condition.items)
-    if isinstance(condition, AllOf):
-
-        def all_of(evaluation: _Evaluation) -> bool:
-            for check in checks:
-                if not check(evaluation):
-                    return False
-            return True
-
-        return all_of
-
-    def any_of(evaluation: _Evaluation) -> bool:
-        for check in checks:
-            if check(evaluation):
-                return True
-        return False
-
-    return any_of
+        return lambda signal: signal(name)
+    arguments = ast.arguments(posonlyargs=[], args=[ast.arg("signal")], kwonlyargs=[], kw_defaults=[], defaults=[])
+    tree = ast.fix_missing_locations(ast.Expression(ast.Lambda(arguments, _expression(condition))))
+    return eval(compile(tree, "<policy condition>", "eval"), {})  # noqa: S307 - an AST built above
 
 
 class _Evaluation:
-    """One request's evaluation: memoised signal results and backend eligibility."""
+    """One request's evaluation: the signal context and the memoised signal results."""
+
+    __slots__ = ("signals", "ctx", "results")
 
     def __init__(self, policy: Policy, request: RoutingRequest) -> None:
         self.signals = policy.signals
         self.ctx = SignalContext(request)
         self.results: dict[str, SignalResult] = {}
-        self._ineligible: dict[str, str | None] = {}
 
     def signal(self, name: str) -> bool:
         result = self.results.get(name)
@@ -72,20 +73,20 @@ class _Evaluation:
             result = self.results[name] = self.signals[name].evaluate(self.ctx)
         return result.matched
 
-    def ineligible(self, backend: Backend) -> str | None:
-        """Why ``backend`` cannot serve this request, or ``None`` when it can."""
-        if backend.name in self._ineligible:
-            return self._ineligible[backend.name]
-        reason = None
+    def unusable(self, backends: dict[str, Backend], allowed: tuple[str, ...]) -> dict[str, str]:
+        """Why each backend that cannot serve this request cannot; usable ones are absent."""
+        out: dict[str, str] = {}
         request = self.ctx.request
-        if not backend.supports_images and request.image_count:
-            reason = "backend does not support images"
-        elif backend.max_context_tokens is not None:
-            tokens = self.ctx.token_count("all", ESTIMATE)
-            if tokens > backend.max_context_tokens:
-                reason = f"prompt (~{tokens} tokens) exceeds max_context_tokens {backend.max_context_tokens}"
-        self._ineligible[backend.name] = reason
-        return reason
+        for name, backend in backends.items():
+            if name not in allowed:
+                out[name] = "backend not allowed for tenant"
+            elif not backend.supports_images and request.image_count:
+                out[name] = "backend does not support images"
+            elif backend.max_context_tokens is not None:
+                tokens = self.ctx.token_count("all", ESTIMATE)
+                if tokens > backend.max_context_tokens:
+                    out[name] = f"prompt (~{tokens} tokens) exceeds max_context_tokens {backend.max_context_tokens}"
+        return out
 
 
 class PolicyEngine:
@@ -93,9 +94,7 @@ class PolicyEngine:
 
     def __init__(self, policy: Policy) -> None:
         self.policy = policy
-        self._rules = tuple(
-            (rule, policy.backends[rule.backend], compile_condition(rule.when)) for rule in policy.rules
-        )
+        self._rules = tuple((rule.name, rule.backend, compile_condition(rule.when)) for rule in policy.rules)
 
     def allowed_backends(self, tenant: str | None) -> tuple[str, ...]:
         """The backends a tenant may reach, in preference order."""
@@ -125,24 +124,20 @@ class PolicyEngine:
                 raise RequestError(f"The model {model!r} does not exist.", status=404, code="model_not_found")
 
         evaluation = _Evaluation(policy, request)
+        unusable = evaluation.unusable(policy.backends, allowed)
+        signal = evaluation.signal
         skipped: list[tuple[str, str]] = []
         for rule, backend, holds in self._rules:
-            if backend.name not in allowed:
-                skipped.append((rule.name, "backend not allowed for tenant"))
-                continue
-            reason = evaluation.ineligible(backend)
-            if reason is not None:
-                skipped.append((rule.name, reason))
-                continue
-            if holds(evaluation):
-                return self._decision(backend, rule.name, request, tenant, evaluation, skipped)
+            if backend in unusable:
+                skipped.append((rule, unusable[backend]))
+            elif holds(signal):
+                return self._decision(policy.backends[backend], rule, request, tenant, evaluation, skipped)
 
         candidates = [policy.default] if policy.default in allowed else []
         candidates += [name for name in allowed if name != policy.default]
         for name in candidates:
-            backend = policy.backends[name]
-            if evaluation.ineligible(backend) is None:
-                return self._decision(backend, DEFAULT_RULE, request, tenant, evaluation, skipped)
+            if name not in unusable:
+                return self._decision(policy.backends[name], DEFAULT_RULE, request, tenant, evaluation, skipped)
         raise RequestError(
             "No backend this request may use can serve it (check images and prompt size).",
             status=503,

@@ -5,17 +5,25 @@ What Envoy needs from each phase (see DESIGN.md, "The request path"):
 - body phase, routed: set ``x-switchyard-backend``, ``clear_route_cache``, the rewritten
   body with its ``content-length`` when ``body.model`` changes, and the decision as dynamic
   metadata in namespace ``switchyard``;
-- response headers: ``x-switchyard-backend`` and ``x-switchyard-rule`` for the client;
+- response headers (when Envoy sends them): ``x-switchyard-backend`` and
+  ``x-switchyard-rule`` for the client;
 - errors: an ``ImmediateResponse`` with an OpenAI-style JSON error body.
+
+The answers that do not depend on the request body are built once and reused: the
+"continue" answers, and one serialized template per (backend, rule, requested model) for
+routed bodies. The server treats every answer as read-only once it is handed back.
 """
 
 from __future__ import annotations
 
 import json
+from functools import lru_cache
+
+import orjson
+
 from envoy.config.core.v3 import base_pb2
 from envoy.service.ext_proc.v3 import external_processor_pb2 as ext
 from envoy.type.v3 import http_status_pb2
-from google.protobuf import struct_pb2
 
 from extproc._decision import Decision
 from extproc._errors import RequestError
@@ -25,9 +33,9 @@ __all__ = [
     "RULE_HEADER",
     "HEADER_PREFIX",
     "METADATA_NAMESPACE",
-    "route_mutation",
-    "headers_response",
-    "body_response",
+    "CONTINUE",
+    "continue_headers",
+    "routed_body_response",
     "decision_response_headers",
     "error_response",
 ]
@@ -39,6 +47,16 @@ METADATA_NAMESPACE = "switchyard"
 
 _OVERWRITE = base_pb2.HeaderValueOption.OVERWRITE_IF_EXISTS_OR_ADD
 
+#: "Go on unchanged" for each phase, by ``ProcessingRequest`` oneof name. Read-only.
+CONTINUE: dict[str, ext.ProcessingResponse] = {
+    "request_headers": ext.ProcessingResponse(request_headers=ext.HeadersResponse()),
+    "request_body": ext.ProcessingResponse(request_body=ext.BodyResponse()),
+    "request_trailers": ext.ProcessingResponse(request_trailers=ext.TrailersResponse()),
+    "response_headers": ext.ProcessingResponse(response_headers=ext.HeadersResponse()),
+    "response_body": ext.ProcessingResponse(response_body=ext.BodyResponse()),
+    "response_trailers": ext.ProcessingResponse(response_trailers=ext.TrailersResponse()),
+}
+
 
 def _set(key: str, value: str) -> base_pb2.HeaderValueOption:
     return base_pb2.HeaderValueOption(
@@ -46,45 +64,60 @@ def _set(key: str, value: str) -> base_pb2.HeaderValueOption:
     )
 
 
-def route_mutation(decision: Decision, body: dict | None) -> tuple[ext.CommonResponse, struct_pb2.Struct]:
-    """The common response that routes to the decision's backend, and its dynamic metadata."""
-    common = ext.CommonResponse(clear_route_cache=True)
-    common.header_mutation.set_headers.append(_set(ROUTING_HEADER, decision.backend.name))
-    if decision.rewrite_model and body is not None:
-        rewritten = dict(body)
-        rewritten["model"] = decision.backend.model
-        data = json.dumps(rewritten, ensure_ascii=False, separators=(",", ":")).encode()
-        common.body_mutation.body = data
-        common.header_mutation.set_headers.append(_set("content-length", str(len(data))))
-    metadata = struct_pb2.Struct()
-    fields = metadata.fields[METADATA_NAMESPACE].struct_value.fields
-    for key, value in decision.metadata().items():
-        fields[key].string_value = value
-    return common, metadata
-
-
-def headers_response(common: ext.CommonResponse | None = None, metadata: struct_pb2.Struct | None = None) -> ext.ProcessingResponse:
-    response = ext.ProcessingResponse(request_headers=ext.HeadersResponse(response=common or ext.CommonResponse()))
-    if metadata is not None:
-        response.dynamic_metadata.CopyFrom(metadata)
+def continue_headers(remove: list[str]) -> ext.ProcessingResponse:
+    """The request-headers answer: go on, removing the ``remove`` headers (if any)."""
+    if not remove:
+        return CONTINUE["request_headers"]
+    response = ext.ProcessingResponse()
+    response.request_headers.response.header_mutation.remove_headers.extend(remove)
     return response
 
 
-def body_response(common: ext.CommonResponse | None = None, metadata: struct_pb2.Struct | None = None) -> ext.ProcessingResponse:
-    response = ext.ProcessingResponse(request_body=ext.BodyResponse(response=common or ext.CommonResponse()))
-    if metadata is not None:
-        response.dynamic_metadata.CopyFrom(metadata)
+@lru_cache(maxsize=1024)  # bounded: requested model names come from clients
+def _routed_template(backend: str, metadata: tuple[tuple[str, str], ...]) -> ext.ProcessingResponse:
+    response = ext.ProcessingResponse()
+    common = response.request_body.response
+    common.clear_route_cache = True
+    common.header_mutation.set_headers.append(_set(ROUTING_HEADER, backend))
+    fields = response.dynamic_metadata.fields[METADATA_NAMESPACE].struct_value.fields
+    for key, value in metadata:
+        fields[key].string_value = value
+    return response
+
+
+def routed_body_response(decision: Decision, body: dict | None) -> ext.ProcessingResponse:
+    """The request-body answer that routes to the decision's backend.
+
+    Sets the routing header and ``clear_route_cache``, rewrites ``body.model`` (with its
+    ``content-length``) when the decision says so, and carries the decision as dynamic
+    metadata in namespace ``switchyard``.
+    """
+    template = _routed_template(decision.backend.name, tuple(decision.metadata().items()))
+    if not (decision.rewrite_model and body is not None):
+        return template
+    response = ext.ProcessingResponse()
+    response.CopyFrom(template)
+    rewritten = dict(body)
+    rewritten["model"] = decision.backend.model
+    try:
+        data = orjson.dumps(rewritten)
+    except TypeError:  # an integer beyond 64 bits, kept exact by parse_json_body
+        data = json.dumps(rewritten, ensure_ascii=False, separators=(",", ":")).encode()
+    common = response.request_body.response
+    common.body_mutation.body = data
+    common.header_mutation.set_headers.append(_set("content-length", str(len(data))))
     return response
 
 
 def decision_response_headers(decision: Decision | None) -> ext.ProcessingResponse:
     """The response-headers answer: decision headers for the client (nothing if undecided)."""
-    common = ext.CommonResponse()
-    if decision is not None:
-        common.header_mutation.set_headers.extend(
-            [_set(ROUTING_HEADER, decision.backend.name), _set(RULE_HEADER, decision.rule)]
-        )
-    return ext.ProcessingResponse(response_headers=ext.HeadersResponse(response=common))
+    if decision is None:
+        return CONTINUE["response_headers"]
+    response = ext.ProcessingResponse()
+    response.response_headers.response.header_mutation.set_headers.extend(
+        [_set(ROUTING_HEADER, decision.backend.name), _set(RULE_HEADER, decision.rule)]
+    )
+    return response
 
 
 def error_response(error: RequestError) -> ext.ProcessingResponse:

@@ -9,10 +9,14 @@ the servicer turns into an immediate JSON error response.
 from __future__ import annotations
 
 import json
+import math
+import re
 from collections.abc import Mapping
 from dataclasses import dataclass, field
 from functools import cached_property
 from typing import Any
+
+import orjson
 
 from extproc._errors import RequestError
 from extproc._messages import image_urls
@@ -42,21 +46,44 @@ def _reject_constant(name: str) -> None:
     raise json.JSONDecodeError(f"{name} is not valid JSON", name, 0)
 
 
+def _finite_float(text: str) -> float:
+    value = float(text)
+    if not math.isfinite(value):
+        raise json.JSONDecodeError(f"number {text} is out of range", text, 0)
+    return value
+
+
+# orjson is the fast path. It reads integers beyond 64 bits as floats, which would change
+# them in a rewritten body, so bodies with 20-digit runs take the exact (slower) decoder.
+_LONG_INTEGER = re.compile(rb"\d{20,}")
+_EXACT_DECODER = json.JSONDecoder(parse_constant=_reject_constant, parse_float=_finite_float)
+
+
+def _decode(raw: bytes) -> Any:
+    if _LONG_INTEGER.search(raw) is None:
+        return orjson.loads(raw)
+    return _EXACT_DECODER.decode(raw.decode("utf-8"))
+
+
 def parse_json_body(raw: bytes, *, max_bytes: int) -> dict[str, Any]:
-    """Decode a chat completions body, or raise :class:`RequestError` saying what is wrong."""
+    """Decode a chat completions body, or raise :class:`RequestError` saying what is wrong.
+
+    Strict JSON: ``NaN``, ``Infinity`` and numbers that overflow a double are rejected, as
+    strict backends would; integers of any size are kept exactly.
+    """
     if len(raw) > max_bytes:
         raise body_too_large(len(raw), max_bytes)
-    if not raw.strip():
+    if not raw or raw.isspace():
         raise RequestError("The request body is empty; expected a JSON object.", code="missing_body")
     try:
-        text = raw.decode("utf-8")
-    except UnicodeDecodeError as exc:
-        raise RequestError(
-            f"The request body is not valid UTF-8 (byte {exc.start}).", code="invalid_encoding"
-        ) from exc
-    try:
-        body = json.loads(text, parse_constant=_reject_constant)
-    except json.JSONDecodeError as exc:
+        body = _decode(raw)
+    except (json.JSONDecodeError, UnicodeDecodeError) as exc:
+        try:
+            raw.decode("utf-8")
+        except UnicodeDecodeError as bad:
+            raise RequestError(
+                f"The request body is not valid UTF-8 (byte {bad.start}).", code="invalid_encoding"
+            ) from exc
         raise RequestError(
             f"The request body is not valid JSON: {exc.msg} at line {exc.lineno} column {exc.colno}.",
             code="invalid_json",

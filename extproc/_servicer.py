@@ -20,12 +20,12 @@ from extproc._decision import Decision
 from extproc._engine import PolicyEngine
 from extproc._errors import RequestError
 from extproc._mutations import (
+    CONTINUE,
     HEADER_PREFIX,
-    body_response,
+    continue_headers,
     decision_response_headers,
     error_response,
-    headers_response,
-    route_mutation,
+    routed_body_response,
 )
 from extproc._request import RoutingRequest, body_too_large, is_json_content_type, parse_json_body
 from extproc._telemetry import Telemetry
@@ -35,12 +35,16 @@ __all__ = ["ExternalProcessor", "RequestStream"]
 log = logging.getLogger("switchyard.extproc")
 
 
-def _header_map(headers) -> dict[str, str]:
+def _header_map(headers: ext.HttpHeaders) -> dict[str, str]:
+    """Lower-case names to values; repeated headers are joined with commas."""
     out: dict[str, str] = {}
     for header in headers.headers.headers:
-        value = header.raw_value.decode("utf-8", "replace") if header.raw_value else header.value
-        key = header.key.lower()
-        out[key] = f"{out[key]},{value}" if key in out else value
+        raw = header.raw_value
+        value = raw.decode("utf-8", "replace") if raw else header.value
+        key = header.key.lower()  # Envoy sends lower-case names; this keeps a test client honest
+        if key in out:
+            value = f"{out[key]},{value}"
+        out[key] = value
     return out
 
 
@@ -62,11 +66,7 @@ class RequestStream:
             return self.on_request_body(message.request_body)
         if phase == "response_headers":  # only when Envoy is configured to send them
             return decision_response_headers(self.decision)
-        if phase == "request_trailers":
-            return ext.ProcessingResponse(request_trailers=ext.TrailersResponse())
-        if phase == "response_trailers":
-            return ext.ProcessingResponse(response_trailers=ext.TrailersResponse())
-        return ext.ProcessingResponse(response_body=ext.BodyResponse())
+        return CONTINUE[phase]  # trailers, response body: nothing to change
 
     def on_request_headers(self, message: ext.HttpHeaders) -> ext.ProcessingResponse:
         headers = _header_map(message)
@@ -78,25 +78,20 @@ class RequestStream:
         # Envoy strips client-sent x-switchyard-* headers first; removing them here too
         # keeps a misconfigured filter chain from letting a client pick the backend.
         spoofed = [h for h in headers if h.startswith(HEADER_PREFIX)]
-        common = None
-        if spoofed:
-            common = ext.CommonResponse()
-            common.header_mutation.remove_headers.extend(spoofed)
-        if not self.routed:
-            return headers_response(common)
-        length = headers.get("content-length", "")
-        if length.isdigit() and int(length) > routing.max_body_bytes:
-            return self._reject(body_too_large(int(length), routing.max_body_bytes))
-        if message.end_of_stream:  # no body at all: a chat completion needs one
-            return self._reject(RequestError("The request has no body; expected a JSON object.", code="missing_body"))
-        return headers_response(common)
+        if self.routed:
+            length = headers.get("content-length", "")
+            if length.isdigit() and int(length) > routing.max_body_bytes:
+                return self._reject(body_too_large(int(length), routing.max_body_bytes))
+            if message.end_of_stream:  # no body at all: a chat completion needs one
+                return self._reject(RequestError("The request has no body; expected a JSON object.", code="missing_body"))
+        return continue_headers(spoofed)
 
     def on_request_body(self, message: ext.HttpBody) -> ext.ProcessingResponse:
         if not self.routed or self.request is None:
-            return body_response()
-        return self._route(message.body, body_response)
+            return CONTINUE["request_body"]
+        return self._route(message.body)
 
-    def _route(self, raw: bytes, respond: Callable) -> ext.ProcessingResponse:
+    def _route(self, raw: bytes) -> ext.ProcessingResponse:
         assert self.request is not None
         started = time.perf_counter()
         span = self.telemetry.tracer.start_span("switchyard.decide") if self.telemetry.tracing else None
@@ -117,8 +112,7 @@ class RequestStream:
         if log.isEnabledFor(logging.DEBUG):
             log.debug("decision", extra={"backend": decision.backend.name, "rule": decision.rule,
                                          "signals": {k: r.matched for k, r in decision.signals.items()}})
-        common, metadata = route_mutation(decision, self.request.body)
-        return respond(common, metadata)
+        return routed_body_response(decision, self.request.body)
 
     def _reject(self, error: RequestError) -> ext.ProcessingResponse:
         self.telemetry.rejections.add(1, {"status": error.status, "code": error.code})

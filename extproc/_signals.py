@@ -16,7 +16,7 @@ import re
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, ClassVar
+from typing import Any, ClassVar, NamedTuple
 
 from extproc._errors import SwitchyardError
 from extproc._language import detect_language
@@ -30,10 +30,10 @@ __all__ = ["Signal", "SignalResult", "SignalContext", "SIGNAL_TYPES", "build_sig
 Report = Callable[[tuple[str, ...], str], None]
 
 _WORD = re.compile(r"\w+")
+_BACKREFERENCE = re.compile(r"\\[1-9]|\(\?P=")
 
 
-@dataclass(frozen=True)
-class SignalResult:
+class SignalResult(NamedTuple):
     """A signal's outcome: whether it ``matched``, and the ``value`` it looked at."""
 
     matched: bool
@@ -49,6 +49,7 @@ class SignalContext:
     def __init__(self, request: RoutingRequest) -> None:
         self.request = request
         self._texts: dict[str, str] = {}
+        self._lower_texts: dict[str, str] = {}
         self._tokens: dict[tuple[str, str], int] = {}
         self._languages: dict[str, str] = {}
         self._words: dict[tuple[str, bool], frozenset[str]] = {}
@@ -68,10 +69,9 @@ class SignalContext:
         return self._texts[scope]
 
     def lower_text(self, scope: str) -> str:
-        key = scope + ":lower"
-        if key not in self._texts:
-            self._texts[key] = self.text(scope).lower()
-        return self._texts[key]
+        if scope not in self._lower_texts:
+            self._lower_texts[scope] = self.text(scope).lower()
+        return self._lower_texts[scope]
 
     def words(self, scope: str, case_sensitive: bool) -> frozenset[str]:
         """The set of ``\\w+`` words of a scope's text (lower-cased unless ``case_sensitive``)."""
@@ -131,6 +131,12 @@ class KeywordsSignal(Signal):
 
     def __post_init__(self) -> None:
         self.word_set = frozenset(self.words)
+        # All phrases in one search, for the common case where none occurs.
+        self.any_phrase: re.Pattern[str] | None = None
+        if self.phrases:
+            either = "|".join(re.escape(key) for key, _, _ in self.phrases)
+            edged = any(edge is not None for _, _, edge in self.phrases)
+            self.any_phrase = re.compile(rf"(?<!\w)(?:{either})(?!\w)" if edged else either)
 
     @classmethod
     def from_config(cls, name, config, base_dir, report):
@@ -149,14 +155,18 @@ class KeywordsSignal(Signal):
         return cls(name, case_sensitive, words, tuple(phrases), config["min_matches"], config["scope"])
 
     def evaluate(self, ctx):
-        found: list[str] = []
-        if self.words:
-            hits = self.word_set.intersection(ctx.words(self.scope, self.case_sensitive))
-            if not hits and not self.phrases:
+        hits = self.word_set.intersection(ctx.words(self.scope, self.case_sensitive)) if self.words else ()
+        text = None
+        if not hits:
+            if self.any_phrase is None:
                 return _NO_MATCH
-            found += [self.words[word] for word in hits]
-        if self.phrases and len(found) < self.min_matches:
             text = ctx.text(self.scope) if self.case_sensitive else ctx.lower_text(self.scope)
+            if self.any_phrase.search(text) is None:
+                return _NO_MATCH
+        found = [self.words[word] for word in hits]
+        if self.phrases and len(found) < self.min_matches:
+            if text is None:
+                text = ctx.text(self.scope) if self.case_sensitive else ctx.lower_text(self.scope)
             for key, keyword, edge in self.phrases:
                 if key in text and (edge is None or edge.search(text)):
                     found.append(keyword)
@@ -170,6 +180,16 @@ class RegexSignal(Signal):
     patterns: tuple[re.Pattern[str], ...]
     scope: str
 
+    def __post_init__(self) -> None:
+        # One search for all patterns, for the common case where none matches. Patterns
+        # with back-references keep their own searches: joining them renumbers groups.
+        self.any_pattern: re.Pattern[str] | None = None
+        if len(self.patterns) > 1 and not any(_BACKREFERENCE.search(p.pattern) for p in self.patterns):
+            try:
+                self.any_pattern = re.compile("|".join(f"(?:{p.pattern})" for p in self.patterns), self.patterns[0].flags)
+            except re.error:  # e.g. inline global flags, only allowed at the start
+                self.any_pattern = None
+
     @classmethod
     def from_config(cls, name, config, base_dir, report):
         flags = 0 if config["case_sensitive"] else re.IGNORECASE
@@ -182,6 +202,8 @@ class RegexSignal(Signal):
 
     def evaluate(self, ctx):
         text = ctx.text(self.scope)
+        if self.any_pattern is not None and self.any_pattern.search(text) is None:
+            return _NO_MATCH
         for pattern in self.patterns:
             if pattern.search(text):
                 return SignalResult(True, pattern.pattern)

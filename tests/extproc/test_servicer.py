@@ -89,6 +89,15 @@ def test_routed_request_sets_header_clears_route_cache_rewrites_model(stub):
     }
 
 
+def test_rewrite_keeps_every_other_value_exactly(stub):
+    raw = ('{"model": "auto", "messages": [{"role": "user", "content": "h\u00e9 \\u263a"}], '
+           '"seed": 123456789012345678901234567890, "temperature": 0.1, "logit_bias": {"50256": -100}}').encode()
+    _, routed = exchange(stub, headers_message(JSON_HEADERS), body_message(raw))
+    new_body = routed.request_body.response.body_mutation.body
+    assert b"123456789012345678901234567890" in new_body  # not turned into a float
+    assert json.loads(new_body) == {**json.loads(raw), "model": "small-model"}
+
+
 def test_body_is_not_rewritten_when_the_model_already_matches(stub):
     body = json.dumps(chat("hi", model="small-model")).encode()
     _, routed = exchange(stub, headers_message(JSON_HEADERS), body_message(body))
@@ -109,6 +118,9 @@ def test_body_is_not_rewritten_when_the_model_already_matches(stub):
         (b"", 400, "missing_body"),
         (b'{"messages": [{"role": "user", "content": "x"}], "temperature": NaN}', 400, "invalid_json"),
         (b'{"messages": [{"role": "user", "content": "x"}], "max_tokens": Infinity}', 400, "invalid_json"),
+        (b'{"messages": [{"role": "user", "content": "x"}], "temperature": 1e999}', 400, "invalid_json"),
+        (b'{"messages": [{"role": "user", "content": "x"}], "seed": 1e999, "n": 123456789012345678901}', 400, "invalid_json"),
+        (b'{"messages": [{"role": "user", "content": "\\ud800"}]}', 400, "invalid_json"),
         (b'{"messages": [{"role": "user", "content": "' + b"a" * (1 << 20) + b'"}]}', 413, "request_too_large"),
     ],
 )

@@ -36,6 +36,18 @@ CASES = [
     ("{kind: keywords, keywords: [pirate], scope: system}", msgs(("system", "talk like a pirate"), ("user", "hi")), True),
     ("{kind: regex, patterns: ['\\d{4}-\\d{2}']}", U("due 2024-05"), True),
     ("{kind: regex, patterns: ['^hello$']}", U("say hello"), False),
+    # Several patterns are searched as one alternation first; each must still count alone.
+    ("{kind: regex, patterns: ['^never', 'due \\d+$']}", U("due 2024"), True),
+    ("{kind: regex, patterns: ['^never', 'due \\d+$']}", U("due 2024!"), False),
+    ("{kind: regex, patterns: ['(\\w)\\1', 'zzz']}", U("balloon"), True),  # back-reference: searched alone
+    ("{kind: regex, patterns: ['(\\w)\\1', 'zzz']}", U("abc"), False),
+    ("{kind: regex, patterns: ['(?i)HELLO', 'zzz'], case_sensitive: true}", U("hello"), True),  # inline flag
+    # Phrases are searched together first, then matched one by one at word edges.
+    ("{kind: keywords, keywords: [stack trace, unit test]}", U("here is the Stack Trace:"), True),
+    ("{kind: keywords, keywords: [stack trace, unit test]}", U("the stack traces"), False),
+    ("{kind: keywords, keywords: [stack trace, python], min_matches: 2}", U("python stack trace"), True),
+    ("{kind: keywords, keywords: [stack trace, python], min_matches: 2}", U("python stack"), False),
+    ("{kind: keywords, keywords: [stack trace], whole_word: false}", U("the stack traces"), True),
     ("{kind: token_count, above: 3}", U("one two three four"), True),
     ("{kind: token_count, above: 3}", U("one two"), False),
     ("{kind: token_count, above: 1, below: 5}", U("one two"), True),
