@@ -9,6 +9,7 @@ let in-flight streams finish within the grace period.
 from __future__ import annotations
 
 import asyncio
+import gc
 import logging
 import os
 import signal
@@ -72,6 +73,9 @@ async def serve_async(policy: Policy, listen: str, *, grace: float = 5.0, reuse_
 def serve(policy_path: Path, listen: str, *, workers: int = 1, grace: float = 5.0) -> int:
     """Run the server in this process, or in ``workers`` forked processes on one port."""
     policy = load_policy(policy_path)  # before forking: a bad policy never starts a server
+    # What is loaded by now (modules, the policy) lives as long as the process: the garbage
+    # collector stops scanning it, and forked workers keep sharing its memory pages.
+    gc.freeze()
     if workers <= 1:
         asyncio.run(serve_async(policy, listen, grace=grace))
         return 0
