@@ -119,14 +119,18 @@ class Policy:
         return self.backends.get(model)
 
 
+def read_policy_text(path: str | Path) -> str:
+    """The policy file's text; an unreadable file is a :class:`PolicyError` at ``path:1:1``."""
+    try:
+        return Path(path).read_text(encoding="utf-8")
+    except (OSError, UnicodeDecodeError) as exc:
+        raise PolicyError([PolicyProblem(str(path), 1, 1, f"Cannot read the policy file: {exc}.")]) from exc
+
+
 def load_policy(path: str | Path) -> Policy:
     """Read and validate the policy file at ``path``."""
     path = Path(path)
-    try:
-        text = path.read_text(encoding="utf-8")
-    except (OSError, UnicodeDecodeError) as exc:
-        raise PolicyError([PolicyProblem(str(path), 1, 1, f"Cannot read the policy file: {exc}.")]) from exc
-    return parse_policy(text, source=str(path), base_dir=path.parent)
+    return parse_policy(read_policy_text(path), source=str(path), base_dir=path.parent)
 
 
 def parse_policy(text: str, *, source: str = "<policy>", base_dir: Path | None = None) -> Policy:

@@ -3,7 +3,8 @@
 ``serve`` runs one process, or ``workers`` processes sharing one port through
 ``SO_REUSEPORT`` so a multi-core pod is used: the kernel spreads Envoy's connections over
 them. SIGTERM / SIGINT stop accepting streams, mark the health service NOT_SERVING and
-let in-flight streams finish within the grace period.
+let in-flight streams finish within the grace period. Each process re-reads the policy
+file every ``reload_interval`` seconds and on SIGHUP (see :class:`PolicyFile`).
 """
 
 from __future__ import annotations
@@ -21,9 +22,8 @@ from envoy.service.ext_proc.v3 import external_processor_pb2_grpc as ext_grpc
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 from grpc_health.v1._async import HealthServicer
 
-from extproc._engine import PolicyEngine
 from extproc._errors import SwitchyardError
-from extproc._policy import Policy, load_policy
+from extproc._reload import PolicyFile
 from extproc._servicer import ExternalProcessor
 
 __all__ = ["serve", "serve_async", "parse_listen"]
@@ -41,12 +41,13 @@ def parse_listen(listen: str) -> tuple[str, int]:
     return host.strip("[]"), int(port)
 
 
-async def serve_async(policy: Policy, listen: str, *, grace: float = 5.0, reuse_port: bool = False) -> None:
-    """Serve ``policy`` until SIGTERM/SIGINT."""
-    engine = PolicyEngine(policy)
+async def serve_async(
+    policy: PolicyFile, listen: str, *, grace: float = 5.0, reuse_port: bool = False, reload_interval: float = 5.0
+) -> None:
+    """Serve ``policy`` until SIGTERM/SIGINT, reloading it as it changes."""
     host, port = parse_listen(listen)
     server = grpc.aio.server(options=[("grpc.so_reuseport", 1 if reuse_port else 0)])
-    ext_grpc.add_ExternalProcessorServicer_to_server(ExternalProcessor(lambda: engine), server)
+    ext_grpc.add_ExternalProcessorServicer_to_server(ExternalProcessor(policy.current), server)
     health = HealthServicer()
     health_pb2_grpc.add_HealthServicer_to_server(health, server)
     address = f"[{host}]:{port}" if ":" in host else f"{host}:{port}"
@@ -57,27 +58,34 @@ async def serve_async(policy: Policy, listen: str, *, grace: float = 5.0, reuse_
     await server.start()
     for service in ("", EXT_PROC_SERVICE):
         await health.set(service, health_pb2.HealthCheckResponse.SERVING)
-    log.info("serving", extra={"listen": f"{host}:{bound}", "policy": policy.source, "pid": os.getpid()})
+    log.info("serving", extra={"listen": f"{host}:{bound}", "policy": str(policy.path), "digest": policy.digest,
+                               "pid": os.getpid()})
     print(f"switchyard: serving on {host}:{bound}", file=sys.stderr, flush=True)
 
-    stop = asyncio.Event()
+    stop, reload_now = asyncio.Event(), asyncio.Event()
     loop = asyncio.get_running_loop()
     for sig in (signal.SIGTERM, signal.SIGINT):
         loop.add_signal_handler(sig, stop.set)
+    loop.add_signal_handler(signal.SIGHUP, reload_now.set)
+    watcher = asyncio.create_task(policy.watch(reload_interval, reload_now))
     await stop.wait()
+    watcher.cancel()
     log.info("stopping", extra={"grace_s": grace})
     await health.enter_graceful_shutdown()
     await server.stop(grace)
 
 
-def serve(policy_path: Path, listen: str, *, workers: int = 1, grace: float = 5.0) -> int:
-    """Run the server in this process, or in ``workers`` forked processes on one port."""
-    policy = load_policy(policy_path)  # before forking: a bad policy never starts a server
+def serve(policy_path: Path, listen: str, *, workers: int = 1, grace: float = 5.0, reload_interval: float = 5.0) -> int:
+    """Run the server in this process, or in ``workers`` forked processes on one port.
+
+    ``reload_interval``: seconds between checks of the policy file (0: only on SIGHUP).
+    """
+    policy = PolicyFile.load(policy_path)  # before forking: a bad policy never starts a server
     # What is loaded by now (modules, the policy) lives as long as the process: the garbage
     # collector stops scanning it, and forked workers keep sharing its memory pages.
     gc.freeze()
     if workers <= 1:
-        asyncio.run(serve_async(policy, listen, grace=grace))
+        asyncio.run(serve_async(policy, listen, grace=grace, reload_interval=reload_interval))
         return 0
     host, port = parse_listen(listen)
     if port == 0:
@@ -87,7 +95,7 @@ def serve(policy_path: Path, listen: str, *, workers: int = 1, grace: float = 5.
         pid = os.fork()
         if pid == 0:  # child: grpc has not been initialised in the parent, so forking is safe
             try:
-                asyncio.run(serve_async(policy, listen, grace=grace, reuse_port=True))
+                asyncio.run(serve_async(policy, listen, grace=grace, reuse_port=True, reload_interval=reload_interval))
                 os._exit(0)
             except BaseException:  # noqa: BLE001 - report and exit the child, never return into the parent's code
                 log.exception("worker failed")
@@ -101,8 +109,8 @@ def serve(policy_path: Path, listen: str, *, workers: int = 1, grace: float = 5.
             except ProcessLookupError:
                 pass
 
-    signal.signal(signal.SIGTERM, forward)
-    signal.signal(signal.SIGINT, forward)
+    for signum in (signal.SIGTERM, signal.SIGINT, signal.SIGHUP):
+        signal.signal(signum, forward)
     status = 0
     for child in children:
         _, code = os.waitpid(child, 0)

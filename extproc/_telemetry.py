@@ -62,6 +62,9 @@ class Telemetry:
         self.rejections = meter.create_counter(
             "switchyard.rejections", unit="{request}", description="Requests answered with an error, by status and code."
         )
+        self.policy_reloads = meter.create_counter(
+            "switchyard.policy.reloads", unit="{reload}", description="Policy file changes, by result (reloaded, rejected)."
+        )
         self.decision_time = meter.create_histogram(
             "switchyard.decision.duration", unit="s", description="Time to parse a request and evaluate the policy."
         )

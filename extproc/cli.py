@@ -1,6 +1,6 @@
 """The ``switchyard`` command line (also ``python -m extproc``).
 
-    switchyard serve --policy PATH [--listen HOST:PORT] [--workers N]
+    switchyard serve --policy PATH [--listen HOST:PORT] [--workers N] [--reload-interval S]
     switchyard policy check PATH...
     switchyard policy explain PATH --request BODY.json [--header NAME=VALUE ...]
     switchyard policy schema [--markdown]
@@ -43,6 +43,9 @@ def build_parser(with_routers: bool = False) -> argparse.ArgumentParser:
     serve.add_argument("--listen", default="127.0.0.1:50051", help="HOST:PORT to listen on (default 127.0.0.1:50051).")
     serve.add_argument("--workers", type=int, default=1, help="Processes sharing the port via SO_REUSEPORT (default 1).")
     serve.add_argument("--grace", type=float, default=5.0, help="Seconds in-flight streams get on shutdown (default 5).")
+    serve.add_argument("--reload-interval", type=float, default=5.0, metavar="SECONDS",
+                       help="Re-read the policy file this often; a valid change takes effect, a bad one is "
+                            "logged and ignored (default 5; 0: only on SIGHUP).")
     serve.set_defaults(handler=_serve)
 
     policy = sub.add_parser("policy", help="Check, explain or describe policy files.")
@@ -71,7 +74,9 @@ def _serve(args: argparse.Namespace) -> int:
 
     if args.workers < 1:
         raise SwitchyardError(f"--workers must be >= 1, got {args.workers}.")
-    return serve(args.policy, args.listen, workers=args.workers, grace=args.grace)
+    if args.reload_interval < 0:
+        raise SwitchyardError(f"--reload-interval must be >= 0, got {args.reload_interval}.")
+    return serve(args.policy, args.listen, workers=args.workers, grace=args.grace, reload_interval=args.reload_interval)
 
 
 def _check(args: argparse.Namespace) -> int:

@@ -1,0 +1,95 @@
+"""``PolicyFile``: the policy a server runs, swapped when its file changes.
+
+Kubernetes updates a mounted ConfigMap in place (an atomic symlink swap), so the server
+re-reads the file every ``interval`` seconds and on SIGHUP. A new policy takes effect only
+when it validates completely; otherwise the running one stays, and the problems are logged
+(``file:line:column``) once per bad version. Streams pin the engine they started with
+(:class:`~extproc._servicer.ExternalProcessor`), so a swap never changes a request mid-flight.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import hashlib
+import logging
+from pathlib import Path
+
+from extproc._engine import PolicyEngine
+from extproc._errors import PolicyError
+from extproc._policy import parse_policy, read_policy_text
+from extproc._telemetry import Telemetry
+
+__all__ = ["PolicyFile"]
+
+log = logging.getLogger("switchyard.policy")
+
+
+def _digest(text: str) -> str:
+    return hashlib.sha256(text.encode("utf-8")).hexdigest()[:12]
+
+
+class PolicyFile:
+    """The engine for the policy at ``path``, and reloading it.
+
+    Build it with :meth:`load`, which raises :class:`PolicyError` for a bad file: a server
+    never starts on a bad policy, and never replaces a good one with one.
+    """
+
+    def __init__(self, path: Path, text: str, engine: PolicyEngine, telemetry: Telemetry | None = None) -> None:
+        self.path = path
+        self.engine = engine
+        self.digest = _digest(text)
+        self._rejected: str | None = None  # digest of the last bad version, logged once
+        self._telemetry = telemetry or Telemetry()
+
+    @classmethod
+    def load(cls, path: str | Path, telemetry: Telemetry | None = None) -> PolicyFile:
+        path = Path(path)
+        text = read_policy_text(path)
+        return cls(path, text, PolicyEngine(parse_policy(text, source=str(path), base_dir=path.parent)), telemetry)
+
+    def current(self) -> PolicyEngine:
+        """The engine new streams use."""
+        return self.engine
+
+    def reload(self) -> str:
+        """Re-read the file now: ``"unchanged"``, ``"reloaded"`` or ``"rejected"``."""
+        try:
+            text = read_policy_text(self.path)
+        except PolicyError as error:
+            return self._reject("unreadable", error)
+        digest = _digest(text)
+        if digest == self.digest:
+            return "unchanged"
+        if digest == self._rejected:
+            return "rejected"
+        try:
+            engine = PolicyEngine(parse_policy(text, source=str(self.path), base_dir=self.path.parent))
+        except PolicyError as error:
+            return self._reject(digest, error)
+        self.engine, self.digest, self._rejected = engine, digest, None
+        self._telemetry.policy_reloads.add(1, {"result": "reloaded"})
+        log.info("policy reloaded", extra={"policy": str(self.path), "digest": digest, "rules": len(engine.policy.rules)})
+        return "reloaded"
+
+    def _reject(self, digest: str, error: PolicyError) -> str:
+        if digest != self._rejected:  # log each bad version once, not every interval
+            self._rejected = digest
+            self._telemetry.policy_reloads.add(1, {"result": "rejected"})
+            log.error("policy rejected; the running policy stays", extra={
+                "policy": str(self.path), "digest": digest, "running_digest": self.digest,
+                "problems": [str(problem) for problem in error.problems]})
+        return "rejected"
+
+    async def watch(self, interval: float, wake: asyncio.Event) -> None:
+        """Reload every ``interval`` seconds (never when 0) and whenever ``wake`` is set."""
+        while True:
+            try:
+                await asyncio.wait_for(wake.wait(), timeout=interval if interval > 0 else None)
+            except asyncio.TimeoutError:
+                pass
+            wake.clear()
+            try:
+                await asyncio.to_thread(self.reload)  # parsing must not stall the event loop
+            except Exception:  # a bug in reloading must not end reloading, nor the server
+                log.exception("policy reload failed; the running policy stays")
