@@ -12,7 +12,9 @@ all rendered from envoy/standalone.yaml (access log off):
 - ``switchyard``: ``python -m extproc serve`` with bench/policies/twenty_rules.yaml, a
   20-rule cheap-signal policy that the request matches nowhere, so every rule is evaluated.
   Both processors get two messages a request (headers, then the buffered body); the
-  response's x-switchyard-* headers come from the dynamic metadata, as in the shipped config.
+  response's x-switchyard-* headers come from the dynamic metadata, as in the shipped config;
+- ``switchyard-2-workers``: the same with ``--workers 2``, for capacity only (the targets
+  compare single processes).
 
 Per configuration: p50/p99 latency on one keep-alive connection (Python client, sequential
 requests) and throughput on 8 connections (``wrk`` when it is on PATH, else 8 Python client
@@ -46,7 +48,7 @@ import yaml  # noqa: E402
 from demo.envoy_config import STANDALONE, render_envoy_config  # noqa: E402
 from demo.stack import Child, envoy_binary, free_port, grpc_serving, http_ok  # noqa: E402
 
-CONFIGS = ("no-extproc", "noop", "switchyard")
+CONFIGS = ("no-extproc", "noop", "switchyard", "switchyard-2-workers")
 POLICY = ROOT / "bench" / "policies" / "twenty_rules.yaml"
 BODY = json.dumps({"model": "auto", "messages": [{"role": "user", "content": "Hi! How's your day going?"}]}).encode()
 HEADERS = {"content-type": "application/json", "content-length": str(len(BODY))}
@@ -90,9 +92,10 @@ def start(name: str, workdir: Path, concurrency: int) -> tuple[list[Child], int]
         children.append(Child("noop", [sys.executable, str(ROOT / "bench" / "noop_processor.py"),
                                        "--listen", f"127.0.0.1:{extproc}"], workdir / "noop.log"))
     elif name.startswith("switchyard"):
+        workers = "2" if name == "switchyard-2-workers" else "1"
         children.append(Child("switchyard", [sys.executable, "-m", "extproc", "--log-level", "warning", "serve",
-                                             "--policy", str(POLICY), "--listen", f"127.0.0.1:{extproc}"],
-                              workdir / "switchyard.log"))
+                                             "--policy", str(POLICY), "--listen", f"127.0.0.1:{extproc}",
+                                             "--workers", workers], workdir / "switchyard.log"))
     config = workdir / f"envoy-{name}.yaml"
     config.write_text(yaml.safe_dump(envoy_config(listen, admin, extproc), sort_keys=False))
     envoy = Child("envoy", [envoy_binary(), "-c", str(config), "--log-level", "warn", "--base-id", str(admin),
@@ -256,9 +259,9 @@ def summarise(runs: dict[str, list[dict]]) -> dict:
 
 
 def table(report: dict) -> str:
-    lines = [f"{'config':<15} {'p50 ms':>8} {'p99 ms':>8} {'added p50':>10} {'req/s @8':>9}", "-" * 54]
+    lines = [f"{'config':<21} {'p50 ms':>8} {'p99 ms':>8} {'added p50':>10} {'req/s @8':>9}", "-" * 60]
     for name, r in report["results"].items():
-        lines.append(f"{name:<15} {r['p50_ms']:>8.3f} {r['p99_ms']:>8.3f} {r['added_p50_ms']:>10.3f} {r['rps_8_connections']:>9.0f}")
+        lines.append(f"{name:<21} {r['p50_ms']:>8.3f} {r['p99_ms']:>8.3f} {r['added_p50_ms']:>10.3f} {r['rps_8_connections']:>9.0f}")
     ratio = report["switchyard_vs_noop"]
     lines.append(f"switchyard/noop: added latency {ratio['added_latency_ratio']:.2f}x (target <= {LATENCY_TARGET}), "
                  f"throughput {ratio['throughput_ratio']:.2f}x (target >= {THROUGHPUT_TARGET}): "
