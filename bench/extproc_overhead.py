@@ -1,6 +1,6 @@
 """What ext_proc costs: Envoy alone, Envoy + a do-nothing processor, Envoy + switchyard.
 
-    python bench/extproc_overhead.py [--requests 1500] [--duration 6] [--rounds 3] [--out PATH]
+    python bench/extproc_overhead.py [--requests 1500] [--duration 6] [--rounds 3] [--policy PATH] [--out PATH]
 
 Everything runs on loopback. The routes answer with ``direct_response``, so no backend
 costs anything and what is left is Envoy plus the processor. Three Envoy configurations,
@@ -83,7 +83,7 @@ def _wait(child: Child, ready, deadline: float) -> None:
         time.sleep(0.05)
 
 
-def start(name: str, workdir: Path, concurrency: int) -> tuple[list[Child], int]:
+def start(name: str, workdir: Path, concurrency: int, policy: Path = POLICY) -> tuple[list[Child], int]:
     """Start one configuration's processes; returns them and the Envoy listener port."""
     listen, admin = free_port(), free_port()
     extproc = None if name == "no-extproc" else free_port()
@@ -94,7 +94,7 @@ def start(name: str, workdir: Path, concurrency: int) -> tuple[list[Child], int]
     elif name.startswith("switchyard"):
         workers = "2" if name == "switchyard-2-workers" else "1"
         children.append(Child("switchyard", [sys.executable, "-m", "extproc", "--log-level", "warning", "serve",
-                                             "--policy", str(POLICY), "--listen", f"127.0.0.1:{extproc}",
+                                             "--policy", str(policy), "--listen", f"127.0.0.1:{extproc}",
                                              "--workers", workers], workdir / "switchyard.log"))
     config = workdir / f"envoy-{name}.yaml"
     config.write_text(yaml.safe_dump(envoy_config(listen, admin, extproc), sort_keys=False))
@@ -188,7 +188,7 @@ def throughput(port: int, duration: float) -> tuple[float, int, str]:
 
 
 def measure(name: str, args: argparse.Namespace, workdir: Path) -> dict:
-    children, port = start(name, workdir, args.concurrency)
+    children, port = start(name, workdir, args.concurrency, args.policy)
     try:
         check(port, name)
         times = latency(port, args.requests)
@@ -198,7 +198,7 @@ def measure(name: str, args: argparse.Namespace, workdir: Path) -> dict:
     return {"latency_s": times, "rps": rps, "errors": errors, "load_tool": tool}
 
 
-def servicer_cost_us(requests: int = 3000) -> dict[str, float]:
+def servicer_cost_us(policy: Path, requests: int = 3000) -> dict[str, float]:
     """switchyard's own CPU per request, in this process (no gRPC, no Envoy), by message."""
     from envoy.config.core.v3 import base_pb2
     from envoy.service.ext_proc.v3 import external_processor_pb2 as ext
@@ -208,7 +208,7 @@ def servicer_cost_us(requests: int = 3000) -> dict[str, float]:
     from extproc._servicer import RequestStream
     from extproc._telemetry import Telemetry
 
-    engine, telemetry = PolicyEngine(load_policy(POLICY)), Telemetry()
+    engine, telemetry = PolicyEngine(load_policy(policy)), Telemetry()
     headers = ext.HttpHeaders()
     for key, value in {":method": "POST", ":path": PATH, ":authority": "127.0.0.1", **HEADERS}.items():
         headers.headers.headers.append(base_pb2.HeaderValue(key=key, raw_value=value.encode()))
@@ -278,6 +278,9 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--duration", type=float, default=6, help="Seconds per round for throughput.")
     parser.add_argument("--rounds", type=int, default=3, help="Rounds; configurations alternate within each.")
     parser.add_argument("--concurrency", type=int, default=1, help="Envoy worker threads (default 1).")
+    parser.add_argument("--policy", type=Path, default=POLICY,
+                        help="switchyard's policy (default: the 20-rule one; backends `small` and `large`, "
+                             "the request must end on the default rule).")
     parser.add_argument("--out", type=Path, default=ROOT / "bench" / "results" / "extproc_overhead.json")
     args = parser.parse_args(argv)
 
@@ -288,11 +291,11 @@ def main(argv: list[str] | None = None) -> int:
                 print(f"round {round_ + 1}/{args.rounds}: {name}", file=sys.stderr, flush=True)
                 runs[name].append(measure(name, args, Path(tmp)))
     report = summarise(runs)
-    report["switchyard_servicer_us"] = servicer_cost_us()
+    report["switchyard_servicer_us"] = servicer_cost_us(args.policy)
     report["settings"] = {
         "requests_per_round": args.requests, "throughput_seconds_per_round": args.duration, "rounds": args.rounds,
         "connections": CONNECTIONS, "envoy_concurrency": args.concurrency, "body_bytes": len(BODY),
-        "policy": str(POLICY.relative_to(ROOT)), "cpus": os.cpu_count(), "platform": platform.platform(),
+        "policy": str(args.policy), "cpus": os.cpu_count(), "platform": platform.platform(),
         "python": platform.python_version(),
     }
     args.out.parent.mkdir(parents=True, exist_ok=True)
