@@ -237,6 +237,7 @@ def summarise(runs: dict[str, list[dict]]) -> dict:
             "mean_ms": round(statistics.fmean(times) * 1e3, 4),
             "rps_8_connections": round(statistics.fmean(r["rps"] for r in rounds), 1),
             "rps_rounds": [round(r["rps"], 1) for r in rounds],
+            "p50_ms_rounds": [round(statistics.median(r["latency_s"]) * 1e3, 4) for r in rounds],
             "errors": sum(r["errors"] for r in rounds),
             "load_tool": rounds[0]["load_tool"],
         }
@@ -246,11 +247,19 @@ def summarise(runs: dict[str, list[dict]]) -> dict:
     noop, sw = results["noop"], results["switchyard"]
     latency_ratio = sw["added_p50_ms"] / noop["added_p50_ms"] if noop["added_p50_ms"] > 0 else float("inf")
     throughput_ratio = sw["rps_8_connections"] / noop["rps_8_connections"]
+    # Per round (configurations alternate within a round), to show how much the ratios move.
+    base_rounds = results["no-extproc"]["p50_ms_rounds"]
+    latency_rounds = [
+        (s - b) / (n - b) for s, n, b in zip(sw["p50_ms_rounds"], noop["p50_ms_rounds"], base_rounds) if n > b
+    ]
+    throughput_rounds = [s / n for s, n in zip(sw["rps_rounds"], noop["rps_rounds"])]
     return {
         "results": results,
         "switchyard_vs_noop": {
             "added_latency_ratio": round(latency_ratio, 3),
             "throughput_ratio": round(throughput_ratio, 3),
+            "added_latency_ratio_rounds": [round(r, 3) for r in latency_rounds],
+            "throughput_ratio_rounds": [round(r, 3) for r in throughput_rounds],
             "added_latency_target": LATENCY_TARGET,
             "throughput_target": THROUGHPUT_TARGET,
             "meets_targets": latency_ratio <= LATENCY_TARGET and throughput_ratio >= THROUGHPUT_TARGET,
@@ -266,6 +275,11 @@ def table(report: dict) -> str:
     lines.append(f"switchyard/noop: added latency {ratio['added_latency_ratio']:.2f}x (target <= {LATENCY_TARGET}), "
                  f"throughput {ratio['throughput_ratio']:.2f}x (target >= {THROUGHPUT_TARGET}): "
                  f"{'PASS' if ratio['meets_targets'] else 'MISS'}")
+    def spread(values: list[float]) -> str:
+        return f"{min(values):.2f}-{max(values):.2f}" if values else "n/a"
+
+    lines.append(f"per round: added latency {spread(ratio['added_latency_ratio_rounds'])}x, "
+                 f"throughput {spread(ratio['throughput_ratio_rounds'])}x")
     cost = report["switchyard_servicer_us"]
     lines.append("switchyard servicer CPU per request (in-process, µs): "
                  + ", ".join(f"{phase} {us}" for phase, us in cost.items()))
