@@ -35,16 +35,16 @@ __all__ = ["ExternalProcessor", "RequestStream"]
 log = logging.getLogger("switchyard.extproc")
 
 
-def _header_map(headers: ext.HttpHeaders) -> dict[str, str]:
-    """Lower-case names to values; repeated headers are joined with commas."""
-    out: dict[str, str] = {}
-    for header in headers.headers.headers:
-        raw = header.raw_value
-        value = raw.decode("utf-8", "replace") if raw else header.value
-        key = header.key.lower()  # Envoy sends lower-case names; this keeps a test client honest
-        if key in out:
-            value = f"{out[key]},{value}"
-        out[key] = value
+def _header_map(message: ext.HttpHeaders) -> dict[str, str]:
+    """Header names (Envoy sends them in lower case) to values; a repeated header's values
+    are joined with commas, as HTTP allows."""
+    headers = message.headers.headers
+    out = {h.key: h.raw_value.decode("utf-8", "replace") or h.value for h in headers}
+    if len(out) < len(headers):  # a repeated header: the comprehension kept only its last value
+        out = {}
+        for header in headers:
+            key, value = header.key, header.raw_value.decode("utf-8", "replace") or header.value
+            out[key] = f"{out[key]},{value}" if key in out else value
     return out
 
 
@@ -77,7 +77,9 @@ class RequestStream:
         self.routed = method == "POST" and path in routing.paths and is_json_content_type(headers.get("content-type"))
         # Envoy strips client-sent x-switchyard-* headers first; removing them here too
         # keeps a misconfigured filter chain from letting a client pick the backend.
-        spoofed = [h for h in headers if h.startswith(HEADER_PREFIX)]
+        spoofed = []
+        if HEADER_PREFIX in "\n".join(headers):  # one substring search instead of one per header
+            spoofed = [name for name in headers if name.startswith(HEADER_PREFIX)]
         if self.routed:
             length = headers.get("content-length", "")
             if length.isdigit() and int(length) > routing.max_body_bytes:

@@ -170,3 +170,13 @@ def test_request_without_body_is_answered_on_headers(stub):
 def test_get_without_body_passes_through_on_headers(stub):
     (answer,) = exchange(stub, headers_message({":method": "GET", ":path": "/v1/models"}, end_of_stream=True))
     assert answer.request_headers.response == ext.CommonResponse()
+
+
+def test_repeated_headers_are_joined_and_plain_values_are_read():
+    from extproc._servicer import _header_map
+
+    message = ext.HttpHeaders()
+    for key, value in [("x-tier", "gold"), (":method", "POST"), ("x-tier", "silver")]:
+        message.headers.headers.append(base_pb2.HeaderValue(key=key, raw_value=value.encode()))
+    message.headers.headers.append(base_pb2.HeaderValue(key="x-old-envoy", value="text"))
+    assert _header_map(message) == {"x-tier": "gold,silver", ":method": "POST", "x-old-envoy": "text"}
