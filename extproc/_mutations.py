@@ -19,8 +19,6 @@ from __future__ import annotations
 import json
 from functools import lru_cache
 
-import orjson
-
 from envoy.config.core.v3 import base_pb2
 from envoy.service.ext_proc.v3 import external_processor_pb2 as ext
 from envoy.type.v3 import http_status_pb2
@@ -85,27 +83,21 @@ def _routed_template(backend: str, metadata: tuple[tuple[str, str], ...]) -> ext
     return response
 
 
-def routed_body_response(decision: Decision, body: dict | None) -> ext.ProcessingResponse:
+def routed_body_response(decision: Decision, rewritten_body: bytes | None = None) -> ext.ProcessingResponse:
     """The request-body answer that routes to the decision's backend.
 
-    Sets the routing header and ``clear_route_cache``, rewrites ``body.model`` (with its
-    ``content-length``) when the decision says so, and carries the decision as dynamic
-    metadata in namespace ``switchyard``.
+    Sets the routing header and ``clear_route_cache``, replaces the body with
+    ``rewritten_body`` (and its ``content-length``) when given, and carries the decision as
+    dynamic metadata in namespace ``switchyard``.
     """
     template = _routed_template(decision.backend.name, tuple(decision.metadata().items()))
-    if not (decision.rewrite_model and body is not None):
+    if rewritten_body is None:
         return template
     response = ext.ProcessingResponse()
     response.CopyFrom(template)
-    rewritten = dict(body)
-    rewritten["model"] = decision.backend.model
-    try:
-        data = orjson.dumps(rewritten)
-    except TypeError:  # an integer beyond 64 bits, kept exact by parse_json_body
-        data = json.dumps(rewritten, ensure_ascii=False, separators=(",", ":")).encode()
     common = response.request_body.response
-    common.body_mutation.body = data
-    common.header_mutation.set_headers.append(_set("content-length", str(len(data))))
+    common.body_mutation.body = rewritten_body
+    common.header_mutation.set_headers.append(_set("content-length", str(len(rewritten_body))))
     return response
 
 

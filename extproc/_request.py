@@ -10,7 +10,6 @@ from __future__ import annotations
 
 import json
 import math
-import re
 from collections.abc import Mapping
 from dataclasses import dataclass, field
 from functools import cached_property
@@ -21,7 +20,7 @@ import orjson
 from extproc._errors import RequestError
 from extproc._messages import image_urls
 
-__all__ = ["RoutingRequest", "parse_json_body", "is_json_content_type", "body_too_large"]
+__all__ = ["RoutingRequest", "parse_json_body", "rewrite_model", "is_json_content_type", "body_too_large"]
 
 
 def is_json_content_type(content_type: str | None) -> bool:
@@ -42,7 +41,7 @@ def body_too_large(size: int, max_bytes: int) -> RequestError:
 
 
 def _reject_constant(name: str) -> None:
-    # NaN / Infinity are not JSON; json.loads accepts them, strict backends do not.
+    # NaN / Infinity are not JSON; the stdlib decoder accepts them, strict backends do not.
     raise json.JSONDecodeError(f"{name} is not valid JSON", name, 0)
 
 
@@ -53,31 +52,37 @@ def _finite_float(text: str) -> float:
     return value
 
 
-# orjson is the fast path. It reads integers beyond 64 bits as floats, which would change
-# them in a rewritten body, so bodies with 20-digit runs take the exact (slower) decoder.
-_LONG_INTEGER = re.compile(rb"\d{20,}")
+# orjson parses and writes bodies. It reads an integer beyond 64 bits as a float, which is
+# harmless to signals but would change the number in a rewritten body, so a body with a run
+# of 20+ digits is rewritten from an exact (stdlib) decoding. The run is found with one
+# translate (digits -> "9", the rest -> " ") and one substring search: ~1 ms a MiB.
 _EXACT_DECODER = json.JSONDecoder(parse_constant=_reject_constant, parse_float=_finite_float)
+_DIGITS_ONLY = bytes(0x39 if 0x30 <= byte <= 0x39 else 0x20 for byte in range(256))
+_LONG_DIGIT_RUN = b"9" * 20
 
 
-def _decode(raw: bytes) -> Any:
-    if _LONG_INTEGER.search(raw) is None:
-        return orjson.loads(raw)
-    return _EXACT_DECODER.decode(raw.decode("utf-8"))
+def rewrite_model(raw: bytes, body: dict[str, Any], model: str) -> bytes:
+    """``raw`` (already parsed into ``body``) with ``model`` set, every other value kept exactly."""
+    if _LONG_DIGIT_RUN in raw.translate(_DIGITS_ONLY):
+        exact = _EXACT_DECODER.decode(raw.decode("utf-8"))
+        exact["model"] = model
+        return json.dumps(exact, ensure_ascii=False, separators=(",", ":")).encode()
+    return orjson.dumps({**body, "model": model})
 
 
 def parse_json_body(raw: bytes, *, max_bytes: int) -> dict[str, Any]:
     """Decode a chat completions body, or raise :class:`RequestError` saying what is wrong.
 
     Strict JSON: ``NaN``, ``Infinity`` and numbers that overflow a double are rejected, as
-    strict backends would; integers of any size are kept exactly.
+    strict backends would.
     """
     if len(raw) > max_bytes:
         raise body_too_large(len(raw), max_bytes)
     if not raw or raw.isspace():
         raise RequestError("The request body is empty; expected a JSON object.", code="missing_body")
     try:
-        body = _decode(raw)
-    except (json.JSONDecodeError, UnicodeDecodeError) as exc:
+        body = orjson.loads(raw)
+    except orjson.JSONDecodeError as exc:
         try:
             raw.decode("utf-8")
         except UnicodeDecodeError as bad:

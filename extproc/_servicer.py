@@ -27,7 +27,7 @@ from extproc._mutations import (
     error_response,
     routed_body_response,
 )
-from extproc._request import RoutingRequest, body_too_large, is_json_content_type, parse_json_body
+from extproc._request import RoutingRequest, body_too_large, is_json_content_type, parse_json_body, rewrite_model
 from extproc._telemetry import Telemetry
 
 __all__ = ["ExternalProcessor", "RequestStream"]
@@ -114,7 +114,8 @@ class RequestStream:
         if log.isEnabledFor(logging.DEBUG):
             log.debug("decision", extra={"backend": decision.backend.name, "rule": decision.rule,
                                          "signals": {k: r.matched for k, r in decision.signals.items()}})
-        return routed_body_response(decision, self.request.body)
+        rewritten = rewrite_model(raw, self.request.body, decision.model) if decision.rewrite_model else None
+        return routed_body_response(decision, rewritten)
 
     def _reject(self, error: RequestError) -> ext.ProcessingResponse:
         self.telemetry.rejections.add(1, {"status": error.status, "code": error.code})
