@@ -1,9 +1,11 @@
 """The ext_proc gRPC servicer: one bidirectional stream per HTTP request.
 
-Envoy sends request headers, then the buffered request body, then response headers; the
-servicer answers each with exactly one message. Parsing and the policy run inline on the
-event loop: they are pure and take microseconds. Each stream pins the policy engine it
-started with, so a policy reload never changes a request mid-flight.
+Envoy sends request headers, then the buffered request body (and response headers only
+when its processing mode asks for them; the shipped configs take the decision headers from
+the dynamic metadata instead); the servicer answers each with exactly one message. Parsing
+and the policy run inline on the event loop: they are pure and take microseconds. Each
+stream pins the policy engine it started with, so a policy reload
+(:class:`~extproc._reload.PolicyFile`) never changes a request mid-flight.
 """
 
 from __future__ import annotations
