@@ -49,9 +49,6 @@ def compile_condition(condition: Condition) -> Check:
     Python's ``and`` / ``or`` short-circuit, so a signal is evaluated only when the
     outcome depends on it. Signal names enter the code as constants, never as source text.
     """
-    if isinstance(condition, SignalRef):  # the common case needs no wrapper at all
-        name = condition.name
-        return lambda signal: signal(name)
     arguments = ast.arguments(posonlyargs=[], args=[ast.arg("signal")], kwonlyargs=[], kw_defaults=[], defaults=[])
     tree = ast.fix_missing_locations(ast.Expression(ast.Lambda(arguments, _expression(condition))))
     return eval(compile(tree, "<policy condition>", "eval"), {})  # noqa: S307 - an AST built above

@@ -28,6 +28,11 @@ def _digest(text: str) -> str:
     return hashlib.sha256(text.encode("utf-8")).hexdigest()[:12]
 
 
+def _engine(path: Path, text: str) -> PolicyEngine:
+    """The engine for policy ``text`` read from ``path``; raises :class:`PolicyError`."""
+    return PolicyEngine(parse_policy(text, source=str(path), base_dir=path.parent))
+
+
 class PolicyFile:
     """The engine for the policy at ``path``, and reloading it.
 
@@ -46,7 +51,7 @@ class PolicyFile:
     def load(cls, path: str | Path, telemetry: Telemetry | None = None) -> PolicyFile:
         path = Path(path)
         text = read_policy_text(path)
-        return cls(path, text, PolicyEngine(parse_policy(text, source=str(path), base_dir=path.parent)), telemetry)
+        return cls(path, text, _engine(path, text), telemetry)
 
     def current(self) -> PolicyEngine:
         """The engine new streams use."""
@@ -64,7 +69,7 @@ class PolicyFile:
         if digest == self._rejected:
             return "rejected"
         try:
-            engine = PolicyEngine(parse_policy(text, source=str(self.path), base_dir=self.path.parent))
+            engine = _engine(self.path, text)
         except PolicyError as error:
             return self._reject(digest, error)
         self.engine, self.digest, self._rejected = engine, digest, None

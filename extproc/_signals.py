@@ -154,19 +154,16 @@ class KeywordsSignal(Signal):
                 phrases.append((key, keyword, edge))
         return cls(name, case_sensitive, words, tuple(phrases), config["min_matches"], config["scope"])
 
+    def _phrase_text(self, ctx: SignalContext) -> str:
+        return ctx.text(self.scope) if self.case_sensitive else ctx.lower_text(self.scope)
+
     def evaluate(self, ctx):
         hits = self.word_set.intersection(ctx.words(self.scope, self.case_sensitive)) if self.words else ()
-        text = None
-        if not hits:
-            if self.any_phrase is None:
-                return _NO_MATCH
-            text = ctx.text(self.scope) if self.case_sensitive else ctx.lower_text(self.scope)
-            if self.any_phrase.search(text) is None:
-                return _NO_MATCH
+        if not hits and (self.any_phrase is None or self.any_phrase.search(self._phrase_text(ctx)) is None):
+            return _NO_MATCH
         found = [self.words[word] for word in hits]
         if self.phrases and len(found) < self.min_matches:
-            if text is None:
-                text = ctx.text(self.scope) if self.case_sensitive else ctx.lower_text(self.scope)
+            text = self._phrase_text(ctx)  # memoised by the context
             for key, keyword, edge in self.phrases:
                 if key in text and (edge is None or edge.search(text)):
                     found.append(keyword)
@@ -187,8 +184,8 @@ class RegexSignal(Signal):
         if len(self.patterns) > 1 and not any(_BACKREFERENCE.search(p.pattern) for p in self.patterns):
             try:
                 self.any_pattern = re.compile("|".join(f"(?:{p.pattern})" for p in self.patterns), self.patterns[0].flags)
-            except re.error:  # e.g. inline global flags, only allowed at the start
-                self.any_pattern = None
+            except re.error:  # e.g. inline global flags, only allowed at the start: search one by one
+                pass
 
     @classmethod
     def from_config(cls, name, config, base_dir, report):
