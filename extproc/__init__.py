@@ -1,42 +1,70 @@
 """switchyard's Envoy-facing service: ext_proc server, request parsing, signals, policies.
 
 Imports and runs without torch; the learned scorers live in ``routers``.
+
+``import extproc`` is cheap: public names are re-exported lazily from :data:`_EXPORTS`
+(name -> private module), so grpc, the Envoy protos and the policy engine load only when a
+name that needs them is first used (``routers`` imports ``extproc``'s errors and message
+helpers without pulling in the server). To export a new name, add one entry.
 """
 
-from extproc._decision import Decision
-from extproc._engine import PolicyEngine
-from extproc._errors import (
-    CheckpointError,
-    PolicyError,
-    PolicyProblem,
-    RequestError,
-    ScorerError,
-    SwitchyardError,
-)
-from extproc._messages import conversation_text, image_urls, last_user_text, message_text
-from extproc._policy import Backend, Policy, Rule, load_policy, parse_policy
-from extproc._request import RoutingRequest, parse_json_body
-from extproc._servicer import ExternalProcessor
+from __future__ import annotations
 
-__all__ = [
-    "Backend",
-    "CheckpointError",
-    "Decision",
-    "ExternalProcessor",
-    "Policy",
-    "PolicyEngine",
-    "PolicyError",
-    "PolicyProblem",
-    "RequestError",
-    "Rule",
-    "RoutingRequest",
-    "ScorerError",
-    "SwitchyardError",
-    "conversation_text",
-    "image_urls",
-    "last_user_text",
-    "load_policy",
-    "message_text",
-    "parse_json_body",
-    "parse_policy",
-]
+import importlib
+from typing import Any
+
+#: Public name -> module that defines it. Append here to export more.
+_EXPORTS: dict[str, str] = {
+    # errors
+    "SwitchyardError": "extproc._errors",
+    "PolicyError": "extproc._errors",
+    "PolicyProblem": "extproc._errors",
+    "RequestError": "extproc._errors",
+    "ScorerError": "extproc._errors",
+    "CheckpointError": "extproc._errors",
+    # requests and messages
+    "RoutingRequest": "extproc._request",
+    "parse_json_body": "extproc._request",
+    "conversation_text": "extproc._messages",
+    "image_urls": "extproc._messages",
+    "last_user_text": "extproc._messages",
+    "message_text": "extproc._messages",
+    # policies and decisions
+    "Backend": "extproc._policy",
+    "Policy": "extproc._policy",
+    "Rule": "extproc._policy",
+    "load_policy": "extproc._policy",
+    "parse_policy": "extproc._policy",
+    "PolicyEngine": "extproc._engine",
+    "Decision": "extproc._decision",
+    # learned scorers (interface; implemented in routers)
+    "BatchConfig": "extproc._scorers",
+    "ImageLimits": "extproc._scorers",
+    "RemoteConfig": "extproc._scorers",
+    "Scorer": "extproc._scorers",
+    "ScorerDescription": "extproc._scorers",
+    "ScorerLoader": "extproc._scorers",
+    "ScorerSpec": "extproc._scorers",
+    "Scores": "extproc._scorers",
+    "ScorerFailure": "extproc._scorers",
+    "read_scorer_specs": "extproc._policy",
+    "describe_scorer": "extproc._scorer_loading",
+    "load_scorer": "extproc._scorer_loading",
+    # the Envoy-facing server
+    "ExternalProcessor": "extproc._servicer",
+}
+
+__all__ = sorted(_EXPORTS)
+
+
+def __getattr__(name: str) -> Any:
+    module = _EXPORTS.get(name)
+    if module is None:
+        raise AttributeError(f"module 'extproc' has no attribute {name!r}")
+    value = getattr(importlib.import_module(module), name)
+    globals()[name] = value
+    return value
+
+
+def __dir__() -> list[str]:
+    return sorted(set(globals()) | set(_EXPORTS))

@@ -8,19 +8,28 @@ Order of a decision:
 3. Rules in order; a rule whose backend is not eligible (tenant, images, context size) is
    skipped without evaluating its condition; the first rule whose condition holds wins.
    Conditions short-circuit, so signals a decision does not need are never computed.
+   A ``route.utility`` rule picks, among its eligible backends, the best predicted
+   quality − λ·cost.
 4. No rule: the default backend, or if it is not eligible the tenant's first eligible one.
    No eligible backend at all: 503.
+
+Learned scores come from the caller: :meth:`PolicyEngine.decide` takes the scores it has,
+and raises :class:`ScoresNeeded` when a rule that can still win needs a scorer it was not
+given. So cheap rules decide first and a request they decide never waits for a forward
+pass; the caller (the servicer, ``policy explain``) scores and calls again. A scorer that
+failed makes the decision the policy's ``fallback``, recorded with the reason.
 """
 
 from __future__ import annotations
 
 import ast
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
 
-from extproc._decision import DEFAULT_RULE, DIRECT_RULE, Decision
+from extproc._decision import DEFAULT_RULE, DIRECT_RULE, FALLBACK_RULE, Decision
 from extproc._errors import RequestError
-from extproc._policy import AllOf, AnyOf, Backend, Condition, Not, Policy, SignalRef
+from extproc._policy import AllOf, AnyOf, Backend, Condition, Not, Policy, SignalRef, UtilityRoute
 from extproc._request import RoutingRequest
+from extproc._scorers import Scorer, ScorerFailure, Scores, ScoresNeeded, ScoringFailed
 from extproc._signals import SignalContext, SignalResult
 from extproc._tokens import ESTIMATE
 
@@ -59,9 +68,9 @@ class _Evaluation:
 
     __slots__ = ("signals", "ctx", "results")
 
-    def __init__(self, policy: Policy, request: RoutingRequest) -> None:
+    def __init__(self, policy: Policy, request: RoutingRequest, scores: Mapping[str, Scores | ScorerFailure] | None = None) -> None:
         self.signals = policy.signals
-        self.ctx = SignalContext(request)
+        self.ctx = SignalContext(request, scores)
         self.results: dict[str, SignalResult] = {}
 
     def signal(self, name: str) -> bool:
@@ -70,40 +79,72 @@ class _Evaluation:
             result = self.results[name] = self.signals[name].evaluate(self.ctx)
         return result.matched
 
+    def over_limit(self, backend: Backend) -> tuple[str, str] | None:
+        """``(error code, reason)`` when ``backend`` cannot hold this request, else ``None``."""
+        if not backend.supports_images and self.ctx.request.image_count:
+            return "images_not_supported", "backend does not support images"
+        if backend.max_context_tokens is not None:
+            tokens = self.ctx.token_count("all", ESTIMATE)
+            if tokens > backend.max_context_tokens:
+                reason = f"prompt (~{tokens} tokens) exceeds max_context_tokens {backend.max_context_tokens}"
+                return "context_length_exceeded", reason
+        return None
+
     def unusable(self, backends: dict[str, Backend], allowed: tuple[str, ...]) -> dict[str, str]:
         """Why each backend that cannot serve this request cannot; usable ones are absent."""
         out: dict[str, str] = {}
-        request = self.ctx.request
         for name, backend in backends.items():
             if name not in allowed:
                 out[name] = "backend not allowed for tenant"
-            elif not backend.supports_images and request.image_count:
-                out[name] = "backend does not support images"
-            elif backend.max_context_tokens is not None:
-                tokens = self.ctx.token_count("all", ESTIMATE)
-                if tokens > backend.max_context_tokens:
-                    out[name] = f"prompt (~{tokens} tokens) exceeds max_context_tokens {backend.max_context_tokens}"
+            elif (limit := self.over_limit(backend)) is not None:
+                out[name] = limit[1]
         return out
 
 
 class PolicyEngine:
     """Evaluates one :class:`Policy`. Safe to share between concurrent requests."""
 
-    def __init__(self, policy: Policy) -> None:
+    def __init__(self, policy: Policy, scorers: Mapping[str, Scorer] | None = None) -> None:
+        """``scorers``: the loaded scorers of ``policy.scorers`` by name, owned by the server
+        (the engine never calls them; it carries them for whoever scores its requests)."""
         self.policy = policy
-        self._rules = tuple((rule.name, rule.backend, compile_condition(rule.when)) for rule in policy.rules)
+        self.scorers: Mapping[str, Scorer] = scorers or {}
+        self._rules = tuple(
+            (rule.name, rule.backend, rule.route, compile_condition(rule.when)) for rule in policy.rules
+        )
 
     def allowed_backends(self, tenant: str | None) -> tuple[str, ...]:
-        """The backends a tenant may reach, in preference order."""
+        """The backends a tenant may reach, in preference order.
+
+        Surrounding whitespace is not part of a tenant name. A value that reads as several
+        tenants (Envoy joins a repeated header with ",") may reach only what every reading
+        may: each part, and the whole value as an unlisted tenant. Readings that share no
+        backend are a 403 (``ambiguous_tenant``).
+        """
+        if tenant is None or "," not in tenant:
+            return self._allowed(tenant.strip() if tenant else None)
+        readings = [self._allowed(part.strip()) for part in tenant.split(",")] + [self._allowed(None)]
+        common = tuple(name for name in readings[0] if all(name in reading for reading in readings[1:]))
+        if not common:
+            header = self.policy.tenants.header
+            raise RequestError(
+                f"The `{header}` header reads as several tenants ({tenant!r}) that share no backend.",
+                status=403,
+                code="ambiguous_tenant",
+            )
+        return common
+
+    def _allowed(self, tenant: str | None) -> tuple[str, ...]:
         tenants = self.policy.tenants
-        if tenant is not None and tenant in tenants.allow:
+        if tenant and tenant in tenants.allow:
             return tenants.allow[tenant]
         if tenants.otherwise is not None:
             return tenants.otherwise
         return tuple(self.policy.backends)
 
-    def decide(self, request: RoutingRequest) -> Decision:
-        """Pick the backend for ``request``; raises :class:`RequestError` when none may serve it."""
+    def decide(self, request: RoutingRequest, scores: Mapping[str, Scores | ScorerFailure] | None = None) -> Decision:
+        """Pick the backend for ``request``; raises :class:`RequestError` when none may serve it,
+        and :class:`ScoresNeeded` when a rule needs a scorer missing from ``scores``."""
         policy = self.policy
         tenant = request.header(policy.tenants.header)
         allowed = self.allowed_backends(tenant)
@@ -116,25 +157,81 @@ class PolicyEngine:
                     raise RequestError(
                         f"Model {model!r} is not available to this tenant.", status=403, code="model_not_allowed"
                     )
-                return self._decision(named, DIRECT_RULE, request, tenant, _Evaluation(policy, request))
+                evaluation = _Evaluation(policy, request)
+                limit = evaluation.over_limit(named)
+                if limit is not None:  # the answer an OpenAI client expects, not a backend failure
+                    raise RequestError(f"Model {model!r} cannot serve this request: {limit[1]}.", code=limit[0])
+                return self._decision(named, DIRECT_RULE, request, tenant, evaluation)
             if policy.models.unknown == "reject":
                 raise RequestError(f"The model {model!r} does not exist.", status=404, code="model_not_found")
 
-        evaluation = _Evaluation(policy, request)
+        evaluation = _Evaluation(policy, request, scores)
         unusable = evaluation.unusable(policy.backends, allowed)
         signal = evaluation.signal
         skipped: list[tuple[str, str]] = []
-        for rule, backend, holds in self._rules:
-            if backend in unusable:
-                skipped.append((rule, unusable[backend]))
-            elif holds(signal):
-                return self._decision(policy.backends[backend], rule, request, tenant, evaluation, skipped)
+        try:
+            for rule, backend, route, holds in self._rules:
+                if route is not None:
+                    usable = [name for name in route.among if name not in unusable]
+                    if not usable:
+                        skipped.append((rule, "no backend of `route.among` can serve this request"))
+                    elif holds(signal):
+                        chosen, utilities = self._by_utility(route, usable, evaluation)
+                        decision = self._decision(policy.backends[chosen], rule, request, tenant, evaluation, skipped)
+                        decision.utilities = utilities
+                        return decision
+                elif backend in unusable:
+                    skipped.append((rule, unusable[backend]))
+                elif holds(signal):
+                    return self._decision(policy.backends[backend], rule, request, tenant, evaluation, skipped)
+        except ScoringFailed as failed:
+            return self._fallback(failed, request, tenant, evaluation, allowed, unusable, skipped)
 
         candidates = [policy.default] if policy.default in allowed else []
         candidates += [name for name in allowed if name != policy.default]
         for name in candidates:
             if name not in unusable:
                 return self._decision(policy.backends[name], DEFAULT_RULE, request, tenant, evaluation, skipped)
+        raise RequestError(
+            "No backend this request may use can serve it (check images and prompt size).",
+            status=503,
+            code="no_eligible_backend",
+        )
+
+    @staticmethod
+    def _by_utility(route: UtilityRoute, usable: list[str], evaluation: _Evaluation) -> tuple[str, dict[str, float]]:
+        """The usable backend with the best quality − λ·cost, and every usable backend's utility."""
+        scores = evaluation.ctx.scores.get(route.scorer)
+        if scores is None:
+            raise ScoresNeeded(route.scorer)
+        if isinstance(scores, ScorerFailure):
+            raise ScoringFailed(route.scorer, scores)
+        backend_of = dict(route.backends)
+        utilities: dict[str, float] = {}
+        for model, quality in scores.values.items():
+            backend = backend_of.get(model)
+            if backend in usable:
+                utility = quality - route.lam * scores.costs.get(model, 0.0)
+                if backend not in utilities or utility > utilities[backend]:
+                    utilities[backend] = utility
+        if not utilities:
+            raise ScoringFailed(route.scorer, ScorerFailure("missing_output", "no scores for the eligible backends"))
+        # ties go to the earlier backend in `among`
+        chosen = max(usable, key=lambda name: (utilities.get(name, float("-inf")), -usable.index(name)))
+        return chosen, utilities
+
+    def _fallback(self, failed: ScoringFailed, request, tenant, evaluation, allowed, unusable, skipped) -> Decision:
+        """The decision when a needed scorer failed: ``fallback`` (or ``default``) if it can
+        serve the request, else the tenant's first backend that can."""
+        policy = self.policy
+        first = policy.fallback or policy.default
+        candidates = [first] if first in allowed else []
+        candidates += [name for name in allowed if name != first]
+        for name in candidates:
+            if name not in unusable:
+                decision = self._decision(policy.backends[name], FALLBACK_RULE, request, tenant, evaluation, skipped)
+                decision.fallback = f"{failed.scorer}: {failed.failure.reason}"
+                return decision
         raise RequestError(
             "No backend this request may use can serve it (check images and prompt size).",
             status=503,
@@ -152,4 +249,5 @@ class PolicyEngine:
             tenant=tenant,
             signals=evaluation.results,
             skipped=skipped or [],
+            scores={name: s for name, s in evaluation.ctx.scores.items() if isinstance(s, Scores)},
         )

@@ -90,7 +90,11 @@ def routed_body_response(decision: Decision, rewritten_body: bytes | None = None
     ``rewritten_body`` (and its ``content-length``) when given, and carries the decision as
     dynamic metadata in namespace ``switchyard``.
     """
-    template = _routed_template(decision.backend.name, tuple(decision.metadata().items()))
+    metadata = tuple(decision.metadata().items())
+    if decision.scores or decision.fallback:  # per-request values: never cached
+        template = _routed_template.__wrapped__(decision.backend.name, metadata)
+    else:
+        template = _routed_template(decision.backend.name, metadata)
     if rewritten_body is None:
         return template
     response = ext.ProcessingResponse()

@@ -16,8 +16,10 @@ from typing import Any, Union
 import yaml
 
 from extproc._errors import PolicyError, PolicyProblem
-from extproc._policy_schema import POLICY_SCHEMA
+from extproc._policy_schema import POLICY_SCHEMA, SCORERS_FILE_SCHEMA
 from extproc._schema import Validation, dotted
+from extproc._scorer_specs import build_scorer_specs, check_score_signal, check_utility_route
+from extproc._scorers import ScorerSpec
 from extproc._signals import Signal, build_signal
 
 __all__ = [
@@ -31,9 +33,11 @@ __all__ = [
     "ModelsConfig",
     "TenantsConfig",
     "RoutingConfig",
+    "UtilityRoute",
     "Policy",
     "load_policy",
     "parse_policy",
+    "read_scorer_specs",
 ]
 
 
@@ -71,10 +75,28 @@ Condition = Union[SignalRef, AllOf, AnyOf, Not]
 
 
 @dataclass(frozen=True)
+class UtilityRoute:
+    """A rule's ``route``: the backend among ``among`` with the best predicted quality − λ·cost."""
+
+    scorer: str
+    lam: float
+    among: tuple[str, ...]
+    backends: tuple[tuple[str, str], ...] = ()  # the scorer's pool model -> backend
+
+
+@dataclass(frozen=True)
 class Rule:
+    """``backend`` for a fixed route, or ``route`` to pick by utility (exactly one is set)."""
+
     name: str
     when: Condition
-    backend: str
+    backend: str | None
+    route: UtilityRoute | None = None
+
+    @property
+    def targets(self) -> tuple[str, ...]:
+        """The backends this rule can send a request to."""
+        return self.route.among if self.route is not None else (self.backend,)
 
 
 @dataclass(frozen=True)
@@ -110,6 +132,8 @@ class Policy:
     models: ModelsConfig
     tenants: TenantsConfig
     routing: RoutingConfig
+    fallback: str | None = None
+    scorers: dict[str, ScorerSpec] = field(default_factory=dict)
 
     def backend_for_model(self, model: str) -> Backend | None:
         """The backend whose served model (or name) is ``model``, if any."""
@@ -136,15 +160,7 @@ def load_policy(path: str | Path) -> Policy:
 def parse_policy(text: str, *, source: str = "<policy>", base_dir: Path | None = None) -> Policy:
     """Validate policy YAML ``text``; ``source`` names it in error messages."""
     v = Validation(source)
-    try:
-        root = yaml.compose(text, Loader=yaml.SafeLoader)
-    except yaml.YAMLError as exc:
-        mark = getattr(exc, "problem_mark", None) or getattr(exc, "context_mark", None)
-        line, column = (mark.line + 1, mark.column + 1) if mark else (1, 1)
-        reason = getattr(exc, "problem", None) or str(exc)
-        raise PolicyError([PolicyProblem(source, line, column, f"Invalid YAML: {reason}.")]) from exc
-    if root is None:
-        raise PolicyError([PolicyProblem(source, 1, 1, "The policy file is empty.")])
+    root = _compose(text, source)
     v.marks[()] = (root.start_mark.line + 1, root.start_mark.column + 1)
     data = POLICY_SCHEMA.validate(root, (), v)
     if data is None or v.problems:
@@ -153,6 +169,20 @@ def parse_policy(text: str, *, source: str = "<policy>", base_dir: Path | None =
     if v.problems:
         raise PolicyError(v.problems)
     return policy
+
+
+def _compose(text: str, source: str) -> yaml.Node:
+    """The YAML node tree of ``text``; :class:`PolicyError` located at the syntax error."""
+    try:
+        root = yaml.compose(text, Loader=yaml.SafeLoader)
+    except yaml.YAMLError as exc:
+        mark = getattr(exc, "problem_mark", None) or getattr(exc, "context_mark", None)
+        line, column = (mark.line + 1, mark.column + 1) if mark else (1, 1)
+        reason = getattr(exc, "problem", None) or str(exc)
+        raise PolicyError([PolicyProblem(source, line, column, f"Invalid YAML: {reason}.")]) from exc
+    if root is None:
+        raise PolicyError([PolicyProblem(source, 1, 1, "The file is empty.")])
+    return root
 
 
 def _build(data: dict[str, Any], v: Validation, base_dir: Path) -> Policy:
@@ -169,11 +199,16 @@ def _build(data: dict[str, Any], v: Validation, base_dir: Path) -> Policy:
             report(path, f"`{dotted(path)}` names backend {name!r}, which is not defined; defined: {', '.join(backends)}.")
 
     check_backend(data["default"], ("default",))
+    if data["fallback"] is not None:
+        check_backend(data["fallback"], ("fallback",))
+
+    scorers, described = build_scorer_specs(data["scorers"], base_dir, report, backends=backends)
 
     signals: dict[str, Signal] = {}
     for name, config in data["signals"].items():
         signal = build_signal(name, config, base_dir, lambda key, msg, n=name: report(("signals", n) + key, msg))
         if signal is not None:
+            check_score_signal(signal, scorers, described, lambda key, msg, n=name: report(("signals", n) + key, msg))
             signals[name] = signal
 
     rules: list[Rule] = []
@@ -183,9 +218,15 @@ def _build(data: dict[str, Any], v: Validation, base_dir: Path) -> Policy:
         if spec["name"] in seen:
             report(path + ("name",), f"Duplicate rule name {spec['name']!r}; rules[{seen[spec['name']]}] has it too.")
         seen.setdefault(spec["name"], index)
-        check_backend(spec["backend"], path + ("backend",))
+        route = None
+        if (spec["backend"] is None) == (spec["route"] is None):
+            report(path, f"`{dotted(path)}` needs exactly one of `backend` and `route`.")
+        elif spec["backend"] is not None:
+            check_backend(spec["backend"], path + ("backend",))
+        elif spec["route"] is not None:
+            route = check_utility_route(spec["route"], scorers, described, backends, lambda key, msg: report(path + ("route",) + key, msg))
         when = _condition(spec["when"], path + ("when",), data["signals"], report)
-        rules.append(Rule(spec["name"], when, spec["backend"]))
+        rules.append(Rule(spec["name"], when, spec["backend"], route))
 
     tenants = data["tenants"]
     for tenant, names in tenants["allow"].items():
@@ -212,7 +253,29 @@ def _build(data: dict[str, Any], v: Validation, base_dir: Path) -> Policy:
             tuple(tenants["otherwise"]) if tenants["otherwise"] is not None else None,
         ),
         routing=RoutingConfig(frozenset(routing["paths"]), routing["max_body_bytes"], routing["rewrite_model"]),
+        fallback=data["fallback"],
+        scorers=scorers,
     )
+
+
+def read_scorer_specs(path: str | Path) -> dict[str, ScorerSpec]:
+    """The scorers of a ``switchyard scorer serve --config`` file (a ``scorers:`` mapping in the
+    policy's format), validated and with their checkpoints described; raises :class:`PolicyError`."""
+    path = Path(path)
+    source = str(path)
+    v = Validation(source)
+    root = _compose(read_policy_text(path), source)
+    data = SCORERS_FILE_SCHEMA.validate(root, (), v)
+    if data is None or v.problems:
+        raise PolicyError(v.problems)
+    for name, config in data["scorers"].items():
+        if config.get("remote") is not None:
+            v.problem(None, f"Scorer `{name}` is remote; a scorer service serves only in-process scorers.",
+                      ("scorers", name, "remote"))
+    specs, _ = build_scorer_specs(data["scorers"], path.parent, lambda key, msg: v.problem(None, msg, key), backends=None)
+    if v.problems:
+        raise PolicyError(v.problems)
+    return specs
 
 
 def _condition(raw: Any, path: tuple, signals: dict[str, Any], report) -> Condition:

@@ -13,6 +13,7 @@ from typing import Any
 
 import yaml
 
+from extproc._scorers import BatchConfig, ImageLimits, ScorerSpec
 from extproc._schema import (
     REQUIRED,
     Bool,
@@ -31,7 +32,15 @@ from extproc._schema import (
     dotted,
 )
 
-__all__ = ["POLICY_SCHEMA", "CONDITION_SCHEMA", "json_schema", "markdown_reference", "SIGNAL_KINDS"]
+__all__ = [
+    "POLICY_SCHEMA",
+    "CONDITION_SCHEMA",
+    "json_schema",
+    "markdown_reference",
+    "SIGNAL_KINDS",
+    "SCORER_KINDS_SCHEMA",
+    "SCORERS_FILE_SCHEMA",
+]
 
 SCOPES = ("last_user", "all", "system")
 
@@ -201,6 +210,163 @@ SIGNAL_KINDS: dict[str, Obj] = {
     ),
 }
 
+SIGNAL_KINDS["score"] = Obj(
+    title="score",
+    doc="A learned score from `scorers.<scorer>` compared with a threshold: `above` and/or `below` "
+    "(numbers; both: true inside the range), or `large_share`, the threshold the probe checkpoint was "
+    "calibrated at (`switchyard calibrate`) for that share of requests on the large backend (true when the "
+    "score is at or above it). The scorer runs only when a rule that can still win reaches this signal; "
+    "if it fails or misses its deadline the request takes `fallback`.",
+    keys={
+        "kind": _kind("score"),
+        "scorer": Key(Str(min_length=1), "The scorer (a key of `scorers`)."),
+        "output": Key(
+            Str(min_length=1),
+            "Which of the scorer's outputs: a probe checkpoint's name in `checkpoints`, or a LatentRouter pool "
+            "model. May be left out when the scorer has exactly one output.",
+            None,
+        ),
+        "above": Key(Num(), "True when the score is greater than this.", None),
+        "below": Key(Num(), "True when the score is less than this.", None),
+        "large_share": Key(
+            Num(minimum=0, maximum=1),
+            "Use the checkpoint's calibrated threshold for this share of traffic on the large backend "
+            "(cannot be combined with `above`/`below`).",
+            None,
+        ),
+        "description": _description,
+    },
+)
+
+_BATCH = BatchConfig()
+_IMAGES = ImageLimits()
+_SPEC = ScorerSpec(name="", kind="probe")
+
+_scorer_common = {
+    "device": Key(
+        Str(min_length=1),
+        "Where the in-process model runs: `cpu`, `cuda` or `cuda:N`. A runtime setting, not saved in checkpoints.",
+        _SPEC.device,
+    ),
+    "dtype": Key(
+        Str(enum=("float32", "bfloat16", "float16")),
+        "Weights and activations dtype. Default: float32 on CPU, bfloat16 on CUDA.",
+        _SPEC.dtype,
+    ),
+    "batch": Key(
+        Obj(
+            title="batch",
+            keys={
+                "max_size": Key(Int(minimum=1, maximum=1024), "Most requests in one forward.", _BATCH.max_size),
+                "max_wait_ms": Key(
+                    Num(minimum=0, maximum=1000),
+                    "Longest a request waits for others to join its forward (ms); the first arrival starts the wait.",
+                    _BATCH.max_wait_ms,
+                ),
+            },
+        ),
+        "The micro-batcher: concurrent requests share one padded forward, run off the event loop.",
+        {"max_size": _BATCH.max_size, "max_wait_ms": _BATCH.max_wait_ms},
+    ),
+    "deadline_ms": Key(
+        Num(minimum=1, maximum=60000),
+        "The scores must arrive within this many ms of the request's arrival at switchyard, else the "
+        "request takes `fallback`. Keep it below Envoy's ext_proc `message_timeout`.",
+        _SPEC.deadline_ms,
+    ),
+    "images": Key(
+        Obj(
+            title="images",
+            keys={
+                "max_bytes": Key(Int(minimum=1), "Largest encoded image accepted (bytes).", _IMAGES.max_bytes),
+                "max_pixels": Key(
+                    Int(minimum=1), "Largest width × height decoded; larger images (decompression bombs) are refused.",
+                    _IMAGES.max_pixels,
+                ),
+                "allow_hosts": Key(
+                    ListOf(Str(min_length=1)),
+                    "Hosts http(s) image URLs may be fetched from (exact names). Empty: URLs are never fetched.",
+                    list(_IMAGES.allow_hosts),
+                ),
+                "fetch_timeout_ms": Key(Num(minimum=1), "Timeout of one image fetch (ms).", _IMAGES.fetch_timeout_ms),
+            },
+        ),
+        "Limits on `image_url` parts the scorer reads. A refused or broken image makes the request take `fallback`.",
+        {"max_bytes": _IMAGES.max_bytes, "max_pixels": _IMAGES.max_pixels,
+         "allow_hosts": list(_IMAGES.allow_hosts), "fetch_timeout_ms": _IMAGES.fetch_timeout_ms},
+    ),
+    "remote": Key(
+        Obj(
+            title="remote",
+            keys={
+                "target": Key(
+                    Str(min_length=1),
+                    "gRPC target of `switchyard scorer serve`, e.g. `dns:///scorer.ml.svc.cluster.local:50061` "
+                    "(balanced over every address the name returns).",
+                ),
+                "scorer": Key(Str(min_length=1), "The scorer's name in the remote config. Default: this scorer's name.", None),
+            },
+        ),
+        "Score over gRPC instead of in process; the checkpoints then live on the scorer service.",
+        None,
+    ),
+    "description": _description,
+}
+
+SCORER_KINDS_SCHEMA: dict[str, Obj] = {
+    "probe": Obj(
+        title="probe",
+        doc="Hidden-state probes (last-token, Attention Probe, ReLope) that share one backbone prefill; "
+        "each output is P(small backend answers correctly).",
+        keys={
+            "kind": _kind("probe"),
+            "checkpoints": Key(
+                MapOf(Str(min_length=1), min_items=1),
+                "Output name → probe checkpoint folder (relative to the policy file). All must be trained on "
+                "the same backbone. Required unless `remote` is set.",
+                None,
+            ),
+            **_scorer_common,
+        },
+    ),
+    "latent_router": Obj(
+        title="latent_router",
+        doc="A LatentRouter checkpoint; outputs are each pool model's predicted quality, used by "
+        "`route.utility` rules (quality − λ·cost) or `score` signals.",
+        keys={
+            "kind": _kind("latent_router"),
+            "checkpoint": Key(
+                Str(min_length=1),
+                "LatentRouter checkpoint folder (relative to the policy file). Required unless `remote` is set.",
+                None,
+            ),
+            "backends": Key(
+                MapOf(Str(min_length=1), min_items=1, name_pattern=r"^\S+$"),
+                "Pool model name → the backend serving it. Every pool model must map to a backend.",
+            ),
+            **_scorer_common,
+        },
+    ),
+}
+
+ROUTE_SCHEMA = Obj(
+    title="route",
+    keys={
+        "utility": Key(Str(min_length=1), "A `latent_router` scorer."),
+        "lambda": Key(
+            Num(minimum=0),
+            "Cost weight λ: the rule picks the backend with the best predicted quality − λ·cost "
+            "(0: best quality; large: cheapest).",
+        ),
+        "among": Key(
+            ListOf(Str(min_length=1), min_items=1),
+            "The backends to choose from; ineligible ones (tenant, images, context) are masked out. "
+            "Default: every backend the scorer's pool maps to.",
+            None,
+        ),
+    },
+)
+
 BACKEND_SCHEMA = Obj(
     title="backend",
     keys={
@@ -222,7 +388,8 @@ RULE_SCHEMA = Obj(
     keys={
         "name": Key(Str(min_length=1), "Unique rule name; sent back in `x-switchyard-rule`."),
         "when": Key(CONDITION_SCHEMA, "The condition (see below)."),
-        "backend": Key(Str(min_length=1), "The backend this rule routes to."),
+        "backend": Key(Str(min_length=1), "The backend this rule routes to. Set exactly one of `backend` and `route`.", None),
+        "route": Key(ROUTE_SCHEMA, "Pick the backend by LatentRouter utility instead of a fixed `backend`.", None),
         "description": _description,
     },
 )
@@ -234,6 +401,16 @@ POLICY_SCHEMA = Obj(
         "version": Key(Int(minimum=1, maximum=1), "Policy format version. Only `1` exists."),
         "backends": Key(MapOf(BACKEND_SCHEMA, min_items=1), "The model backends, by name. The name is the routing header's value."),
         "default": Key(Str(min_length=1), "The backend used when no rule matches."),
+        "fallback": Key(
+            Str(min_length=1),
+            "The backend used when a scorer a rule needs fails, returns NaN or misses its deadline. Default: `default`.",
+            None,
+        ),
+        "scorers": Key(
+            MapOf(Tagged("kind", SCORER_KINDS_SCHEMA)),
+            "Learned scorers, by name, loaded once by the server (a reload keeps unchanged ones).",
+            {},
+        ),
         "signals": Key(MapOf(Tagged("kind", SIGNAL_KINDS)), "Named signals, evaluated lazily: only when a rule reaches them.", {}),
         "rules": Key(ListOf(RULE_SCHEMA), "Ordered rules; the first whose condition holds (and whose backend is eligible) wins.", []),
         "models": Key(
@@ -304,6 +481,16 @@ POLICY_SCHEMA = Obj(
 )
 
 
+#: The file `switchyard scorer serve --config` reads: the policy's `scorers` section alone.
+SCORERS_FILE_SCHEMA = Obj(
+    title="scorers file",
+    keys={
+        "version": Key(Int(minimum=1, maximum=1), "Format version. Only `1` exists.", 1),
+        "scorers": Key(MapOf(Tagged("kind", SCORER_KINDS_SCHEMA), min_items=1), POLICY_SCHEMA.keys["scorers"].doc),
+    },
+)
+
+
 def json_schema() -> dict[str, Any]:
     """The JSON Schema (draft 2020-12) of a policy file."""
     out = {
@@ -343,11 +530,22 @@ def markdown_reference() -> str:
     lines += _table(Obj(keys={k: v for k, v in top.items()}), "")
     lines += ["", "#### `backends.<name>`", "", *head, *_table(BACKEND_SCHEMA, "")]
     lines += ["", "#### `rules[]`", "", *head, *_table(RULE_SCHEMA, "")]
+    lines += ["", "#### `rules[].route`", "", *head, *_table(ROUTE_SCHEMA, "route.")]
     lines += ["", f"A condition is {CONDITION_SCHEMA.doc[0].lower()}{CONDITION_SCHEMA.doc[1:]}"]
     for section in ("models", "tenants", "routing"):
         schema = top[section].schema
         assert isinstance(schema, Obj)
         lines += ["", f"#### `{section}`", "", *head, *_table(schema, f"{section}.")]
+    lines += ["", "#### `scorers.<name>` by `kind`"]
+    for kind, obj in SCORER_KINDS_SCHEMA.items():
+        lines += ["", f"**`{kind}`** — {obj.doc}", "", *head]
+        lines += _table(Obj(keys={k: v for k, v in obj.keys.items() if k != "kind"}), "")
+        for key in ("batch", "images", "remote"):
+            nested = obj.keys[key].schema
+            if kind == "latent_router":
+                continue  # the same nested keys as for `probe`
+            assert isinstance(nested, Obj)
+            lines += _table(nested, f"{key}.")
     lines += ["", "#### `signals.<name>` by `kind`"]
     for kind, obj in SIGNAL_KINDS.items():
         lines += ["", f"**`{kind}`** — {obj.doc}", "", *head]

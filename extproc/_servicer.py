@@ -1,8 +1,12 @@
 """The ext_proc gRPC servicer: one bidirectional stream per HTTP request.
 
-Envoy sends request headers, then the buffered request body (and response headers only
-when its processing mode asks for them; the shipped configs take the decision headers from
-the dynamic metadata instead); the servicer answers each with exactly one message. Parsing
+Envoy sends request headers, then the buffered request body; the servicer answers each
+with exactly one message, and ends the stream (gRPC OK) after the last answer the request
+needs: the body answer, an immediate response, or the headers answer of a request without
+a body. Envoy then treats processing as complete, so a routed request never depends on
+this process again (a restart or ``kill -9`` cannot cut a completion mid-stream), and no
+response phase reaches switchyard: the shipped configs take the decision headers from the
+dynamic metadata. Parsing
 and the policy run inline on the event loop: they are pure and take microseconds. Each
 stream pins the policy engine it started with, so a policy reload
 (:class:`~extproc._reload.PolicyFile`) never changes a request mid-flight.
@@ -12,7 +16,7 @@ from __future__ import annotations
 
 import logging
 import time
-from collections.abc import AsyncIterator, Callable
+from collections.abc import AsyncIterator, Awaitable, Callable
 
 import grpc
 from envoy.service.ext_proc.v3 import external_processor_pb2 as ext
@@ -30,6 +34,8 @@ from extproc._mutations import (
     routed_body_response,
 )
 from extproc._request import RoutingRequest, body_too_large, is_json_content_type, parse_json_body, rewrite_model
+from extproc._scorers import ScoresNeeded
+from extproc._scoring import decide_with_scores
 from extproc._telemetry import Telemetry
 
 __all__ = ["ExternalProcessor", "RequestStream"]
@@ -59,12 +65,16 @@ class RequestStream:
         self.request: RoutingRequest | None = None
         self.routed = False
         self.decision: Decision | None = None
+        self.arrival = time.monotonic()  # scorer deadlines count from here
+        self.done = False  # the answer just given is the last one this request needs
 
-    def handle(self, message: ext.ProcessingRequest) -> ext.ProcessingResponse:
+    def handle(self, message: ext.ProcessingRequest) -> ext.ProcessingResponse | Awaitable[ext.ProcessingResponse]:
         phase = message.WhichOneof("request")
         if phase == "request_headers":
+            self.done = message.request_headers.end_of_stream  # no body follows: nothing more to answer
             return self.on_request_headers(message.request_headers)
         if phase == "request_body":
+            self.done = True  # BUFFERED: the whole body in one message, the last phase switchyard needs
             return self.on_request_body(message.request_body)
         if phase == "response_headers":  # only when Envoy is configured to send them
             return decision_response_headers(self.decision)
@@ -90,12 +100,14 @@ class RequestStream:
                 return self._reject(RequestError("The request has no body; expected a JSON object.", code="missing_body"))
         return continue_headers(spoofed)
 
-    def on_request_body(self, message: ext.HttpBody) -> ext.ProcessingResponse:
+    def on_request_body(self, message: ext.HttpBody) -> ext.ProcessingResponse | Awaitable[ext.ProcessingResponse]:
         if not self.routed or self.request is None:
             return CONTINUE["request_body"]
         return self._route(message.body)
 
-    def _route(self, raw: bytes) -> ext.ProcessingResponse:
+    def _route(self, raw: bytes) -> ext.ProcessingResponse | Awaitable[ext.ProcessingResponse]:
+        """The body answer; an awaitable of it when a rule needs learned scores (cheap rules
+        decide without ever leaving this call)."""
         assert self.request is not None
         started = time.perf_counter()
         span = self.telemetry.tracer.start_span("switchyard.decide") if self.telemetry.tracing else None
@@ -103,16 +115,37 @@ class RequestStream:
             self.request.body = parse_json_body(raw, max_bytes=self.engine.policy.routing.max_body_bytes)
             decision = self.engine.decide(self.request)
         except RequestError as error:
-            if span is not None:
-                span.set_attribute("switchyard.error", error.code)
-                span.end()
-            return self._reject(error)
+            return self._rejected(error, span)
+        except ScoresNeeded as need:
+            return self._route_scored(raw, need, started, span)
+        return self._routed(raw, decision, started, span)
+
+    async def _route_scored(self, raw: bytes, need: ScoresNeeded, started: float, span) -> ext.ProcessingResponse:
+        assert self.request is not None
+        try:
+            decision = await decide_with_scores(
+                self.engine, self.request, arrival=self.arrival, first_need=need, telemetry=self.telemetry
+            )
+        except RequestError as error:
+            return self._rejected(error, span)
+        return self._routed(raw, decision, started, span)
+
+    def _rejected(self, error: RequestError, span) -> ext.ProcessingResponse:
+        if span is not None:
+            span.set_attribute("switchyard.error", error.code)
+            span.end()
+        return self._reject(error)
+
+    def _routed(self, raw: bytes, decision: Decision, started: float, span) -> ext.ProcessingResponse:
+        assert self.request is not None
         if span is not None:
             span.set_attributes({"switchyard.backend": decision.backend.name, "switchyard.rule": decision.rule})
             span.end()
         self.decision = decision
         self.telemetry.decision_time.record(time.perf_counter() - started)
-        self.telemetry.decisions.add(1, {"backend": decision.backend.name, "rule": decision.rule})
+        self.telemetry.decisions.add(
+            1, {"backend": decision.backend.name, "rule": decision.rule, "fallback": decision.fallback or ""}
+        )
         if log.isEnabledFor(logging.DEBUG):
             log.debug("decision", extra={"backend": decision.backend.name, "rule": decision.rule,
                                          "signals": {k: r.matched for k, r in decision.signals.items()}})
@@ -142,7 +175,13 @@ class ExternalProcessor(ext_grpc.ExternalProcessorServicer):
         async for message in request_iterator:
             try:
                 response = stream.handle(message)
+                if not isinstance(response, ext.ProcessingResponse):  # the body needs learned scores
+                    response = await response
             except Exception:  # a bug must fail this request closed, not kill the server
                 log.exception("internal error while processing a request")
                 response = error_response(RequestError("Internal routing error.", status=500, code="internal_error"))
             yield response
+            if stream.done or response.HasField("immediate_response"):
+                # End the stream (gRPC OK): Envoy marks processing complete, so the routed
+                # request no longer depends on this process (a restart cannot cut it).
+                return

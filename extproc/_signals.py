@@ -13,7 +13,7 @@ will join here as kinds whose value comes from a scorer).
 from __future__ import annotations
 
 import re
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, ClassVar, NamedTuple
@@ -22,9 +22,10 @@ from extproc._errors import SwitchyardError
 from extproc._language import detect_language
 from extproc._messages import conversation_text, last_user_text, message_text
 from extproc._request import RoutingRequest
+from extproc._scorers import ScorerFailure, Scores, ScoresNeeded, ScoringFailed
 from extproc._tokens import ESTIMATE, TokenCounter, TokenizerFileCounter
 
-__all__ = ["Signal", "SignalResult", "SignalContext", "SIGNAL_TYPES", "build_signal"]
+__all__ = ["Signal", "SignalResult", "SignalContext", "ScoreSignal", "SIGNAL_TYPES", "build_signal"]
 
 #: ``report(key_path, message)`` records a problem at a key of the signal's entry.
 Report = Callable[[tuple[str, ...], str], None]
@@ -46,8 +47,10 @@ _NO_MATCH = SignalResult(False, ())
 class SignalContext:
     """Per-request memo of the values signals share (texts, token counts, language)."""
 
-    def __init__(self, request: RoutingRequest) -> None:
+    def __init__(self, request: RoutingRequest, scores: Mapping[str, Scores | ScorerFailure] | None = None) -> None:
         self.request = request
+        #: scorer name -> its scores (or why it has none) for this request, given by the caller
+        self.scores = scores if scores is not None else {}
         self._texts: dict[str, str] = {}
         self._lower_texts: dict[str, str] = {}
         self._tokens: dict[tuple[str, str], int] = {}
@@ -374,10 +377,59 @@ class LanguageSignal(Signal):
         return SignalResult(language in self.languages, language)
 
 
+@dataclass
+class ScoreSignal(Signal):
+    """A learned score compared with a threshold. The engine never runs a scorer: when the
+    score is not in :attr:`SignalContext.scores` this raises :class:`ScoresNeeded`, and the
+    caller scores the request and decides again; a failed scorer raises
+    :class:`ScoringFailed` so the engine takes the policy's fallback. ``output`` and the
+    ``large_share`` threshold are resolved from the scorer's checkpoints at policy load."""
+
+    kind: ClassVar[str] = "score"
+    name: str
+    scorer: str
+    output: str | None
+    above: float | None
+    below: float | None
+    large_share: float | None
+    at_least: float | None = None  # the calibrated threshold for ``large_share``
+
+    @classmethod
+    def from_config(cls, name, config, base_dir, report):
+        above, below, share = config["above"], config["below"], config["large_share"]
+        if share is not None and (above is not None or below is not None):
+            report(("large_share",), f"Signal `{name}`: `large_share` cannot be combined with `above`/`below`.")
+            return None
+        if share is None and above is None and below is None:
+            report((), f"Signal `{name}` (score) needs `above`, `below` or `large_share`.")
+            return None
+        if above is not None and below is not None and below <= above:
+            report(("below",), f"`below` ({below}) must be greater than `above` ({above}); the range is empty.")
+            return None
+        return cls(name, config["scorer"], config["output"], above, below, share)
+
+    def evaluate(self, ctx):
+        outcome = ctx.scores.get(self.scorer)
+        if outcome is None:
+            raise ScoresNeeded(self.scorer)
+        if isinstance(outcome, ScorerFailure):
+            raise ScoringFailed(self.scorer, outcome)
+        value = outcome.values.get(self.output)
+        if value is None:
+            raise ScoringFailed(self.scorer, ScorerFailure("missing_output", f"no output {self.output!r}"))
+        if self.at_least is not None:
+            return SignalResult(value >= self.at_least, value)
+        matched = (self.above is None or value > self.above) and (self.below is None or value < self.below)
+        return SignalResult(matched, value)
+
+
 #: Signal kinds by ``kind``; the policy schema's ``SIGNAL_KINDS`` declares their keys.
 SIGNAL_TYPES: dict[str, type[Signal]] = {
     cls.kind: cls
-    for cls in (KeywordsSignal, RegexSignal, TokenCountSignal, ModalitySignal, HeaderSignal, RequestFieldSignal, LanguageSignal)
+    for cls in (
+        KeywordsSignal, RegexSignal, TokenCountSignal, ModalitySignal, HeaderSignal, RequestFieldSignal,
+        LanguageSignal, ScoreSignal,
+    )
 }
 
 

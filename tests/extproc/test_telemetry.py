@@ -42,7 +42,7 @@ def test_decisions_and_rejections_are_counted_and_traced():
             for metric in scope.metrics:
                 points[metric.name] = [(dict(p.attributes), getattr(p, "value", None)) for p in metric.data.data_points]
     assert sorted(points["switchyard.decisions"], key=str) == sorted(
-        [({"backend": "large", "rule": "maths-reasoning"}, 1), ({"backend": "small", "rule": "default"}, 1)], key=str)
+        [({"backend": "large", "rule": "maths-reasoning", "fallback": ""}, 1), ({"backend": "small", "rule": "default", "fallback": ""}, 1)], key=str)
     assert points["switchyard.rejections"] == [({"status": 400, "code": "invalid_json"}, 1)]
     assert "switchyard.decision.duration" in points
     spans = exporter.get_finished_spans()
