@@ -3,7 +3,8 @@
 Kubernetes updates a mounted ConfigMap in place (an atomic symlink swap), so the server
 re-reads the file every ``interval`` seconds and on SIGHUP. A new policy takes effect only
 when it validates completely; otherwise the running one stays, and the problems are logged
-(``file:line:column``) once per bad version. Streams pin the engine they started with
+(``file:line:column``) once each time the file turns bad: once per bad version in a row,
+and again after the file was good in between. Streams pin the engine they started with
 (:class:`~extproc._servicer.ExternalProcessor`), so a swap never changes a request mid-flight.
 """
 
@@ -17,6 +18,7 @@ from pathlib import Path
 from extproc._engine import PolicyEngine
 from extproc._errors import PolicyError
 from extproc._policy import parse_policy, read_policy_text
+from extproc._scorer_cache import ScorerCache, retire
 from extproc._telemetry import Telemetry
 
 __all__ = ["PolicyFile"]
@@ -28,9 +30,11 @@ def _digest(text: str) -> str:
     return hashlib.sha256(text.encode("utf-8")).hexdigest()[:12]
 
 
-def _engine(path: Path, text: str) -> PolicyEngine:
-    """The engine for policy ``text`` read from ``path``; raises :class:`PolicyError`."""
-    return PolicyEngine(parse_policy(text, source=str(path), base_dir=path.parent))
+def _engine(path: Path, text: str, cache: ScorerCache | None = None) -> PolicyEngine:
+    """The engine for policy ``text`` read from ``path``, with its scorers loaded through
+    ``cache`` (not loaded when None); raises :class:`PolicyError`."""
+    policy = parse_policy(text, source=str(path), base_dir=path.parent)
+    return PolicyEngine(policy, cache.prepare(policy, text) if cache is not None else None)
 
 
 class PolicyFile:
@@ -43,6 +47,9 @@ class PolicyFile:
     def __init__(self, path: Path, text: str, engine: PolicyEngine, telemetry: Telemetry | None = None) -> None:
         self.path = path
         self.engine = engine
+        self.text = text
+        self.scorers: ScorerCache | None = None  # set by load_scorers(): from then on reloads load scorers
+        self._retired: list = []  # scorers a swap stopped using, closed later on the event loop
         self.digest = _digest(text)
         self._rejected: str | None = None  # digest of the last bad version, logged once
         self._telemetry = telemetry or Telemetry()
@@ -52,6 +59,20 @@ class PolicyFile:
         path = Path(path)
         text = read_policy_text(path)
         return cls(path, text, _engine(path, text), telemetry)
+
+    def load_scorers(self) -> None:
+        """Load the running policy's scorers (blocking: model weights are read here), and from
+        now on load them on every reload. A scorer that fails to load raises
+        :class:`PolicyError`, so a server never starts without the scorers its policy uses."""
+        cache = ScorerCache()
+        engine = PolicyEngine(self.engine.policy, cache.prepare(self.engine.policy, self.text))
+        cache.commit(dict(engine.scorers))
+        self.engine, self.scorers = engine, cache
+
+    async def close(self) -> None:
+        """Close every loaded scorer (server shutdown)."""
+        if self.scorers is not None:
+            await self.scorers.close()
 
     def current(self) -> PolicyEngine:
         """The engine new streams use."""
@@ -65,14 +86,19 @@ class PolicyFile:
             return self._reject("unreadable", error)
         digest = _digest(text)
         if digest == self.digest:
+            if self._rejected is not None:  # back to the running version: a bad one is news again
+                self._rejected = None
+                log.info("policy file is back to the running version", extra={"policy": str(self.path), "digest": digest})
             return "unchanged"
         if digest == self._rejected:
             return "rejected"
         try:
-            engine = _engine(self.path, text)
+            engine = _engine(self.path, text, self.scorers)
         except PolicyError as error:
             return self._reject(digest, error)
-        self.engine, self.digest, self._rejected = engine, digest, None
+        if self.scorers is not None:
+            self._retired += self.scorers.commit(dict(engine.scorers))
+        self.engine, self.text, self.digest, self._rejected = engine, text, digest, None
         self._telemetry.policy_reloads.add(1, {"result": "reloaded"})
         log.info("policy reloaded", extra={"policy": str(self.path), "digest": digest, "rules": len(engine.policy.rules)})
         return "reloaded"
@@ -95,6 +121,8 @@ class PolicyFile:
                 pass
             wake.clear()
             try:
-                await asyncio.to_thread(self.reload)  # parsing must not stall the event loop
+                await asyncio.to_thread(self.reload)  # parsing and loading must not stall the event loop
             except Exception:  # a bug in reloading must not end reloading, nor the server
                 log.exception("policy reload failed; the running policy stays")
+            retired, self._retired = self._retired, []
+            retire(retired)

@@ -120,8 +120,9 @@ class ScorerSpec:
     def load_key(self) -> tuple[Any, ...]:
         """What identifies the loaded model: equal keys share one loaded scorer across a
         reload (the deadline is not part of it; it is read per request)."""
+        remote_name = self.name if self.remote is not None and self.remote.scorer is None else None
         return (self.kind, self.checkpoints, self.checkpoint, self.device, self.dtype, self.batch,
-                self.images, self.remote, self.fingerprint)
+                self.images, self.remote, remote_name, self.fingerprint)
 
 
 @dataclass(frozen=True)

@@ -5,6 +5,11 @@
 them. SIGTERM / SIGINT stop accepting streams, mark the health service NOT_SERVING and
 let in-flight streams finish within the grace period. Each process re-reads the policy
 file every ``reload_interval`` seconds and on SIGHUP (see :class:`PolicyFile`).
+
+Telemetry (:mod:`extproc._telemetry_setup`) is set up in each serving process, after
+forking. ``metrics_listen`` serves Prometheus metrics: from the process itself, or with
+several workers from the parent, which gathers every worker's series at each scrape and
+labels them ``worker="<i>"`` (:mod:`extproc._metrics_http`).
 """
 
 from __future__ import annotations
@@ -14,6 +19,7 @@ import gc
 import logging
 import os
 import signal
+import socket
 import sys
 from pathlib import Path
 
@@ -25,6 +31,8 @@ from grpc_health.v1._async import HealthServicer
 from extproc._errors import SwitchyardError
 from extproc._reload import PolicyFile
 from extproc._servicer import ExternalProcessor
+from extproc._telemetry import Telemetry
+from extproc._telemetry_setup import TelemetryConfig, setup_telemetry
 
 __all__ = ["serve", "serve_async", "parse_listen"]
 
@@ -33,11 +41,12 @@ log = logging.getLogger("switchyard.server")
 EXT_PROC_SERVICE = "envoy.service.ext_proc.v3.ExternalProcessor"
 
 
-def parse_listen(listen: str) -> tuple[str, int]:
-    """``"127.0.0.1:50051"`` -> ``("127.0.0.1", 50051)``; ``[::1]:50051`` for IPv6."""
+def parse_listen(listen: str, option: str = "--listen") -> tuple[str, int]:
+    """``"127.0.0.1:50051"`` -> ``("127.0.0.1", 50051)``; ``[::1]:50051`` for IPv6.
+    ``option`` names the setting in the error."""
     host, sep, port = listen.rpartition(":")
     if not sep or not port.isdigit() or not host:
-        raise SwitchyardError(f"--listen must be HOST:PORT, got {listen!r}.")
+        raise SwitchyardError(f"{option} must be HOST:PORT, got {listen!r}.")
     return host.strip("[]"), int(port)
 
 
@@ -46,8 +55,12 @@ async def serve_async(
 ) -> None:
     """Serve ``policy`` until SIGTERM/SIGINT, reloading it as it changes."""
     host, port = parse_listen(listen)
+    # Scorers load here, after any fork: their worker threads and devices belong to this process.
+    await asyncio.to_thread(policy.load_scorers)
     server = grpc.aio.server(options=[("grpc.so_reuseport", 1 if reuse_port else 0)])
-    ext_grpc.add_ExternalProcessorServicer_to_server(ExternalProcessor(policy.current), server)
+    telemetry = Telemetry()
+    telemetry.observe_policy(lambda: policy.digest)
+    ext_grpc.add_ExternalProcessorServicer_to_server(ExternalProcessor(policy.current, telemetry), server)
     health = HealthServicer()
     health_pb2_grpc.add_HealthServicer_to_server(health, server)
     address = f"[{host}]:{port}" if ":" in host else f"{host}:{port}"
@@ -73,34 +86,98 @@ async def serve_async(
     log.info("stopping", extra={"grace_s": grace})
     await health.enter_graceful_shutdown()
     await server.stop(grace)
+    await policy.close()
 
 
-def serve(policy_path: Path, listen: str, *, workers: int = 1, grace: float = 5.0, reload_interval: float = 5.0) -> int:
+def _bind_metrics(address: tuple[str, int] | None, registry):
+    """The scrape endpoint on ``address`` serving ``registry`` (bound, not started), or ``None``."""
+    if address is None:
+        return None
+    from extproc._metrics_http import MetricsServer
+
+    endpoint = MetricsServer.bind(*address, registry)
+    log.info("serving metrics", extra={"listen": endpoint.listen, "path": "/metrics", "pid": os.getpid()})
+    print(f"switchyard: metrics on {endpoint.listen}/metrics", file=sys.stderr, flush=True)
+    return endpoint
+
+
+def serve(
+    policy_path: Path,
+    listen: str,
+    *,
+    workers: int = 1,
+    grace: float = 5.0,
+    reload_interval: float = 5.0,
+    metrics_listen: str | None = None,
+) -> int:
     """Run the server in this process, or in ``workers`` forked processes on one port.
 
     ``reload_interval``: seconds between checks of the policy file (0: only on SIGHUP).
+    ``metrics_listen``: ``HOST:PORT`` of the Prometheus scrape endpoint (``None``: none,
+    unless ``OTEL_METRICS_EXPORTER=prometheus``); OTLP export follows the ``OTEL_*`` variables.
     """
+    config = TelemetryConfig.from_env(metrics_listen)  # a bad OTEL_* value never starts a server
+    metrics_address = parse_listen(config.metrics_listen, "--metrics-listen") if config.metrics_listen else None
     policy = PolicyFile.load(policy_path)  # before forking: a bad policy never starts a server
     # What is loaded by now (modules, the policy) lives as long as the process: the garbage
     # collector stops scanning it, and forked workers keep sharing its memory pages.
     gc.freeze()
     if workers <= 1:
-        asyncio.run(serve_async(policy, listen, grace=grace, reload_interval=reload_interval))
+        setup = setup_telemetry(config)
+        endpoint = _bind_metrics(metrics_address, setup.registry)
+        try:
+            if endpoint is not None:
+                endpoint.start()
+            asyncio.run(serve_async(policy, listen, grace=grace, reload_interval=reload_interval))
+        finally:
+            if endpoint is not None:
+                endpoint.close()
+            setup.shutdown()
         return 0
     host, port = parse_listen(listen)
     if port == 0:
         raise SwitchyardError("--workers > 1 needs a fixed port; --listen with port 0 cannot be shared.")
+    # With workers the parent owns the scrape endpoint and asks each worker over a socket
+    # pair; it is bound before forking so a taken port fails at once.
+    channels: list[tuple[socket.socket, socket.socket]] = []
+    endpoint = collector = None
+    if metrics_address is not None:
+        from prometheus_client import CollectorRegistry
+
+        from extproc._metrics_http import WorkerCollector
+
+        channels = [socket.socketpair() for _ in range(workers)]
+        collector = WorkerCollector([parent_end for parent_end, _ in channels])
+        registry = CollectorRegistry()
+        registry.register(collector)
+        endpoint = _bind_metrics(metrics_address, registry)
     children: list[int] = []
-    for _ in range(workers):
+    for index in range(workers):
         pid = os.fork()
         if pid == 0:  # child: grpc has not been initialised in the parent, so forking is safe
             try:
+                if endpoint is not None:
+                    endpoint.close()  # the parent's listening socket
+                for number, (parent_end, child_end) in enumerate(channels):
+                    parent_end.close()
+                    if number != index:
+                        child_end.close()
+                setup = setup_telemetry(config)
+                if channels:
+                    from extproc._metrics_http import answer_scrapes
+
+                    answer_scrapes(channels[index][1], setup.registry)
                 asyncio.run(serve_async(policy, listen, grace=grace, reuse_port=True, reload_interval=reload_interval))
+                setup.shutdown()
                 os._exit(0)
             except BaseException:  # noqa: BLE001 - report and exit the child, never return into the parent's code
                 log.exception("worker failed")
                 os._exit(1)
         children.append(pid)
+    for _, child_end in channels:
+        child_end.close()
+    if endpoint is not None:
+        endpoint.start()
 
     def forward(signum, _frame):
         for child in children:
@@ -112,9 +189,14 @@ def serve(policy_path: Path, listen: str, *, workers: int = 1, grace: float = 5.
     for signum in (signal.SIGTERM, signal.SIGINT, signal.SIGHUP):
         signal.signal(signum, forward)
     status = 0
-    for child in children:
-        _, code = os.waitpid(child, 0)
-        if os.waitstatus_to_exitcode(code) != 0:
-            status = 1
-            forward(signal.SIGTERM, None)  # one worker died: stop the rest so the pod restarts
+    try:
+        for child in children:
+            _, code = os.waitpid(child, 0)
+            if os.waitstatus_to_exitcode(code) != 0:
+                status = 1
+                forward(signal.SIGTERM, None)  # one worker died: stop the rest so the pod restarts
+    finally:
+        if endpoint is not None:
+            endpoint.close()
+            collector.close()
     return status

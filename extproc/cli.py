@@ -1,12 +1,14 @@
 """The ``switchyard`` command line (also ``python -m extproc``).
 
-    switchyard serve --policy PATH [--listen HOST:PORT] [--workers N] [--reload-interval S]
-    switchyard policy check PATH...
+    switchyard serve --policy PATH [--listen HOST:PORT] [--workers N] [--reload-interval S] [--metrics-listen HOST:PORT]
+    switchyard policy check PATH... [--envoy CONFIG]
+    switchyard envoy render --policy PATH --backend NAME=HOST:PORT ... [--tls NAME[=SNI]] [--out FILE]
     switchyard policy explain PATH --request BODY.json [--header NAME=VALUE ...]
     switchyard policy schema [--markdown]
     switchyard train probe|latent-router ...   (needs the `ml` extra)
     switchyard eval --checkpoint DIR ...       (needs the `ml` extra)
     switchyard calibrate --checkpoint DIR ...  (needs the `ml` extra)
+    switchyard scorer serve --config FILE --listen HOST:PORT   (needs the `ml` extra)
 
 The learned-scorer commands live in ``routers.cli``; they are registered only when one of
 them is asked for, so ``serve`` and ``policy`` never import ``routers`` or torch.
@@ -15,25 +17,27 @@ them is asked for, so ``serve`` and ``policy`` never import ``routers`` or torch
 from __future__ import annotations
 
 import argparse
+import asyncio
 import json
 import sys
 from pathlib import Path
 
 from extproc._engine import PolicyEngine
 from extproc._errors import PolicyError, RequestError, SwitchyardError
-from extproc._policy import load_policy
+from extproc._decision import Decision
+from extproc._policy import Policy, load_policy, read_policy_text
 from extproc._request import RoutingRequest, parse_json_body
 
 __all__ = ["main", "build_parser"]
 
-ROUTERS_COMMANDS = ("train", "eval", "calibrate")
+ROUTERS_COMMANDS = ("train", "eval", "calibrate", "scorer")
 
 
 def build_parser(with_routers: bool = False) -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="switchyard",
         description="Envoy external processor that routes LLM requests to model backends.",
-        epilog="Learned scorers: `switchyard train|eval|calibrate --help` (needs `pip install 'switchyard[ml]'`).",
+        epilog="Learned scorers: `switchyard train|eval|calibrate|scorer --help` (needs `pip install 'switchyard[ml]'`).",
     )
     parser.add_argument("--log-level", default="info", choices=("debug", "info", "warning", "error"))
     sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
@@ -46,12 +50,19 @@ def build_parser(with_routers: bool = False) -> argparse.ArgumentParser:
     serve.add_argument("--reload-interval", type=float, default=5.0, metavar="SECONDS",
                        help="Re-read the policy file this often; a valid change takes effect, a bad one is "
                             "logged and ignored (default 5; 0: only on SIGHUP).")
+    serve.add_argument("--metrics-listen", metavar="HOST:PORT", default=None,
+                       help="Serve Prometheus metrics at http://HOST:PORT/metrics (default: off). With --workers N "
+                            "the parent process serves every worker's series, labelled worker=\"<i>\". OTLP export "
+                            "follows the standard OTEL_* variables.")
     serve.set_defaults(handler=_serve)
 
     policy = sub.add_parser("policy", help="Check, explain or describe policy files.")
     policy_sub = policy.add_subparsers(dest="policy_command", required=True, metavar="ACTION")
     check = policy_sub.add_parser("check", help="Validate policy files; print every problem as PATH:LINE:COLUMN: message.")
     check.add_argument("paths", type=Path, nargs="+", metavar="PATH")
+    check.add_argument("--envoy", type=Path, metavar="CONFIG",
+                       help="Also check that this Envoy bootstrap has every backend's cluster and route, and buffers "
+                            "bodies up to routing.max_body_bytes plus the model rewrite.")
     check.set_defaults(handler=_check)
     explain = policy_sub.add_parser("explain", help="Print the decision for one request body as JSON.")
     explain.add_argument("path", type=Path, metavar="PATH", help="Policy YAML file.")
@@ -61,6 +72,10 @@ def build_parser(with_routers: bool = False) -> argparse.ArgumentParser:
     schema = policy_sub.add_parser("schema", help="Print the policy JSON Schema (or the README key table).")
     schema.add_argument("--markdown", action="store_true", help="Print the README's key reference instead.")
     schema.set_defaults(handler=_schema)
+
+    from extproc._envoy_cli import register as register_envoy
+
+    register_envoy(sub)
 
     if with_routers:
         from routers.cli import register
@@ -76,21 +91,42 @@ def _serve(args: argparse.Namespace) -> int:
         raise SwitchyardError(f"--workers must be >= 1, got {args.workers}.")
     if args.reload_interval < 0:
         raise SwitchyardError(f"--reload-interval must be >= 0, got {args.reload_interval}.")
-    return serve(args.policy, args.listen, workers=args.workers, grace=args.grace, reload_interval=args.reload_interval)
+    return serve(args.policy, args.listen, workers=args.workers, grace=args.grace, reload_interval=args.reload_interval,
+                 metrics_listen=args.metrics_listen)
 
 
 def _check(args: argparse.Namespace) -> int:
     status = 0
     for path in args.paths:
         try:
-            load_policy(path)
+            policy = load_policy(path)
         except PolicyError as error:
             for problem in error.problems:
                 print(problem)
             status = 1
+            continue
+        envoy_problems = _envoy_problems(policy, args.envoy) if args.envoy else []
+        for problem in envoy_problems:
+            print(problem)
+        if envoy_problems:
+            status = 1
         else:
-            print(f"{path}: ok")
+            print(f"{path}: ok" + (f" (with {args.envoy})" if args.envoy else ""))
     return status
+
+
+def _envoy_problems(policy, config_path: Path) -> list[str]:
+    import yaml
+
+    from extproc._envoy_render import check_envoy_config
+
+    try:
+        config = yaml.safe_load(config_path.read_text(encoding="utf-8"))
+    except (OSError, UnicodeDecodeError, yaml.YAMLError) as exc:
+        raise SwitchyardError(f"Cannot read the Envoy config {config_path}: {exc}") from exc
+    if not isinstance(config, dict):
+        raise SwitchyardError(f"{config_path} is not an Envoy bootstrap (a YAML mapping).")
+    return check_envoy_config(policy, config, source=str(config_path))
 
 
 def _explain(args: argparse.Namespace) -> int:
@@ -104,12 +140,26 @@ def _explain(args: argparse.Namespace) -> int:
         headers[name.strip().lower()] = value
     try:
         body = parse_json_body(raw, max_bytes=policy.routing.max_body_bytes)
-        decision = PolicyEngine(policy).decide(RoutingRequest(headers=headers, body=body))
+        decision = asyncio.run(_decide(policy, RoutingRequest(headers=headers, body=body)))
     except RequestError as error:
         print(json.dumps({"error": {"status": error.status, "code": error.code, "message": str(error)}}, indent=2))
         return 2
     print(json.dumps(decision.explain(), indent=2, ensure_ascii=False))
     return 0
+
+
+async def _decide(policy: Policy, request: RoutingRequest) -> Decision:
+    """Decide like the server does: the same scorers, loaded the same way, the same loop."""
+    from extproc._scorer_cache import ScorerCache
+    from extproc._scoring import decide_with_scores
+
+    cache = ScorerCache()
+    engine = PolicyEngine(policy, await asyncio.to_thread(cache.prepare, policy, read_policy_text(policy.source)))
+    cache.commit(dict(engine.scorers))
+    try:
+        return await decide_with_scores(engine, request)
+    finally:
+        await cache.close()
 
 
 def _schema(args: argparse.Namespace) -> int:
