@@ -14,7 +14,10 @@ from typing import Any
 import yaml
 
 from extproc._scorers import BatchConfig, ImageLimits, ScorerSpec
+from extproc._signals import signal_schemas
 from extproc._schema import (
+    DESCRIPTION_KEY,
+    kind_key,
     REQUIRED,
     Bool,
     Int,
@@ -23,7 +26,6 @@ from extproc._schema import (
     MapOf,
     Num,
     Obj,
-    Scalar,
     Schema,
     Str,
     Tagged,
@@ -41,16 +43,6 @@ __all__ = [
     "SCORER_KINDS_SCHEMA",
     "SCORERS_FILE_SCHEMA",
 ]
-
-SCOPES = ("last_user", "all", "system")
-
-_scope = Key(
-    Str(enum=SCOPES),
-    "Which text is searched: `last_user` the last user message, `all` every message, "
-    "`system` the system/developer messages.",
-    "last_user",
-)
-
 
 class ConditionSchema(Schema):
     """A rule condition: a signal name, or ``{all: [...]}``, ``{any: [...]}``, ``{not: ...}``."""
@@ -107,136 +99,11 @@ class ConditionSchema(Schema):
 CONDITION_SCHEMA = ConditionSchema()
 
 
-def _kind(name: str) -> Key:
-    return Key(Str(enum=(name,)), f"Always `{name}`.")
+_kind = kind_key
+_description = DESCRIPTION_KEY
 
-
-_description = Key(Str(), "Free text for people reading the policy.", None)
-
-SIGNAL_KINDS: dict[str, Obj] = {
-    "keywords": Obj(
-        title="keywords",
-        doc="True when at least `min_matches` of the keywords occur in the chosen text.",
-        keys={
-            "kind": _kind("keywords"),
-            "keywords": Key(ListOf(Str(min_length=1), min_items=1), "Words or phrases to look for."),
-            "case_sensitive": Key(Bool(), "Match case exactly.", False),
-            "whole_word": Key(Bool(), "Only match at word boundaries (`code` does not match `decode`).", True),
-            "min_matches": Key(Int(minimum=1), "How many distinct keywords must occur.", 1),
-            "scope": _scope,
-            "description": _description,
-        },
-    ),
-    "regex": Obj(
-        title="regex",
-        doc="True when any pattern matches the chosen text (Python `re` syntax, searched, not anchored).",
-        keys={
-            "kind": _kind("regex"),
-            "patterns": Key(ListOf(Str(min_length=1), min_items=1), "Regular expressions; each must compile."),
-            "case_sensitive": Key(Bool(), "Match case exactly.", False),
-            "scope": _scope,
-            "description": _description,
-        },
-    ),
-    "token_count": Obj(
-        title="token_count",
-        doc="The prompt's token count compared with thresholds. Set `above`, `below` or both "
-        "(both: true inside the range). Counted with `tokenizer` when set, else estimated.",
-        keys={
-            "kind": _kind("token_count"),
-            "above": Key(Int(minimum=0), "True when the count is strictly greater than this.", None),
-            "below": Key(Int(minimum=1), "True when the count is strictly less than this.", None),
-            "scope": Key(Str(enum=SCOPES), "Which messages are counted (see `scope` above).", "all"),
-            "tokenizer": Key(
-                Str(min_length=1),
-                "Path to a Hugging Face `tokenizer.json` (relative to the policy file). Loaded with "
-                "the `tokenizers` library at policy load; never downloaded. Default: the fast "
-                "estimate, one token per 4 characters of Latin text and one per CJK character.",
-                None,
-            ),
-            "description": _description,
-        },
-    ),
-    "modality": Obj(
-        title="modality",
-        doc="True when the request carries at least `min_count` parts of the modality.",
-        keys={
-            "kind": _kind("modality"),
-            "modality": Key(Str(enum=("image",)), "The modality to look for.", "image"),
-            "min_count": Key(Int(minimum=1), "How many parts are needed.", 1),
-            "description": _description,
-        },
-    ),
-    "header": Obj(
-        title="header",
-        doc="A request header compared with `values` (exact), `pattern` (regex, full match) or "
-        "`present`. Set exactly one. Use only headers a trusted layer sets; `x-switchyard-*` "
-        "headers from clients are removed by Envoy before switchyard sees them.",
-        keys={
-            "kind": _kind("header"),
-            "header": Key(Str(min_length=1), "Header name (case-insensitive)."),
-            "values": Key(ListOf(Str(), min_items=1), "True when the header equals one of these.", None),
-            "pattern": Key(Str(min_length=1), "True when the header fully matches this regex.", None),
-            "present": Key(Bool(), "True when the header is present (`true`) or absent (`false`).", None),
-            "description": _description,
-        },
-    ),
-    "request_field": Obj(
-        title="request_field",
-        doc="A top-level field of the JSON body (`stream`, `tools`, `max_tokens`, `model`, ...). Set "
-        "exactly one of `present`, `equals`, `in`, or `above`/`below` (numbers; both: a range).",
-        keys={
-            "kind": _kind("request_field"),
-            "field": Key(Str(min_length=1), "Top-level body field name."),
-            "present": Key(Bool(), "True when the field is present and not null/empty (`true`), or absent (`false`).", None),
-            "equals": Key(Scalar(), "True when the field equals this value.", None),
-            "in": Key(ListOf(Scalar(), min_items=1), "True when the field equals one of these.", None),
-            "above": Key(Num(), "True when the field is a number greater than this.", None),
-            "below": Key(Num(), "True when the field is a number less than this.", None),
-            "description": _description,
-        },
-    ),
-    "language": Obj(
-        title="language",
-        doc="The detected language of the chosen text (ISO 639-1: en, es, fr, de, it, pt, nl, "
-        "ru, uk, el, he, ar, fa, hi, th, zh, ja, ko). True when it is one of `languages`. "
-        "Detection is a fast script + stop-word heuristic; short texts detect as `und`.",
-        keys={
-            "kind": _kind("language"),
-            "languages": Key(ListOf(Str(min_length=2), min_items=1), "Language codes that make the signal true."),
-            "scope": _scope,
-            "description": _description,
-        },
-    ),
-}
-
-SIGNAL_KINDS["score"] = Obj(
-    title="score",
-    doc="A learned score from `scorers.<scorer>` compared with a threshold: `above` and/or `below` "
-    "(numbers; both: true inside the range), or `large_share`, the threshold the probe checkpoint was "
-    "calibrated at (`switchyard calibrate`) for that share of requests on the large backend (true when the "
-    "score is at or above it). The scorer runs only when a rule that can still win reaches this signal; "
-    "if it fails or misses its deadline the request takes `fallback`.",
-    keys={
-        "kind": _kind("score"),
-        "scorer": Key(Str(min_length=1), "The scorer (a key of `scorers`)."),
-        "output": Key(
-            Str(min_length=1),
-            "Which of the scorer's outputs: a probe checkpoint's name in `checkpoints`, or a LatentRouter pool "
-            "model. May be left out when the scorer has exactly one output.",
-            None,
-        ),
-        "above": Key(Num(), "True when the score is greater than this.", None),
-        "below": Key(Num(), "True when the score is less than this.", None),
-        "large_share": Key(
-            Num(minimum=0, maximum=1),
-            "Use the checkpoint's calibrated threshold for this share of traffic on the large backend "
-            "(cannot be combined with `above`/`below`).",
-            None,
-        ),
-        "description": _description,
-    },
-)
+#: Each signal kind's keys, declared once on its class in ``_signals``.
+SIGNAL_KINDS: dict[str, Obj] = signal_schemas()
 
 _BATCH = BatchConfig()
 _IMAGES = ImageLimits()

@@ -34,6 +34,8 @@ __all__ = [
     "Tagged",
     "Validation",
     "REQUIRED",
+    "kind_key",
+    "DESCRIPTION_KEY",
 ]
 
 
@@ -55,6 +57,20 @@ class Validation:
     source: str
     problems: list[PolicyProblem] = field(default_factory=list)
     marks: dict[Path, tuple[int, int]] = field(default_factory=dict)
+    #: Paths whose value has a problem, itself or inside. A list item or a named entry
+    #: (a backend, a rule) with a problem validates to ``None``, so later checks can skip
+    #: it and still check the entries that validated.
+    broken: set[Path] = field(default_factory=set)
+
+    def entry(self, schema: Schema, node: yaml.Node, path: Path, *, whole: bool = False) -> Any:
+        """``schema.validate(node, path)``, recording ``path`` as broken when it had problems;
+        then ``None`` when ``whole`` (the value is one entry: used whole or not at all)."""
+        before = len(self.problems)
+        value = schema.validate(node, path, self)
+        if len(self.problems) > before:
+            self.broken.add(path)
+            return None if whole else value
+        return value
 
     def problem(self, node: yaml.Node | None, message: str, path: Path = ()) -> None:
         line, column = self.position(node, path)
@@ -261,7 +277,7 @@ class ListOf(Schema):
         for index, child in enumerate(node.value):
             child_path = path + (index,)
             v.marks[child_path] = (child.start_mark.line + 1, child.start_mark.column + 1)
-            out.append(self.item.validate(child, child_path, v))
+            out.append(v.entry(self.item, child, child_path, whole=True))
         return out
 
     def json_schema(self) -> dict[str, Any]:
@@ -317,12 +333,13 @@ class Obj(Schema):
                 continue
             child_path = path + (key,)
             v.marks[child_path] = (key_node.start_mark.line + 1, key_node.start_mark.column + 1)
-            out[key] = self.keys[key].schema.validate(value_node, child_path, v)
+            out[key] = v.entry(self.keys[key].schema, value_node, child_path)
         for key, spec in self.keys.items():
             if key in out:
                 continue
             if spec.default is REQUIRED:
                 v.problem(node, f"`{dotted(path + (key,))}` is required.")
+                v.broken.add(path + (key,))
             else:
                 out[key] = spec.default
         return out
@@ -367,7 +384,7 @@ class MapOf(Schema):
                 continue
             child_path = path + (key,)
             v.marks[child_path] = (key_node.start_mark.line + 1, key_node.start_mark.column + 1)
-            out[key] = self.value.validate(value_node, child_path, v)
+            out[key] = v.entry(self.value, value_node, child_path, whole=True)
         if len(node.value) < self.min_items:
             v.problem(node, f"`{dotted(path)}` needs at least {self.min_items} entry(ies).")
         return out
@@ -416,3 +433,12 @@ class Tagged(Schema):
 
     def type_name(self) -> str:
         return f"one of the `{self.tag}`s below"
+
+
+def kind_key(name: str) -> Key:
+    """The ``kind`` key of a tagged variant: always ``name``."""
+    return Key(Str(enum=(name,)), f"Always `{name}`.")
+
+
+#: The free-text ``description`` key every named policy entry may carry.
+DESCRIPTION_KEY = Key(Str(), "Free text for people reading the policy.", None)

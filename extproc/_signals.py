@@ -6,8 +6,8 @@ expensive intermediate values (the text of a scope, a token count, the language)
 several signals on the same text pay once. Signals are only evaluated when a rule's
 condition reaches them, and each at most once per request.
 
-The kinds are registered in :data:`SIGNAL_TYPES` (first the cheap ones; learned scores
-will join here as kinds whose value comes from a scorer).
+The kinds are registered in :data:`SIGNAL_TYPES`: the cheap ones, then ``score``, whose
+value comes from a learned scorer the caller runs (see ``_scoring``).
 """
 
 from __future__ import annotations
@@ -19,16 +19,27 @@ from pathlib import Path
 from typing import Any, ClassVar, NamedTuple
 
 from extproc._errors import SwitchyardError
+from extproc._schema import DESCRIPTION_KEY, Bool, Int, Key, ListOf, Num, Obj, Scalar, Str, kind_key
 from extproc._language import detect_language
 from extproc._messages import conversation_text, last_user_text, message_text
 from extproc._request import RoutingRequest
 from extproc._scorers import ScorerFailure, Scores, ScoresNeeded, ScoringFailed
 from extproc._tokens import ESTIMATE, TokenCounter, TokenizerFileCounter
 
-__all__ = ["Signal", "SignalResult", "SignalContext", "ScoreSignal", "SIGNAL_TYPES", "build_signal"]
+__all__ = ["Signal", "SignalResult", "SignalContext", "ScoreSignal", "SIGNAL_TYPES", "SCOPES", "build_signal", "signal_schemas"]
 
 #: ``report(key_path, message)`` records a problem at a key of the signal's entry.
 Report = Callable[[tuple[str, ...], str], None]
+
+SCOPES = ("last_user", "all", "system")
+
+_scope = Key(
+    Str(enum=SCOPES),
+    "Which text is searched: `last_user` the last user message, `all` every message, "
+    "`system` the system/developer messages.",
+    "last_user",
+)
+
 
 _WORD = re.compile(r"\w+")
 _BACKREFERENCE = re.compile(r"\\[1-9]|\(\?P=")
@@ -97,9 +108,13 @@ class SignalContext:
 
 
 class Signal:
-    """Base class of signal kinds."""
+    """Base class of signal kinds. A kind declares itself once: ``kind``, ``doc`` and
+    ``keys`` (its policy entry, from which the validator, the JSON Schema and the README
+    table come), :meth:`from_config` and :meth:`evaluate`."""
 
     kind: ClassVar[str]
+    doc: ClassVar[str]
+    keys: ClassVar[dict[str, Key]]
     name: str
 
     @classmethod
@@ -125,6 +140,16 @@ class KeywordsSignal(Signal):
     punctuation (``stack trace``, ``c++``) are substring searches checked at word edges."""
 
     kind: ClassVar[str] = "keywords"
+    doc: ClassVar[str] = (
+        "True when at least `min_matches` of the keywords occur in the chosen text."
+    )
+    keys: ClassVar[dict[str, Key]] = {
+        "keywords": Key(ListOf(Str(min_length=1), min_items=1), "Words or phrases to look for."),
+        "case_sensitive": Key(Bool(), "Match case exactly.", False),
+        "whole_word": Key(Bool(), "Only match at word boundaries (`code` does not match `decode`).", True),
+        "min_matches": Key(Int(minimum=1), "How many distinct keywords must occur.", 1),
+        "scope": _scope,
+    }
     name: str
     case_sensitive: bool
     words: dict[str, str]  # normalised single word -> keyword as written
@@ -176,6 +201,14 @@ class KeywordsSignal(Signal):
 @dataclass
 class RegexSignal(Signal):
     kind: ClassVar[str] = "regex"
+    doc: ClassVar[str] = (
+        "True when any pattern matches the chosen text (Python `re` syntax, searched, not anchored)."
+    )
+    keys: ClassVar[dict[str, Key]] = {
+        "patterns": Key(ListOf(Str(min_length=1), min_items=1), "Regular expressions; each must compile."),
+        "case_sensitive": Key(Bool(), "Match case exactly.", False),
+        "scope": _scope,
+    }
     name: str
     patterns: tuple[re.Pattern[str], ...]
     scope: str
@@ -213,6 +246,22 @@ class RegexSignal(Signal):
 @dataclass
 class TokenCountSignal(Signal):
     kind: ClassVar[str] = "token_count"
+    doc: ClassVar[str] = (
+        "The prompt's token count compared with thresholds. Set `above`, `below` or both "
+        "(both: true inside the range). Counted with `tokenizer` when set, else estimated."
+    )
+    keys: ClassVar[dict[str, Key]] = {
+        "above": Key(Int(minimum=0), "True when the count is strictly greater than this.", None),
+        "below": Key(Int(minimum=1), "True when the count is strictly less than this.", None),
+        "scope": Key(Str(enum=SCOPES), "Which messages are counted (see `scope` above).", "all"),
+        "tokenizer": Key(
+                Str(min_length=1),
+                "Path to a Hugging Face `tokenizer.json` (relative to the policy file). Loaded with "
+                "the `tokenizers` library at policy load; never downloaded. Default: the fast "
+                "estimate, one token per 4 characters of Latin text and one per CJK character.",
+                None,
+            ),
+    }
     name: str
     above: int | None
     below: int | None
@@ -250,6 +299,13 @@ class TokenCountSignal(Signal):
 @dataclass
 class ModalitySignal(Signal):
     kind: ClassVar[str] = "modality"
+    doc: ClassVar[str] = (
+        "True when the request carries at least `min_count` parts of the modality."
+    )
+    keys: ClassVar[dict[str, Key]] = {
+        "modality": Key(Str(enum=("image",)), "The modality to look for.", "image"),
+        "min_count": Key(Int(minimum=1), "How many parts are needed.", 1),
+    }
     name: str
     modality: str
     min_count: int
@@ -275,6 +331,17 @@ def _exactly_one(name: str, config: dict[str, Any], keys: tuple[str, ...], repor
 @dataclass
 class HeaderSignal(Signal):
     kind: ClassVar[str] = "header"
+    doc: ClassVar[str] = (
+        "A request header compared with `values` (exact), `pattern` (regex, full match) or "
+        "`present`. Set exactly one. Use only headers a trusted layer sets; `x-switchyard-*` "
+        "headers from clients are removed by Envoy before switchyard sees them."
+    )
+    keys: ClassVar[dict[str, Key]] = {
+        "header": Key(Str(min_length=1), "Header name (case-insensitive)."),
+        "values": Key(ListOf(Str(), min_items=1), "True when the header equals one of these.", None),
+        "pattern": Key(Str(min_length=1), "True when the header fully matches this regex.", None),
+        "present": Key(Bool(), "True when the header is present (`true`) or absent (`false`).", None),
+    }
     name: str
     header: str
     values: frozenset[str] | None
@@ -310,6 +377,18 @@ _MISSING = object()
 @dataclass
 class RequestFieldSignal(Signal):
     kind: ClassVar[str] = "request_field"
+    doc: ClassVar[str] = (
+        "A top-level field of the JSON body (`stream`, `tools`, `max_tokens`, `model`, ...). Set "
+        "exactly one of `present`, `equals`, `in`, or `above`/`below` (numbers; both: a range)."
+    )
+    keys: ClassVar[dict[str, Key]] = {
+        "field": Key(Str(min_length=1), "Top-level body field name."),
+        "present": Key(Bool(), "True when the field is present and not null/empty (`true`), or absent (`false`).", None),
+        "equals": Key(Scalar(), "True when the field equals this value.", None),
+        "in": Key(ListOf(Scalar(), min_items=1), "True when the field equals one of these.", None),
+        "above": Key(Num(), "True when the field is a number greater than this.", None),
+        "below": Key(Num(), "True when the field is a number less than this.", None),
+    }
     name: str
     field: str
     present: bool | None
@@ -358,6 +437,15 @@ def _same(a: Any, b: Any) -> bool:
 @dataclass
 class LanguageSignal(Signal):
     kind: ClassVar[str] = "language"
+    doc: ClassVar[str] = (
+        "The detected language of the chosen text (ISO 639-1: en, es, fr, de, it, pt, nl, "
+        "ru, uk, el, he, ar, fa, hi, th, zh, ja, ko). True when it is one of `languages`. "
+        "Detection is a fast script + stop-word heuristic; short texts detect as `und`."
+    )
+    keys: ClassVar[dict[str, Key]] = {
+        "languages": Key(ListOf(Str(min_length=2), min_items=1), "Language codes that make the signal true."),
+        "scope": _scope,
+    }
     name: str
     languages: frozenset[str]
     scope: str
@@ -386,6 +474,30 @@ class ScoreSignal(Signal):
     ``large_share`` threshold are resolved from the scorer's checkpoints at policy load."""
 
     kind: ClassVar[str] = "score"
+    doc: ClassVar[str] = (
+        "A learned score from `scorers.<scorer>` compared with a threshold: `above` and/or `below` "
+    "(numbers; both: true inside the range), or `large_share`, the threshold the probe checkpoint was "
+    "calibrated at (`switchyard calibrate`) for that share of requests on the large backend (true when the "
+    "score is at or above it). The scorer runs only when a rule that can still win reaches this signal; "
+    "if it fails or misses its deadline the request takes `fallback`."
+    )
+    keys: ClassVar[dict[str, Key]] = {
+        "scorer": Key(Str(min_length=1), "The scorer (a key of `scorers`)."),
+        "output": Key(
+            Str(min_length=1),
+            "Which of the scorer's outputs: a probe checkpoint's name in `checkpoints`, or a LatentRouter pool "
+            "model. May be left out when the scorer has exactly one output.",
+            None,
+        ),
+        "above": Key(Num(), "True when the score is greater than this.", None),
+        "below": Key(Num(), "True when the score is less than this.", None),
+        "large_share": Key(
+            Num(minimum=0, maximum=1),
+            "Use the checkpoint's calibrated threshold for this share of traffic on the large backend "
+            "(cannot be combined with `above`/`below`).",
+            None,
+        ),
+    }
     name: str
     scorer: str
     output: str | None
@@ -431,6 +543,15 @@ SIGNAL_TYPES: dict[str, type[Signal]] = {
         LanguageSignal, ScoreSignal,
     )
 }
+
+
+def signal_schemas() -> dict[str, Obj]:
+    """Each kind's policy entry (``kind``, its keys, ``description``) for the validator, the
+    JSON Schema and the README table, from the one declaration on its class."""
+    return {
+        kind: Obj(title=kind, doc=cls.doc, keys={"kind": kind_key(kind), **cls.keys, "description": DESCRIPTION_KEY})
+        for kind, cls in SIGNAL_TYPES.items()
+    }
 
 
 def build_signal(name: str, config: dict[str, Any], base_dir: Path, report: Report) -> Signal | None:
