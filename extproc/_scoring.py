@@ -97,7 +97,7 @@ async def decide_with_scores(
                 raise RuntimeError(f"The engine asked again for scorer {name!r}.")
             scores[name], latency[name] = await score_request(engine, name, request, arrival)
             if telemetry is not None:
-                telemetry.record_score(name, scores[name], latency[name])  # noqa - see Telemetry.record_score
+                telemetry.record_score(name, scores[name], latency[name])
         try:
             decision = engine.decide(request, scores)
         except ScoresNeeded as again:
