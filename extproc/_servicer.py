@@ -36,7 +36,7 @@ from extproc._mutations import (
 from extproc._request import RoutingRequest, body_too_large, is_json_content_type, parse_json_body, rewrite_model
 from extproc._scorers import ScoresNeeded
 from extproc._scoring import decide_with_scores
-from extproc._telemetry import Telemetry
+from extproc._telemetry import Telemetry, start_decide_span
 
 __all__ = ["ExternalProcessor", "RequestStream"]
 
@@ -110,7 +110,7 @@ class RequestStream:
         decide without ever leaving this call)."""
         assert self.request is not None
         started = time.perf_counter()
-        span = self.telemetry.tracer.start_span("switchyard.decide") if self.telemetry.tracing else None
+        span = start_decide_span(self.telemetry, self.request.headers)  # joins the caller's traceparent
         try:
             self.request.body = parse_json_body(raw, max_bytes=self.engine.policy.routing.max_body_bytes)
             decision = self.engine.decide(self.request)

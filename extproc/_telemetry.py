@@ -1,23 +1,58 @@
-"""Logs, metrics and traces.
+"""Logs, metrics and traces: the instruments switchyard records into, and its spans.
 
 Logs are one JSON object a line (``logging`` with :class:`JsonFormatter`); prompts and
 bodies are never logged at info level. Metrics and traces go through the OpenTelemetry
-API: they cost next to nothing until an SDK / exporter is configured (for example with
-the standard ``OTEL_*`` environment variables and ``opentelemetry-instrument``).
+API: they cost next to nothing until an SDK is configured, which ``switchyard serve`` does
+for ``--metrics-listen`` and the standard ``OTEL_*`` variables
+(:mod:`extproc._telemetry_setup`).
+
+Metric names as Prometheus shows them (dots become underscores, the unit is appended,
+counters end in ``_total``)::
+
+    switchyard.decisions          switchyard_decisions_total{backend, rule, fallback}
+    switchyard.rejections         switchyard_rejections_total{status, code}
+    switchyard.decision.duration  switchyard_decision_duration_seconds_bucket{le}
+    switchyard.policy.reloads     switchyard_policy_reloads_total{result}
+    switchyard.policy.info        switchyard_policy_info{digest}  (1 for the running policy)
+    switchyard.scorer.duration    switchyard_scorer_duration_seconds_bucket{scorer, result, le}
+    switchyard.scorer.batch.size  switchyard_scorer_batch_size_bucket{scorer, le}
+    switchyard.scorer.failures    switchyard_scorer_failures_total{scorer, reason}
+
+The ``switchyard.decide`` span joins the caller's trace from the W3C ``traceparent``
+request header (:func:`start_decide_span`); each scorer call is a child span of it
+(:func:`scorer_span`).
 """
 
 from __future__ import annotations
 
+import contextlib
 import json
 import logging
 import sys
 import time
+from collections.abc import Callable, Iterator, Mapping
 
-from opentelemetry import metrics, trace
+from opentelemetry import metrics, propagate, trace
+from opentelemetry.metrics import CallbackOptions, Observation
 
-__all__ = ["JsonFormatter", "configure_logging", "Telemetry"]
+from extproc._scorers import ScorerFailure, Scores
+
+__all__ = [
+    "JsonFormatter",
+    "configure_logging",
+    "Telemetry",
+    "start_decide_span",
+    "scorer_span",
+]
 
 _RESERVED = set(vars(logging.LogRecord("", 0, "", 0, "", None, None))) | {"message", "asctime"}
+
+#: Bucket bounds (seconds) of the decision latency: cheap rules take microseconds.
+DECISION_BUCKETS = (0.00005, 0.0001, 0.00025, 0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0)
+#: Bucket bounds (seconds) of a scorer call: a forward takes milliseconds, deadlines ~100 ms.
+SCORER_BUCKETS = (0.001, 0.0025, 0.005, 0.01, 0.02, 0.04, 0.06, 0.08, 0.1, 0.15, 0.25, 0.5, 1.0, 2.5)
+#: Bucket bounds of a micro-batch's size (requests sharing one forward).
+BATCH_BUCKETS = (1, 2, 4, 8, 16, 32, 64, 128)
 
 
 class JsonFormatter(logging.Formatter):
@@ -47,18 +82,34 @@ def configure_logging(level: str = "info") -> None:
 
 
 class Telemetry:
-    """The OpenTelemetry instruments the servicer records into."""
+    """The OpenTelemetry instruments switchyard records into.
+
+    Creating one is cheap and instruments are shared by name, so every component may hold
+    its own; without an SDK every call on them is a no-op.
+
+    Who records what:
+
+    - ``decisions``, ``decision_time``, ``rejections``: the servicer, once per routed or
+      rejected request.
+    - ``policy_reloads``: :class:`~extproc._reload.PolicyFile`, once per reload attempt that
+      changed something (``result``: ``reloaded`` / ``rejected``).
+    - ``policy_info``: the server registers the running policy's digest once with
+      :meth:`observe_policy`; it is read at each collection.
+    - ``scorer_time``, ``scorer_batch_size``, ``scorer_failures``: whoever awaits a scorer
+      (:func:`~extproc._scoring.decide_with_scores`), once per scorer call, through
+      :meth:`record_score`.
+    """
 
     def __init__(self, meter_provider=None, tracer_provider=None) -> None:
         """Uses the global OpenTelemetry providers unless others are given (tests)."""
-        meter = metrics.get_meter("switchyard", meter_provider=meter_provider)
+        self._meter = meter = metrics.get_meter("switchyard", meter_provider=meter_provider)
         self.tracer = trace.get_tracer("switchyard", tracer_provider=tracer_provider)
         # Without an SDK the API hands out no-op spans; skipping them saves ~10 µs a request.
         provider = tracer_provider or trace.get_tracer_provider()
         self.tracing = not isinstance(provider, (trace.NoOpTracerProvider, trace.ProxyTracerProvider))
         self.decisions = meter.create_counter(
-            "switchyard.decisions", unit="{request}", description="Routing decisions, by backend and rule."
-        )
+            "switchyard.decisions", unit="{request}",
+            description="Routing decisions, by backend, rule and fallback (the reason a fallback was taken, or empty).")
         self.rejections = meter.create_counter(
             "switchyard.rejections", unit="{request}", description="Requests answered with an error, by status and code."
         )
@@ -66,5 +117,82 @@ class Telemetry:
             "switchyard.policy.reloads", unit="{reload}", description="Policy file changes, by result (reloaded, rejected)."
         )
         self.decision_time = meter.create_histogram(
-            "switchyard.decision.duration", unit="s", description="Time to parse a request and evaluate the policy."
+            "switchyard.decision.duration", unit="s", description="Time to parse a request and evaluate the policy.",
+            explicit_bucket_boundaries_advisory=DECISION_BUCKETS,
         )
+        self.scorer_time = meter.create_histogram(
+            "switchyard.scorer.duration", unit="s",
+            description="Time from asking a learned scorer to its answer or failure, by scorer and result "
+                        "(ok, or the failure's reason: deadline, error, non_finite, ...).",
+            explicit_bucket_boundaries_advisory=SCORER_BUCKETS,
+        )
+        self.scorer_batch_size = meter.create_histogram(
+            "switchyard.scorer.batch.size", unit="{request}",
+            description="Requests that shared one scorer forward pass, by scorer.",
+            explicit_bucket_boundaries_advisory=BATCH_BUCKETS,
+        )
+        self.scorer_failures = meter.create_counter(
+            "switchyard.scorer.failures", unit="{call}",
+            description="Scorer calls that missed their deadline or failed (the policy took its fallback), "
+                        "by scorer and reason.",
+        )
+
+    def record_score(self, scorer: str, outcome: Scores | ScorerFailure, latency_ms: float) -> None:
+        """One scorer call: its latency by ``result`` (``ok``, or the failure's ``reason``),
+        a failure by reason, and the batch size when the scorer knows it."""
+        result = outcome.reason if isinstance(outcome, ScorerFailure) else "ok"
+        self.scorer_time.record(latency_ms / 1000.0, {"scorer": scorer, "result": result})
+        if isinstance(outcome, ScorerFailure):
+            self.scorer_failures.add(1, {"scorer": scorer, "reason": result})
+        elif outcome.batch_size > 0:
+            self.scorer_batch_size.record(outcome.batch_size, {"scorer": scorer})
+
+    def observe_policy(self, digest: Callable[[], str]) -> None:
+        """Report ``switchyard.policy.info{digest=digest()} = 1`` at every collection.
+
+        Call once per process (the server does): each call adds an observer.
+        """
+
+        def observe(_options: CallbackOptions) -> list[Observation]:
+            return [Observation(1, {"digest": digest()})]
+
+        self._meter.create_observable_gauge(
+            "switchyard.policy.info", callbacks=[observe], unit="1",
+            description="1 for the policy this process runs, labelled with its content digest.")
+
+
+def start_decide_span(telemetry: Telemetry, headers: Mapping[str, str]) -> trace.Span | None:
+    """Start the ``switchyard.decide`` span as a child of the caller's trace, or ``None``
+    when tracing is off.
+
+    The parent comes from the request headers Envoy passes on (``traceparent`` and
+    ``tracestate``, W3C Trace Context; ``OTEL_PROPAGATORS`` can name others). Without them
+    the span starts a new trace. The caller ends the span.
+    """
+    if not telemetry.tracing:
+        return None
+    return telemetry.tracer.start_span("switchyard.decide", context=propagate.extract(headers))
+
+
+@contextlib.contextmanager
+def scorer_span(telemetry: Telemetry, parent: trace.Span | None, scorer: str) -> Iterator[trace.Span | None]:
+    """A ``switchyard.scorer`` child span of ``parent`` around one scorer call.
+
+    Yields ``None`` (and records nothing) when ``parent`` is ``None``, i.e. tracing is off.
+    An exception leaving the block is recorded on the span, marks it as an error, and is
+    re-raised. Safe in coroutines: the parent is passed explicitly, not taken from the
+    current context.
+    """
+    if parent is None or not telemetry.tracing:
+        yield None
+        return
+    span = telemetry.tracer.start_span(
+        "switchyard.scorer", context=trace.set_span_in_context(parent), attributes={"switchyard.scorer": scorer})
+    try:
+        yield span
+    except BaseException as exc:
+        span.record_exception(exc)
+        span.set_status(trace.Status(trace.StatusCode.ERROR, type(exc).__name__))
+        raise
+    finally:
+        span.end()
