@@ -22,6 +22,8 @@ from extproc._errors import ScorerError
 from extproc._request import RoutingRequest
 from extproc._scorers import ScorerFailure, Scores, ScoresNeeded
 
+from extproc._telemetry import scorer_span
+
 if TYPE_CHECKING:
     from extproc._telemetry import Telemetry
 
@@ -37,9 +39,24 @@ def _finite(scores: Scores) -> bool:
 
 
 async def score_request(
+    engine: PolicyEngine, name: str, request: RoutingRequest, arrival: float,
+    telemetry: Telemetry | None = None, span=None,
+) -> tuple[Scores | ScorerFailure, float]:
+    """Scorer ``name``'s scores for ``request`` (or why there are none), and the ms it took.
+    With ``telemetry``, the call is recorded (metrics, and a child span of ``span``)."""
+    if telemetry is None:
+        return await _score(engine, name, request, arrival)
+    with scorer_span(telemetry, span, name) as child:
+        outcome, latency_ms = await _score(engine, name, request, arrival)
+        if child is not None:
+            child.set_attribute("switchyard.scorer.result", getattr(outcome, "reason", "ok"))
+    telemetry.record_score(name, outcome, latency_ms)
+    return outcome, latency_ms
+
+
+async def _score(
     engine: PolicyEngine, name: str, request: RoutingRequest, arrival: float
 ) -> tuple[Scores | ScorerFailure, float]:
-    """Scorer ``name``'s scores for ``request`` (or why there are none), and the ms it took."""
     started = time.monotonic()
     spec = engine.policy.scorers[name]
     scorer = engine.scorers.get(name)
@@ -79,12 +96,14 @@ async def decide_with_scores(
     arrival: float | None = None,
     first_need: ScoresNeeded | None = None,
     telemetry: Telemetry | None = None,
+    span=None,
 ) -> Decision:
     """Decide ``request``, scoring it with the scorers the engine asks for.
 
     ``arrival``: ``time.monotonic()`` when the request reached switchyard (deadlines count
     from it; default now). ``first_need``: the :class:`ScoresNeeded` of a decide call the
-    caller already made. Raises :class:`RequestError` like :meth:`PolicyEngine.decide`.
+    caller already made. ``telemetry`` / ``span``: record each scorer call (metrics, and a
+    child span of the decide ``span``). Raises :class:`RequestError` like :meth:`PolicyEngine.decide`.
     """
     arrival = time.monotonic() if arrival is None else arrival
     scores: dict[str, Scores | ScorerFailure] = {}
@@ -95,9 +114,7 @@ async def decide_with_scores(
             name = need.scorer
             if name in scores:  # the engine asked twice for one scorer: a bug, never loop
                 raise RuntimeError(f"The engine asked again for scorer {name!r}.")
-            scores[name], latency[name] = await score_request(engine, name, request, arrival)
-            if telemetry is not None:
-                telemetry.record_score(name, scores[name], latency[name])
+            scores[name], latency[name] = await score_request(engine, name, request, arrival, telemetry, span)
         try:
             decision = engine.decide(request, scores)
         except ScoresNeeded as again:

@@ -124,7 +124,7 @@ class RequestStream:
         assert self.request is not None
         try:
             decision = await decide_with_scores(
-                self.engine, self.request, arrival=self.arrival, first_need=need, telemetry=self.telemetry
+                self.engine, self.request, arrival=self.arrival, first_need=need, telemetry=self.telemetry, span=span
             )
         except RequestError as error:
             return self._rejected(error, span)

@@ -339,3 +339,30 @@ def test_a_reload_reuses_an_unchanged_scorer_and_a_failed_load_rejects_the_polic
     new = cache.prepare(changed)
     assert new["probe"] is not scorers["probe"] and new["utility"] is scorers["utility"]
     assert cache.commit(new) == [scorers["probe"]]  # the old probe is retired
+
+
+def test_scorer_calls_are_child_spans_of_the_decision_and_are_measured():
+    from opentelemetry.sdk.metrics import MeterProvider
+    from opentelemetry.sdk.metrics.export import InMemoryMetricReader
+    from opentelemetry.sdk.trace import TracerProvider
+    from opentelemetry.sdk.trace.export import SimpleSpanProcessor
+    from opentelemetry.sdk.trace.export.in_memory_span_exporter import InMemorySpanExporter
+
+    exporter, reader = InMemorySpanExporter(), InMemoryMetricReader()
+    tracer_provider = TracerProvider()
+    tracer_provider.add_span_processor(SimpleSpanProcessor(exporter))
+    telemetry = Telemetry(MeterProvider(metric_readers=[reader]), tracer_provider)
+    stream = RequestStream(engine(error=ScorerError("down")), telemetry)
+    stream.handle(_headers_message())
+    asyncio.run(stream.handle(_body_message(json.dumps(chat(LONG)).encode())))
+
+    spans = {span.name: span for span in exporter.get_finished_spans()}
+    assert spans["switchyard.scorer"].parent.span_id == spans["switchyard.decide"].context.span_id
+    assert spans["switchyard.scorer"].attributes["switchyard.scorer.result"] == "error"
+    points = {
+        metric.name: [dict(p.attributes) for p in metric.data.data_points]
+        for resource in reader.get_metrics_data().resource_metrics
+        for scope in resource.scope_metrics for metric in scope.metrics
+    }
+    assert points["switchyard.scorer.failures"] == [{"scorer": "probe", "reason": "error"}]
+    assert {"backend": "large", "rule": "fallback", "fallback": "probe: error"} in points["switchyard.decisions"]
