@@ -5,7 +5,7 @@ PY     := $(VENV)/bin/python
 PIP    := $(VENV)/bin/pip
 STAMP  := $(VENV)/.installed
 
-.PHONY: run test setup bench lint-imports clean
+.PHONY: run test setup bench lint-imports clean proto
 
 $(STAMP): pyproject.toml
 	$(PYTHON) -m venv $(VENV)
@@ -23,6 +23,10 @@ run: $(STAMP)
 test: $(STAMP)
 	$(VENV)/bin/lint-imports
 	$(PY) -m pytest -q -p no:cacheprovider
+
+# Regenerate proto/switchyard/v1/*_pb2*.py after editing a .proto (a test fails when they are stale).
+proto: $(STAMP)
+	$(PY) -m proto.generate
 
 bench: $(STAMP)
 	$(PY) bench/extproc_overhead.py

@@ -1,4 +1,4 @@
-"""The ``train``, ``eval`` and ``calibrate`` command groups of the ``switchyard`` CLI.
+"""The ``train``, ``eval``, ``calibrate`` and ``scorer`` command groups of the ``switchyard`` CLI.
 
 ``extproc.cli`` calls :func:`register` only when one of these commands is run, so the
 Envoy-facing server never imports this package. This module imports nothing heavy at
@@ -8,25 +8,50 @@ import time: each handler imports torch & co. when it runs.
 - ``switchyard train latent-router ...``  -> routers.latent_cli
 - ``switchyard eval --checkpoint DIR ...`` dispatches on ``config.json``'s ``kind``
 - ``switchyard calibrate ...``            -> routers.probe_cli
+- ``switchyard scorer serve ...``         -> routers.scorer_cli
 """
 
 from __future__ import annotations
 
 import argparse
+from collections.abc import Callable
 from pathlib import Path
 
 __all__ = ["register", "COMMANDS"]
 
 #: Top-level command names this module adds to the CLI.
-COMMANDS = ("train", "eval", "calibrate")
+COMMANDS = ("train", "eval", "calibrate", "scorer")
 
-PROBE_KINDS = ("last_token", "attention", "relope")
-LATENT_ROUTER_KINDS = ("latent_router",)
+_INSTALL_HINT = "install the learned-scorer extra: pip install torch==2.13.0 'switchyard[ml]'"
 
 
 def register(subparsers: argparse._SubParsersAction) -> None:
-    """Add ``train``, ``eval`` and ``calibrate`` to the top-level CLI's subparsers."""
-    from routers import latent_cli, probe_cli
+    """Add ``train``, ``eval``, ``calibrate`` and ``scorer`` to the top-level CLI's subparsers.
+
+    Without the ``ml`` extra (torch & co.), each command is added as a stub that says how to
+    install it. To add a command group, name it in :data:`COMMANDS` and add its parser here.
+    """
+    try:
+        _register(subparsers)
+    except ModuleNotFoundError as exc:
+        for command in COMMANDS:
+            if command not in subparsers.choices:
+                stub = subparsers.add_parser(command, help=f"(needs the ml extra: {exc.name} is missing)")
+                stub.add_argument("rest", nargs=argparse.REMAINDER)
+                stub.set_defaults(handler=_missing_extra(exc))
+
+
+def _missing_extra(exc: ModuleNotFoundError) -> Callable[[argparse.Namespace], int]:
+    def handler(args: argparse.Namespace) -> int:
+        from extproc import SwitchyardError
+
+        raise SwitchyardError(f"`switchyard {args.command}` needs {exc.name}, which is not installed; {_INSTALL_HINT}.")
+
+    return handler
+
+
+def _register(subparsers: argparse._SubParsersAction) -> None:
+    from routers import latent_cli, probe_cli, scorer_cli
 
     train = subparsers.add_parser("train", help="Train a learned scorer.")
     train_sub = train.add_subparsers(dest="train_command", required=True, metavar="KIND")
@@ -54,39 +79,23 @@ def register(subparsers: argparse._SubParsersAction) -> None:
         "--lambdas",
         help="LatentRouter: comma-separated cost weights to sweep (default: built-in sweep).",
     )
-    ev.add_argument("--device", default=None, help="torch device (default: cuda if available, else cpu).")
-    ev.add_argument("--batch-size", type=int, default=16, help="Scoring batch size.")
+    probe_cli.add_scoring_options(ev)
     ev.add_argument("--seed", type=int, default=0, help="Seed for random pool shifts.")
     ev.set_defaults(handler=run_eval)
 
     probe_cli.add_calibrate_parser(subparsers)
-
-
-def checkpoint_kind(checkpoint: Path) -> str:
-    """The ``kind`` recorded in a checkpoint folder's ``config.json``."""
-    from extproc import CheckpointError
-    from routers.checkpoint_config import CONFIG_FILE, read_checkpoint_config
-
-    kind = read_checkpoint_config(checkpoint).get("kind")
-    if not isinstance(kind, str):
-        raise CheckpointError(f"{checkpoint / CONFIG_FILE} has no string `kind`, got {kind!r}.")
-    return kind
+    scorer_cli.add_scorer_parser(subparsers)
 
 
 def run_eval(args: argparse.Namespace) -> int:
-    """Dispatch ``switchyard eval`` on the checkpoint's kind."""
-    from extproc import CheckpointError
+    """Dispatch ``switchyard eval`` on the checkpoint's kind (an unknown kind is a
+    :class:`CheckpointError` listing the supported ones)."""
+    from routers.checkpoints import read_config
 
-    kind = checkpoint_kind(args.checkpoint)
-    if kind in PROBE_KINDS:
+    if read_config(args.checkpoint).scorer_kind == "probe":
         from routers import probe_cli
 
         return probe_cli.run_probe_eval(args)
-    if kind in LATENT_ROUTER_KINDS:
-        from routers import latent_cli
+    from routers import latent_cli
 
-        return latent_cli.run_latent_router_eval(args)
-    supported = ", ".join(PROBE_KINDS + LATENT_ROUTER_KINDS)
-    raise CheckpointError(
-        f"{args.checkpoint}/config.json has kind {kind!r}; supported kinds: {supported}."
-    )
+    return latent_cli.run_latent_router_eval(args)

@@ -1,0 +1,182 @@
+"""The gRPC client of a remote scorer: a :class:`Scorer` served by ``switchyard scorer serve``.
+
+A policy's ``scorers.<name>.remote: {target, scorer}`` makes :func:`load_scorer` return a
+:class:`RemoteScorer`. Each ``score`` call is one unary ``switchyard.v1.ScorerService/Score``
+RPC (``proto/switchyard/v1/scorer.proto``) carrying the request's chat messages as JSON.
+
+How the calls behave:
+
+- **One channel per target**, created on first use on the running event loop and shared by
+  every :class:`RemoteScorer` of that target on that loop (two scorer names served by one
+  fleet share connections). The last scorer to close closes it.
+- **Deadline**: the time left until the request's scoring deadline is the gRPC timeout, so
+  the server sees it (``context.time_remaining()``) and stops working on a request nobody
+  waits for. A deadline already passed fails without a call.
+- **Balancing**: ``round_robin`` over every address the target resolves to. A
+  ``dns:///scorer.ns.svc.cluster.local:50061`` target of a Kubernetes headless Service
+  spreads calls over its pods; the name is re-resolved when a connection fails (at most
+  once a second) and when the server's ``max_connection_age`` closes a connection.
+- **No retries past the deadline**: the service config has no retry policy, so a call that
+  reached a server is never repeated. gRPC's transparent retry (a call that never left this
+  process or was refused before the server saw it, e.g. on a connection closing at that
+  instant) stays on; like every attempt it is bounded by the call's deadline.
+- **Fail fast**: ``wait_for_ready=False``, so while no server is reachable a call fails at
+  once with UNAVAILABLE instead of waiting out its deadline; any gRPC error becomes a
+  :class:`ScorerError` and the policy takes its fallback.
+- **Reconnect fast**: reconnection backoff starts at 100 ms and is capped at 1 s, so a
+  restarted scorer gets calls again soon after it is back, with no sidecar restart.
+- **Dead peers**: HTTP/2 keepalive pings every 10 s (answered within 5 s) find a scorer pod
+  that vanished without closing its connections; the server permits pings that often.
+- A response with a non-finite number is a :class:`ScorerError`.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import logging
+import math
+import time
+import weakref
+from collections.abc import Mapping
+from dataclasses import dataclass
+
+import grpc
+import orjson
+
+from extproc._errors import ScorerError
+from extproc._request import RoutingRequest
+from extproc._scorers import Scorer, Scores, ScorerSpec
+from proto.switchyard.v1 import scorer_pb2, scorer_pb2_grpc
+
+__all__ = ["RemoteScorer", "CHANNEL_OPTIONS"]
+
+log = logging.getLogger("switchyard.remote_scorer")
+
+_SERVICE_CONFIG = {"loadBalancingConfig": [{"round_robin": {}}]}
+
+#: The options every remote-scorer channel is created with (see the module docstring).
+CHANNEL_OPTIONS: tuple[tuple[str, int | str], ...] = (
+    ("grpc.service_config", json.dumps(_SERVICE_CONFIG)),
+    ("grpc.initial_reconnect_backoff_ms", 100),
+    ("grpc.max_reconnect_backoff_ms", 1000),
+    ("grpc.min_reconnect_backoff_ms", 1000),  # also the connect timeout of one attempt
+    ("grpc.dns_min_time_between_resolutions_ms", 1000),
+    ("grpc.keepalive_time_ms", 10_000),
+    ("grpc.keepalive_timeout_ms", 5_000),
+    ("grpc.keepalive_permit_without_calls", 1),
+    ("grpc.http2.max_pings_without_data", 0),
+)
+
+
+@dataclass
+class _Channel:
+    channel: grpc.aio.Channel
+    stub: scorer_pb2_grpc.ScorerServiceStub
+    users: int = 0
+
+
+# A grpc.aio channel belongs to the event loop it was created on: one table per loop.
+_channels: weakref.WeakKeyDictionary[asyncio.AbstractEventLoop, dict[str, _Channel]] = weakref.WeakKeyDictionary()
+
+
+def _acquire(target: str) -> tuple[asyncio.AbstractEventLoop, _Channel]:
+    loop = asyncio.get_running_loop()
+    table = _channels.setdefault(loop, {})
+    shared = table.get(target)
+    if shared is None:
+        channel = grpc.aio.insecure_channel(target, options=CHANNEL_OPTIONS)
+        shared = table[target] = _Channel(channel, scorer_pb2_grpc.ScorerServiceStub(channel))
+    shared.users += 1
+    return loop, shared
+
+
+async def _release(loop: asyncio.AbstractEventLoop, target: str, shared: _Channel) -> None:
+    shared.users -= 1
+    if shared.users > 0:
+        return
+    table = _channels.get(loop, {})
+    if table.get(target) is shared:
+        del table[target]
+    if loop is asyncio.get_running_loop():
+        await shared.channel.close()
+
+
+class RemoteScorer(Scorer):
+    """Scores requests by calling ``switchyard scorer serve`` at ``spec.remote.target``.
+
+    Cheap to build (no connection until the first ``score``); safe to share between
+    concurrent requests of one event loop.
+    """
+
+    def __init__(self, spec: ScorerSpec) -> None:
+        if spec.remote is None:
+            raise ScorerError(f"Scorer {spec.name!r} has no `remote` section; it cannot be served remotely.")
+        self.spec = spec
+        self.target = spec.remote.target
+        #: The scorer's name on the server (``remote.scorer``, default this scorer's name).
+        self.remote_name = spec.remote.scorer or spec.name
+        self._held: tuple[asyncio.AbstractEventLoop, _Channel] | None = None
+        self._closed = False
+
+    def __repr__(self) -> str:
+        return f"RemoteScorer({self.spec.name!r}, target={self.target!r}, scorer={self.remote_name!r})"
+
+    async def _stub(self) -> scorer_pb2_grpc.ScorerServiceStub:
+        if self._closed:
+            raise ScorerError(f"Cannot score with remote scorer {self.spec.name!r}, as it has been closed.")
+        loop = asyncio.get_running_loop()
+        if self._held is not None and self._held[0] is not loop:  # used from a new event loop
+            await _release(self._held[0], self.target, self._held[1])
+            self._held = None
+        if self._held is None:
+            self._held = _acquire(self.target)
+        return self._held[1].stub
+
+    async def score(self, request: RoutingRequest, *, deadline: float) -> Scores:
+        """One Score RPC with the time left until ``deadline`` as its gRPC deadline."""
+        stub = await self._stub()
+        timeout = deadline - time.monotonic()
+        if timeout <= 0:
+            raise ScorerError(f"Remote scorer {self.spec.name!r}: the deadline passed before the call was made.")
+        call = scorer_pb2.ScoreRequest(
+            scorer=self.remote_name,
+            messages=orjson.dumps(request.messages),
+            request_id=request.headers.get("x-request-id", ""),
+        )
+        try:
+            response = await stub.Score(call, timeout=timeout, wait_for_ready=False)
+        except grpc.aio.AioRpcError as exc:
+            code = exc.code()
+            log.debug("remote scorer call failed", extra={"scorer": self.spec.name, "target": self.target,
+                                                          "code": code.name, "details": exc.details()})
+            if code is grpc.StatusCode.DEADLINE_EXCEEDED:
+                raise ScorerError(
+                    f"Remote scorer {self.spec.name!r} at {self.target} did not answer within "
+                    f"{timeout * 1000:.0f} ms (DEADLINE_EXCEEDED)."
+                ) from exc
+            raise ScorerError(
+                f"Remote scorer {self.spec.name!r} at {self.target} failed: {code.name}: {exc.details()}"
+            ) from exc
+        return Scores(
+            values=self._finite("values", response.values),
+            costs=self._finite("costs", response.costs),
+            batch_size=response.batch_size,
+        )
+
+    def _finite(self, field: str, numbers: Mapping[str, float]) -> dict[str, float]:
+        out = dict(numbers)
+        for name, value in out.items():
+            if not math.isfinite(value):
+                raise ScorerError(
+                    f"Remote scorer {self.spec.name!r} at {self.target} returned a non-finite "
+                    f"{field}[{name!r}] = {value}."
+                )
+        return out
+
+    async def close(self) -> None:
+        """Stop using the shared channel; the last scorer of a target closes it."""
+        self._closed = True
+        if self._held is not None:
+            held, self._held = self._held, None
+            await _release(held[0], self.target, held[1])

@@ -1,0 +1,1 @@
+"""The ``switchyard`` protobuf package (generated code lives in its version folders)."""

@@ -1,0 +1,106 @@
+"""``switchyard scorer serve`` as a user runs it: a real process with a probe checkpoint
+trained here on a tiny model, scored remotely exactly as in process; bad configs exit 1."""
+
+from __future__ import annotations
+
+import asyncio
+import os
+import re
+import signal
+import subprocess
+import sys
+import time
+
+import grpc
+import pytest
+from grpc_health.v1 import health_pb2, health_pb2_grpc
+
+from extproc import RemoteConfig, RoutingRequest, ScorerSpec, load_scorer, read_scorer_specs
+from extproc.cli import main
+from tests.remote.support import REPO
+
+
+def test_a_bad_config_exits_1_naming_the_problem(tmp_path, capsys):
+    config = tmp_path / "scorers.yaml"
+    config.write_text("scorers:\n  probe:\n    kind: probe\n    checkpoints: {relope: ckpt/missing}\n")
+    assert main(["scorer", "serve", "--config", str(config), "--listen", "127.0.0.1:0"]) == 1
+    err = capsys.readouterr().err
+    assert f"{config}:4:" in err and "does not exist" in err
+
+    assert main(["scorer", "serve", "--config", str(tmp_path / "nope.yaml"), "--listen", "127.0.0.1:0"]) == 1
+    assert "nope.yaml" in capsys.readouterr().err
+
+    config.write_text("scorers:\n  probe:\n    kind: probe\n    remote: {target: 'dns:///elsewhere:50061'}\n")
+    assert main(["scorer", "serve", "--config", str(config), "--listen", "127.0.0.1:0"]) == 1
+    assert "remote" in capsys.readouterr().err
+
+
+@pytest.fixture(scope="module")
+def checkpoint(tmp_path_factory):
+    from tests.routers.test_probe_support import tiny_text_model, trigger_set, write_jsonl
+
+    root = tmp_path_factory.mktemp("served")
+    model = tiny_text_model(root)
+    data = write_jsonl(root / "train.jsonl", trigger_set(32, 1))
+    out = root / "ckpt"
+    code = main(["train", "probe", "--method", "last_token", "--backbone", str(model), "--data", str(data),
+                 "--val", str(data), "--small", "small", "--out", str(out), "--epochs", "2", "--no-progress"])
+    assert code == 0
+    return out
+
+
+def _start(config, listen="127.0.0.1:0"):
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "extproc", "scorer", "serve", "--config", str(config), "--listen", listen],
+        cwd=REPO, stderr=subprocess.PIPE, stdout=subprocess.DEVNULL, text=True,
+        env={**os.environ, "PYTHONPATH": str(REPO), "HF_HUB_OFFLINE": "1"},
+    )
+    lines = []
+    for line in proc.stderr:  # JSON logs, then the one plain line saying where it serves
+        lines.append(line)
+        found = re.match(r"switchyard: serving scorers (.+) on (\S+):(\d+)$", line.strip())
+        if found:
+            return proc, int(found.group(3))
+    proc.wait(timeout=30)
+    proc.stderr.close()
+    raise AssertionError(f"scorer serve exited {proc.returncode} without serving:\n{''.join(lines)}")
+
+
+def test_serve_answers_health_and_scores_as_in_process(checkpoint, tmp_path):
+    config = tmp_path / "scorers.yaml"
+    config.write_text(f"scorers:\n  probe:\n    kind: probe\n    checkpoints: {{small_ok: {checkpoint}}}\n"
+                      f"    batch: {{max_size: 8, max_wait_ms: 2}}\n")
+    requests = [RoutingRequest.from_json({"messages": [{"role": "user", "content": text}]})
+                for text in ("what is two plus two", "write a proof of the four colour theorem", "hi")]
+    proc, port = _start(config)
+    try:
+        local_spec = read_scorer_specs(config)["probe"]
+        remote_spec = ScorerSpec(name="probe", kind="probe", remote=RemoteConfig(target=f"127.0.0.1:{port}"))
+
+        async def score_both():
+            async with grpc.aio.insecure_channel(f"127.0.0.1:{port}") as channel:
+                health = await health_pb2_grpc.HealthStub(channel).Check(health_pb2.HealthCheckRequest(), timeout=10)
+            remote, local = load_scorer(remote_spec), await asyncio.to_thread(load_scorer, local_spec)
+            try:
+                far = [await remote.score(r, deadline=time.monotonic() + 10) for r in requests]
+                near = [await local.score(r, deadline=time.monotonic() + 10) for r in requests]
+            finally:
+                await remote.close()
+                await local.close()
+            return health.status, far, near
+
+        status, far, near = asyncio.run(score_both())
+        assert status == health_pb2.HealthCheckResponse.SERVING
+        for got, want in zip(far, near):
+            assert set(got.values) == {"small_ok"}
+            assert got.values["small_ok"] == pytest.approx(want.values["small_ok"], abs=1e-5)
+            assert 0.0 < got.values["small_ok"] < 1.0 and got.batch_size >= 1
+        assert len({round(s.values["small_ok"], 6) for s in far}) > 1  # the requests are told apart
+
+        proc.send_signal(signal.SIGTERM)
+        assert proc.wait(timeout=30) == 0
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+            proc.wait()
+        proc.stderr.close()

@@ -1,0 +1,214 @@
+"""The micro-batcher: own results, real batches, deadlines, failures, backpressure, threads."""
+
+from __future__ import annotations
+
+import asyncio
+import threading
+import time
+
+import pytest
+
+from extproc import BatchConfig, ScorerError
+from routers.serving.batcher import MicroBatcher
+
+
+class FakeClock:
+    """A deadline clock the test moves by hand."""
+
+    def __init__(self) -> None:
+        self.now = 1000.0
+
+    def __call__(self) -> float:
+        return self.now
+
+
+class Gate:
+    """A forward that records its batches and can be held closed by the test."""
+
+    def __init__(self, fn=lambda x: x * 10) -> None:
+        self.batches: list[list] = []
+        self.threads: set[int] = set()
+        self.open = threading.Event()
+        self.open.set()
+        self.entered = threading.Event()
+        self.fn = fn
+
+    def __call__(self, items):
+        self.threads.add(threading.get_ident())
+        self.entered.set()
+        self.open.wait(10)
+        self.batches.append(list(items))
+        return [self.fn(x) for x in items]
+
+
+def far() -> float:
+    return time.monotonic() + 30.0
+
+
+def test_concurrent_requests_each_get_their_own_result_in_real_batches():
+    gate = Gate()
+
+    async def main():
+        batcher = MicroBatcher(gate, BatchConfig(max_size=16, max_wait_ms=20), name="scorer 't'")
+        try:
+            results = await asyncio.gather(*(batcher.run(i, far()) for i in range(64)))
+        finally:
+            await batcher.close()
+        return results, batcher
+
+    results, batcher = asyncio.run(main())
+    assert results == [i * 10 for i in range(64)]
+    assert max(len(b) for b in gate.batches) > 1
+    assert all(len(b) <= 16 for b in gate.batches)
+    assert sorted(x for b in gate.batches for x in b) == list(range(64))
+    assert batcher.stats.requests == 64 and batcher.stats.batches == len(gate.batches)
+
+
+def test_forward_runs_on_the_worker_thread_not_the_event_loop():
+    gate = Gate()
+
+    async def main():
+        batcher = MicroBatcher(gate, BatchConfig(max_size=4, max_wait_ms=1), name="scorer 't'")
+        loop_thread = threading.get_ident()
+        await asyncio.gather(*(batcher.run(i, far()) for i in range(8)))
+        await batcher.close()
+        return loop_thread, batcher
+
+    loop_thread, batcher = asyncio.run(main())
+    assert gate.threads == {batcher.worker_thread.ident}
+    assert loop_thread not in gate.threads
+    assert not batcher.worker_thread.is_alive()  # close() stopped it
+
+
+def test_requests_past_their_deadline_are_dropped_before_the_forward():
+    clock = FakeClock()
+    gate = Gate()
+
+    async def main():
+        batcher = MicroBatcher(gate, BatchConfig(max_size=8, max_wait_ms=0), name="scorer 't'", clock=clock)
+        gate.open.clear()
+        first = batcher.submit("first", clock.now + 100)  # occupies the worker
+        await asyncio.to_thread(gate.entered.wait, 10)
+        late = batcher.submit("late", clock.now + 5)
+        on_time = batcher.submit("on time", clock.now + 100)
+        clock.now += 10  # "late" is now past its deadline, still waiting for the worker
+        gate.open.set()
+        outcome = await asyncio.gather(first, late, on_time, return_exceptions=True)
+        await batcher.close()
+        return outcome, batcher
+
+    (first, late, on_time), batcher = asyncio.run(main())
+    assert first == "firstfirstfirstfirstfirstfirstfirstfirstfirstfirst"
+    assert isinstance(late, ScorerError) and "deadline passed before its forward" in str(late)
+    assert on_time == "on time" * 10
+    assert all("late" not in batch for batch in gate.batches)
+    assert batcher.stats.expired == 1
+
+
+def test_a_caller_gives_up_at_its_deadline_and_its_entry_is_dropped():
+    gate = Gate()
+
+    async def main():
+        batcher = MicroBatcher(gate, BatchConfig(max_size=8, max_wait_ms=0), name="scorer 't'")
+        gate.open.clear()
+        first = batcher.submit(1, far())
+        await asyncio.to_thread(gate.entered.wait, 10)
+        with pytest.raises(ScorerError, match="missed its deadline"):
+            await batcher.run(2, time.monotonic() + 0.05)
+        gate.open.set()
+        assert await first == 10
+        assert await batcher.run(3, far()) == 30
+        await batcher.close()
+
+    asyncio.run(main())
+    assert all(2 not in batch for batch in gate.batches)
+
+
+def test_a_raising_forward_fails_its_batch_and_a_failed_item_only_itself():
+    def forward(items):
+        if "boom" in items:
+            raise RuntimeError("CUDA error: device-side assert")
+        return [ValueError("nan for this one") if x == "bad" else x.upper() for x in items]
+
+    async def main():
+        batcher = MicroBatcher(forward, BatchConfig(max_size=8, max_wait_ms=50), name="scorer 't'")
+        mixed = await asyncio.gather(*(batcher.run(x, far()) for x in ("a", "bad", "b")), return_exceptions=True)
+        broken = await asyncio.gather(*(batcher.run(x, far()) for x in ("c", "boom")), return_exceptions=True)
+        after = await batcher.run("d", far())
+        await batcher.close()
+        return mixed, broken, after
+
+    mixed, broken, after = asyncio.run(main())
+    assert mixed[0] == "A" and mixed[2] == "B"
+    assert isinstance(mixed[1], ScorerError) and "nan for this one" in str(mixed[1])
+    assert all(isinstance(r, ScorerError) and "RuntimeError: CUDA error" in str(r) for r in broken)
+    assert after == "D"  # the batcher survives a failed forward
+
+
+def test_a_wrong_number_of_results_fails_the_batch():
+    async def main():
+        batcher = MicroBatcher(lambda items: [1], BatchConfig(max_size=8, max_wait_ms=30), name="scorer 't'")
+        out = await asyncio.gather(*(batcher.run(x, far()) for x in range(3)), return_exceptions=True)
+        await batcher.close()
+        return out
+
+    out = asyncio.run(main())
+    assert all(isinstance(r, ScorerError) and "returned 1 results for" in str(r) for r in out)
+
+
+def test_a_full_queue_fails_fast_as_overloaded():
+    gate = Gate()
+
+    async def main():
+        batcher = MicroBatcher(gate, BatchConfig(max_size=1, max_wait_ms=0), name="scorer 't'", max_queue=3)
+        gate.open.clear()
+        running = batcher.submit(0, far())
+        await asyncio.to_thread(gate.entered.wait, 10)
+        waiting = [batcher.submit(i, far()) for i in (1, 2, 3)]
+        with pytest.raises(ScorerError, match="overloaded"):
+            batcher.submit(4, far())
+        gate.open.set()
+        out = await asyncio.gather(running, *waiting)
+        await batcher.close()
+        return out, batcher
+
+    out, batcher = asyncio.run(main())
+    assert out == [0, 10, 20, 30] and batcher.stats.overloaded == 1
+
+
+def test_close_fails_waiting_requests_and_refuses_new_ones():
+    gate = Gate()
+
+    async def main():
+        batcher = MicroBatcher(gate, BatchConfig(max_size=1, max_wait_ms=0), name="scorer 't'")
+        gate.open.clear()
+        running = batcher.submit(0, far())
+        await asyncio.to_thread(gate.entered.wait, 10)
+        waiting = batcher.submit(1, far())
+        gate.open.set()
+        await batcher.close()
+        with pytest.raises(ScorerError, match="closed"):
+            batcher.submit(2, far())
+        return await asyncio.gather(running, waiting, return_exceptions=True), batcher
+
+    (running, waiting), batcher = asyncio.run(main())
+    assert running == 0  # the forward in flight finished
+    assert isinstance(waiting, ScorerError) and "closed" in str(waiting)
+    assert not batcher.worker_thread.is_alive()
+
+
+def test_a_new_event_loop_can_use_the_batcher_after_the_old_one_ended():
+    batcher = MicroBatcher(Gate(), BatchConfig(max_size=4, max_wait_ms=1), name="scorer 't'")
+    assert asyncio.run(batcher.run(1, far())) == 10
+    assert asyncio.run(batcher.run(2, far())) == 20
+
+    async def close():
+        await batcher.close()
+
+    asyncio.run(close())
+
+
+@pytest.mark.parametrize("config", [BatchConfig(max_size=0), BatchConfig(max_wait_ms=-1.0), BatchConfig(max_wait_ms=float("nan"))])
+def test_bad_batch_settings_name_the_field(config):
+    with pytest.raises(ValueError, match="batch.max_"):
+        MicroBatcher(lambda items: items, config, name="scorer 't'")
