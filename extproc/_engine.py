@@ -27,7 +27,7 @@ from collections.abc import Callable, Mapping
 
 from extproc._decision import DEFAULT_RULE, DIRECT_RULE, FALLBACK_RULE, Decision
 from extproc._errors import RequestError
-from extproc._policy import AllOf, AnyOf, Backend, Condition, Not, Policy, SignalRef, UtilityRoute
+from extproc._policy import AllOf, Backend, Condition, Not, Policy, SignalRef, UtilityRoute
 from extproc._request import RoutingRequest
 from extproc._scorers import Scorer, ScorerFailure, Scores, ScoresNeeded, ScoringFailed
 from extproc._signals import SignalContext, SignalResult

@@ -17,7 +17,7 @@ import yaml
 
 from extproc._errors import PolicyError, PolicyProblem
 from extproc._policy_schema import POLICY_SCHEMA, SCORERS_FILE_SCHEMA
-from extproc._schema import Validation, dotted
+from extproc._schema import REQUIRED, ListOf, MapOf, Validation, dotted
 from extproc._scorer_specs import build_scorer_specs, check_score_signal, check_utility_route
 from extproc._scorers import ScorerSpec
 from extproc._signals import Signal, build_signal
@@ -163,12 +163,40 @@ def parse_policy(text: str, *, source: str = "<policy>", base_dir: Path | None =
     root = _compose(text, source)
     v.marks[()] = (root.start_mark.line + 1, root.start_mark.column + 1)
     data = POLICY_SCHEMA.validate(root, (), v)
-    if data is None or v.problems:
-        raise PolicyError(v.problems)
+    if v.problems:  # go on with the parts that validated, so one run lists every problem
+        data = _checkable(data, v.broken)
+        if data is None:
+            raise PolicyError(v.problems)
     policy = _build(data, v, base_dir or Path("."))
     if v.problems:
         raise PolicyError(v.problems)
     return policy
+
+
+def _checkable(data: dict[str, Any] | None, broken: set[tuple]) -> dict[str, Any] | None:
+    """What of a policy with schema problems the later checks can still read.
+
+    A backend, signal, scorer or rule with a problem is ``None`` already (the checks skip it;
+    its name still counts as defined); a broken optional section becomes its default, a
+    broken ``version`` or ``default`` ``None``. ``None`` when ``backends`` or ``rules`` is
+    not even a mapping / list.
+    """
+    if data is None:
+        return None
+    out = dict(data)
+    for key, spec in POLICY_SCHEMA.keys.items():
+        if (key,) not in broken:
+            continue
+        container = isinstance(spec.schema, (MapOf, ListOf))
+        if container and data.get(key) is not None:
+            continue
+        if spec.default is not REQUIRED:
+            out[key] = spec.default
+        elif container:
+            return None
+        else:
+            out[key] = None
+    return out
 
 
 def _compose(text: str, source: str) -> yaml.Node:
@@ -192,20 +220,25 @@ def _build(data: dict[str, Any], v: Validation, base_dir: Path) -> Policy:
     backends = {
         name: Backend(name=name, **{k: val for k, val in spec.items() if k != "description"})
         for name, spec in data["backends"].items()
+        if spec is not None  # None: it has a schema problem (see _checkable)
     }
+    defined = ", ".join(data["backends"])
 
-    def check_backend(name: str, path: tuple) -> None:
-        if name not in backends:
-            report(path, f"`{dotted(path)}` names backend {name!r}, which is not defined; defined: {', '.join(backends)}.")
+    def check_backend(name: str | None, path: tuple) -> None:
+        if name is not None and name not in data["backends"]:
+            report(path, f"`{dotted(path)}` names backend {name!r}, which is not defined; defined: {defined}.")
 
     check_backend(data["default"], ("default",))
     if data["fallback"] is not None:
         check_backend(data["fallback"], ("fallback",))
 
-    scorers, described = build_scorer_specs(data["scorers"], base_dir, report, backends=backends)
+    valid_scorers = {name: config for name, config in data["scorers"].items() if config is not None}
+    scorers, described = build_scorer_specs(valid_scorers, base_dir, report, backends=backends)
 
     signals: dict[str, Signal] = {}
     for name, config in data["signals"].items():
+        if config is None:
+            continue
         signal = build_signal(name, config, base_dir, lambda key, msg, n=name: report(("signals", n) + key, msg))
         if signal is not None:
             check_score_signal(signal, scorers, described, lambda key, msg, n=name: report(("signals", n) + key, msg))
@@ -214,6 +247,8 @@ def _build(data: dict[str, Any], v: Validation, base_dir: Path) -> Policy:
     rules: list[Rule] = []
     seen: dict[str, int] = {}
     for index, spec in enumerate(data["rules"]):
+        if spec is None:
+            continue
         path = ("rules", index)
         if spec["name"] in seen:
             report(path + ("name",), f"Duplicate rule name {spec['name']!r}; rules[{seen[spec['name']]}] has it too.")

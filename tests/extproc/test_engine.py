@@ -111,3 +111,62 @@ def test_request_without_body_is_decided_on_headers(engine):
     request = RoutingRequest(headers={"x-plan": "vip"}, body=None)
     decision = engine.decide(request)
     assert decision.rule == "vip" and not decision.rewrite_model
+
+
+IMAGE_BODY = {"model": "s", "messages": [{"role": "user", "content": [
+    {"type": "text", "text": "hi"}, {"type": "image_url", "image_url": {"url": "data:image/png;base64,AA"}}]}]}
+
+
+@pytest.mark.parametrize(("body", "code"), [
+    (IMAGE_BODY, "images_not_supported"),
+    (chat("word " * 100, model="s"), "context_length_exceeded"),
+    (chat("word " * 100, model="small"), "context_length_exceeded"),  # by backend name too
+])
+def test_a_direct_model_keeps_its_backends_limits(engine, body, code):
+    with pytest.raises(RequestError) as info:
+        decide(engine, body)
+    assert (info.value.status, info.value.code) == (400, code)
+    assert "'s'" in str(info.value) or "'small'" in str(info.value)
+    # the same request sent to the router goes where it fits
+    assert decide(engine, {**body, "model": "auto"}).backend.name == "large"
+
+
+def test_a_direct_model_within_its_limits_goes_there(engine):
+    decision = decide(engine, chat("word " * 10, model="s"))
+    assert (decision.backend.name, decision.rule) == ("small", "direct")
+
+
+TIERS = POLICY.replace("    free: [small]\n", "    free: [small]\n    pro: [small, large]\n    vip: [large]\n")
+
+
+@pytest.mark.parametrize(("tenant", "allowed"), [
+    ("free", ("small",)),
+    (" pro ", ("small", "large")),  # surrounding whitespace is not part of the name
+    ("pro,free", ("small",)),  # a repeated header, joined by Envoy: the least privileged reading
+    ("free, pro", ("small",)),
+    ("pro,nobody", ("small", "large")),  # unlisted and no `otherwise`: everything
+    ("pro,pro", ("small", "large")),
+])
+def test_an_ambiguous_tenant_gets_what_every_reading_allows(tenant, allowed):
+    engine = PolicyEngine(parse_policy(TIERS))
+    assert engine.allowed_backends(tenant) == allowed
+    backend = decide(engine, chat("python"), x_tenant=tenant).backend.name
+    assert backend == ("large" if "large" in allowed else "small")
+
+
+def test_tenant_readings_that_share_nothing_are_refused():
+    engine = PolicyEngine(parse_policy(TIERS))
+    for tenant in ("free,vip", "vip, free", "free,pro,vip"):
+        with pytest.raises(RequestError) as info:
+            decide(engine, chat("hi"), x_tenant=tenant)
+        assert (info.value.status, info.value.code) == (403, "ambiguous_tenant")
+
+
+def test_with_otherwise_an_ambiguous_tenant_never_gets_more_than_an_unlisted_one():
+    engine = PolicyEngine(parse_policy(TIERS.replace("  allow:\n", "  otherwise: [small]\n  allow:\n")))
+    assert engine.allowed_backends("vip") == ("large",)
+    assert engine.allowed_backends("nobody") == ("small",)
+    assert engine.allowed_backends("pro,nobody") == ("small",)
+    with pytest.raises(RequestError) as info:  # vip alone may reach only large; unlisted only small
+        engine.allowed_backends("vip,vip")
+    assert info.value.code == "ambiguous_tenant"

@@ -79,6 +79,67 @@ def test_every_problem_is_reported_not_just_the_first(write_policy):
     assert [line for line, _, _ in found] == [1, 7, 8]
 
 
+MIXED = """\
+version: 1
+backends:
+  small: {cluster: small, model: s, cost: cheap}
+  large: {cluster: large, model: l}
+default: small
+tenants:
+  allow:
+    free: [small, medium]
+signals:
+  code: {kind: keywords, keywords: [python]}
+  broken_re: {kind: regex, patterns: ['(unclosed']}
+  odd: {kind: nosuch}
+rules:
+  - {name: code, when: code, backend: large}
+  - {name: code, when: code, backend: large}
+  - {name: ghost, when: ghost_signal, backend: large}
+  - {name: nowhere, when: code, backend: huge}
+  - {name: to-small, when: odd, backend: small}
+  - {name: bad, when: code, backend: large, extra: 1}
+  - {name: uses-broken, when: broken_re, backend: small}
+"""
+
+
+def test_schema_reference_and_regex_problems_are_all_listed(write_policy):
+    found, _ = problems(write_policy, MIXED)
+    expected = [  # (line, column, message part): schema problems, then what the later checks find
+        (3, 43, "`backends.small.cost` must be a number"),
+        (8, 19, "names backend 'medium', which is not defined"),
+        (11, 39, "Invalid regular expression '(unclosed'"),
+        (12, 15, "Unknown kind 'nosuch'"),
+        (15, 6, "Duplicate rule name 'code'"),
+        (16, 19, "refers to signal 'ghost_signal', which is not defined"),
+        (17, 33, "names backend 'huge', which is not defined"),
+        (19, 45, "Unknown key `extra` in `rules[5]`"),
+    ]
+    assert [(line, column) for line, column, _ in found] == [(line, column) for line, column, _ in expected], found
+    for (_, _, message), (_, _, part) in zip(found, expected):
+        assert part in message
+    # an entry with a schema problem still counts as defined: no "not defined" for `small`,
+    # `odd` or `broken_re`, and a broken backend's name is listed among the defined ones
+    assert not any("'small', which is not defined" in m or "'odd'" in m for _, _, m in found)
+    assert "defined: small, large." in found[1][2]
+
+
+@pytest.mark.parametrize("text", [
+    BASE.replace("backends:\n  small: {cluster: small, model: s}\n  large: {cluster: large, model: l}\n", "backends: 5\n")
+    + "rules:\n  - {name: r, when: nope, backend: large}\n",
+    BASE.replace("default: small", "default: [small]") + "rules: [{name: r, when: nope, backend: large}]\ntenants: {header: 5}\n",
+])
+def test_a_broken_section_never_hides_or_invents_problems(write_policy, text):
+    found, _ = problems(write_policy, text)
+    messages = [m for _, _, m in found]
+    if "backends: 5" in text:  # nothing to check references against: schema problems only
+        assert len(messages) == 1 and "`backends` must be a mapping" in messages[0], messages
+    else:  # the broken default and tenants are skipped; the rule's reference is still checked
+        assert len(messages) == 3, messages
+        assert any("refers to signal 'nope'" in m for m in messages)
+        assert not any("names backend None" in m for m in messages)
+
+
 def test_cli_check_prints_path_line_column_and_exits_1(write_policy, capsys):
     path = write_policy(BASE + "rulez: []\n")
     assert main(["policy", "check", str(path)]) == 1

@@ -80,6 +80,33 @@ def test_a_bad_change_is_logged_once_and_never_replaces_the_running_policy(tmp_p
     assert route(policy) == "small"
 
 
+def test_every_turn_from_good_to_bad_is_logged(tmp_path, caplog):
+    path = tmp_path / "policy.yaml"
+    good, bad = POLICY % "prove", (POLICY % "prove").replace("backend: large", "backend: huge")
+    path.write_text(good)
+    policy = PolicyFile.load(path)
+    steps = [  # (what the file becomes, reload result, policy errors logged by this step)
+        (None, "rejected", 1),  # deleted
+        (good, "unchanged", 0),  # restored: the running version again
+        (None, "rejected", 1),  # deleted again: logged again
+        (None, "rejected", 0),  # still deleted: nothing new
+        (bad, "rejected", 1),
+        (good, "unchanged", 0),
+        (bad, "rejected", 1),  # the same bad version as before, but after a good one
+        ("version: 1\nrules: 7\n", "rejected", 1),  # another bad version in a row
+    ]
+    with caplog.at_level(logging.INFO, logger="switchyard.policy"):
+        for text, result, logged in steps:
+            if text is None:
+                path.unlink(missing_ok=True)
+            else:
+                path.write_text(text)
+            caplog.clear()
+            assert policy.reload() == result, text
+            assert sum(r.levelname == "ERROR" for r in caplog.records) == logged, (text, caplog.records)
+            assert route(policy) == "large"
+
+
 def test_a_request_in_flight_keeps_the_policy_it_started_with(tmp_path):
     path = tmp_path / "policy.yaml"
     path.write_text(POLICY % "integral")

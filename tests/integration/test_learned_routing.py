@@ -205,3 +205,60 @@ def test_explain_agrees_with_the_server(gateway, checkpoints):
         assert (explained["backend"], explained["rule"]) == (
             served.header("x-switchyard-backend"), served.header("x-switchyard-rule"))
         assert explained["scores"]["probe"]["values"]["last"] == pytest.approx(scores[text], abs=1e-5)
+
+
+def test_a_remote_scorer_killed_gives_the_fallback_and_scores_again_once_restarted(gateway, checkpoints, tmp_path):
+    import signal
+    import subprocess
+    import sys
+
+    from demo.stack import free_port, grpc_serving
+
+    _, scores, HARD, EASY = gateway
+    port = free_port()
+    config = tmp_path / "scorers.yaml"
+    config.write_text(f"version: 1\nscorers:\n  probe:\n    kind: probe\n    checkpoints: {{last: {checkpoints / 'probe'}}}\n")
+
+    def start_scorer():
+        process = subprocess.Popen(
+            [sys.executable, "-m", "extproc", "scorer", "serve", "--config", str(config), "--listen", f"127.0.0.1:{port}"],
+            stdout=subprocess.DEVNULL, stderr=open(tmp_path / "scorer.log", "ab"),
+        )
+        deadline = time.monotonic() + 60
+        while not grpc_serving(port):
+            assert process.poll() is None and time.monotonic() < deadline, (tmp_path / "scorer.log").read_text()
+            time.sleep(0.1)
+        return process
+
+    policy = tmp_path / "remote.yaml"
+    local = (checkpoints / "policy.yaml").read_text()
+    policy.write_text(local.replace(
+        f"    checkpoints: {{last: {checkpoints / 'probe'}}}\n",
+        f"    checkpoints: {{last: remote}}\n    remote: {{target: \"127.0.0.1:{port}\"}}\n",
+    ))
+    scorer = start_scorer()
+    gw = Gateway(policy, tmp_path / "gw").start()
+    try:
+        served = gw.post(chat(HARD)), gw.post(chat(EASY))
+        assert [(r.status, r.header("x-switchyard-backend"), r.header("x-switchyard-rule")) for r in served] == [
+            (200, "large", "probe"), (200, "small", "default")]
+
+        scorer.send_signal(signal.SIGKILL)
+        scorer.wait()
+        down = gw.post(chat(EASY))
+        assert (down.status, down.header("x-switchyard-backend"), down.header("x-switchyard-rule")) == (
+            200, "large", "fallback")
+
+        scorer = start_scorer()  # the same port: switchyard reconnects by itself
+        deadline = time.monotonic() + 15
+        while True:
+            again = gw.post(chat(EASY))
+            if again.header("x-switchyard-rule") != "fallback" or time.monotonic() > deadline:
+                break
+            time.sleep(0.2)
+        assert (again.status, again.header("x-switchyard-backend"), again.header("x-switchyard-rule")) == (
+            200, "small", "default")
+    finally:
+        gw.stop()
+        scorer.kill()
+        scorer.wait()
