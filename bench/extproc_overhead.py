@@ -4,7 +4,7 @@
 
 Everything runs on loopback. The routes answer with ``direct_response``, so no backend
 costs anything and what is left is Envoy plus the processor. Three Envoy configurations,
-all rendered from envoy/standalone.yaml (access log off):
+all rendered by `switchyard envoy render` for the bench policy (access log off):
 
 - ``no-extproc``: the ext_proc filter removed;
 - ``noop``: bench/noop_processor.py (answers each message at once, sets the routing header
@@ -45,7 +45,8 @@ sys.path.insert(0, str(ROOT))
 
 import yaml  # noqa: E402
 
-from demo.envoy_config import STANDALONE, render_envoy_config  # noqa: E402
+from demo.envoy_config import render_envoy_config  # noqa: E402
+from extproc._policy import load_policy  # noqa: E402
 from demo.stack import Child, envoy_binary, free_port, grpc_serving, http_ok  # noqa: E402
 
 CONFIGS = ("no-extproc", "noop", "switchyard", "switchyard-2-workers")
@@ -57,13 +58,15 @@ CONNECTIONS = 8
 LATENCY_TARGET, THROUGHPUT_TARGET = 1.15, 0.9
 
 
-def envoy_config(listen: int, admin: int, extproc: int | None) -> dict:
-    """standalone.yaml with direct_response routes (answer = backend name) and no backends."""
-    config = render_envoy_config(STANDALONE, listen_port=listen, admin_port=admin, extproc_port=extproc or 1,
-                                 backends={"small": 1, "large": 1}, default_backend="small")
+def envoy_config(listen: int, admin: int, extproc: int | None, policy: Path = POLICY) -> dict:
+    """The rendered config with direct_response routes (answer = cluster name) and no backends."""
+    config = render_envoy_config(policy, listen_port=listen, admin_port=admin, extproc_port=extproc or 1,
+                                 backends={b.cluster: 1 for b in load_policy(policy).backends.values()})
     hcm = config["static_resources"]["listeners"][0]["filter_chains"][0]["filters"][0]["typed_config"]
     hcm.pop("access_log", None)
     for route in hcm["route_config"]["virtual_hosts"][0]["routes"]:
+        if "route" not in route:
+            continue  # the 503 for a routing header without a route
         backend = route.pop("route")["cluster"]
         answer = json.dumps({"object": "chat.completion", "model": f"{backend}-model", "backend": backend})
         route["direct_response"] = {"status": 200, "body": {"inline_string": answer}}
@@ -97,7 +100,7 @@ def start(name: str, workdir: Path, concurrency: int, policy: Path = POLICY) -> 
                                              "--policy", str(policy), "--listen", f"127.0.0.1:{extproc}",
                                              "--workers", workers], workdir / "switchyard.log"))
     config = workdir / f"envoy-{name}.yaml"
-    config.write_text(yaml.safe_dump(envoy_config(listen, admin, extproc), sort_keys=False))
+    config.write_text(yaml.safe_dump(envoy_config(listen, admin, extproc, policy), sort_keys=False))
     envoy = Child("envoy", [envoy_binary(), "-c", str(config), "--log-level", "warn", "--base-id", str(admin),
                             "--concurrency", str(concurrency)], workdir / f"envoy-{name}.log")
     children.append(envoy)

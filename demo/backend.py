@@ -7,9 +7,13 @@
 ``data: [DONE]``) whose ``model`` is the model it received. Every response carries
 ``x-demo-backend: <name>``; completions also ``x-demo-received-model``, and every POST
 ``x-demo-received-sha256`` (of the body) and ``x-demo-received-switchyard`` (the
-``x-switchyard-*`` request headers that reached it, as JSON). ``GET /health`` and
+``x-switchyard-*`` request headers that reached it, as JSON) and
+``x-demo-received-credentials`` (the ``authorization``, ``api-key`` and ``x-api-key``
+headers that reached it, as JSON: a demo backend holds no secrets). ``GET /health`` and
 ``GET /v1/models`` answer too, and ``GET /demo/stats`` counts the requests seen so far, in
-memory only (tests use it to prove that a request never reached a backend).
+memory only (tests use it to prove that a request never reached a backend). A request
+header ``x-demo-delay-ms: N`` makes an answer slow, for fault tests: a plain answer (any
+path or status) waits N ms before its headers, a stream pauses N ms between events.
 """
 
 from __future__ import annotations
@@ -27,6 +31,7 @@ from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 __all__ = ["make_server", "main"]
 
 ECHO_CHARS = 60
+CREDENTIAL_HEADERS = ("authorization", "api-key", "x-api-key")
 
 
 def _last_user_text(messages: object) -> str:
@@ -46,6 +51,7 @@ def _last_user_text(messages: object) -> str:
 
 class _Handler(BaseHTTPRequestHandler):
     protocol_version = "HTTP/1.1"  # keep-alive, as Envoy's upstream connection pool expects
+    disable_nagle_algorithm = True  # headers and body are two writes: without this, +40 ms (delayed ACK)
     server: _BackendServer
 
     def log_message(self, format: str, *args: object) -> None:  # noqa: A002 - stdlib signature
@@ -53,6 +59,7 @@ class _Handler(BaseHTTPRequestHandler):
 
     # -- plumbing -----------------------------------------------------------------------
     def _send(self, status: int, payload: object, extra: dict[str, str] | None = None) -> None:
+        time.sleep(self._delay())
         data = json.dumps(payload).encode()
         self.send_response(status)
         self.send_header("content-type", "application/json")
@@ -68,9 +75,11 @@ class _Handler(BaseHTTPRequestHandler):
     def _remember(self, raw: bytes) -> None:
         """Echo headers: what this backend received (for tests to check what Envoy forwarded)."""
         seen = {k.lower(): v for k, v in self.headers.items() if k.lower().startswith("x-switchyard-")}
+        keys = {k.lower(): v for k, v in self.headers.items() if k.lower() in CREDENTIAL_HEADERS}
         self._echo = {
             "x-demo-received-sha256": hashlib.sha256(raw).hexdigest(),
             "x-demo-received-switchyard": json.dumps(seen, sort_keys=True),
+            "x-demo-received-credentials": json.dumps(keys, sort_keys=True),
         }
 
     def _read_body(self) -> bytes:
@@ -116,12 +125,18 @@ class _Handler(BaseHTTPRequestHandler):
             return
         model = str(body.get("model", ""))
         text = f"[{self.server.name}] you asked: {_last_user_text(body.get('messages'))[:ECHO_CHARS]}"
+        delay = self._delay()
         if body.get("stream"):
-            self._stream(model, text)
+            self._stream(model, text, delay or 0.005)
         else:
             self._send(200, _completion(model, text), {"x-demo-received-model": model})
 
-    def _stream(self, model: str, text: str) -> None:
+    def _delay(self) -> float:
+        """Seconds from the ``x-demo-delay-ms`` request header (0 when absent or not a number)."""
+        value = self.headers.get("x-demo-delay-ms", "")
+        return min(int(value), 60_000) / 1000 if value.isdigit() else 0.0
+
+    def _stream(self, model: str, text: str, pause: float) -> None:
         self.send_response(200)
         self.send_header("content-type", "text/event-stream")
         self.send_header("cache-control", "no-cache")
@@ -140,7 +155,7 @@ class _Handler(BaseHTTPRequestHandler):
             chunk = {"id": ident, "object": "chat.completion.chunk", "created": created, "model": model, "choices": [choice]}
             self._chunk(f"data: {json.dumps(chunk)}\n\n".encode())
             if i < len(pieces):
-                time.sleep(0.005)  # a visible stream, not one write
+                time.sleep(pause)  # a visible stream, not one write
         self._chunk(b"data: [DONE]\n\n")
         self.wfile.write(b"0\r\n\r\n")
         self.wfile.flush()

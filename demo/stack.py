@@ -21,7 +21,7 @@ from pathlib import Path
 
 import yaml
 
-from demo.envoy_config import STANDALONE, write_envoy_config
+from demo.envoy_config import write_envoy_config
 
 __all__ = [
     "Child", "Ports", "Stack", "StackError", "policy_backends", "free_port", "port_in_use", "envoy_binary",
@@ -163,7 +163,6 @@ class Stack:
         workdir: Path,
         ports: Ports | None = None,
         *,
-        template: Path = STANDALONE,
         max_body_bytes: int | None = None,
         envoy_args: tuple[str, ...] = ("--concurrency", "1"),
     ) -> None:
@@ -172,7 +171,7 @@ class Stack:
         self.workdir.mkdir(parents=True, exist_ok=True)
         names, self.default_backend = policy_backends(self.policy)
         self.ports = ports or Ports.free(names)
-        self.template, self.max_body_bytes, self.envoy_args = template, max_body_bytes, envoy_args
+        self.max_body_bytes, self.envoy_args = max_body_bytes, envoy_args
         self.backends = {
             name: Child(f"backend-{name}", [sys.executable, "-m", "demo.backend", "--name", name, "--port", str(port)],
                         self.workdir / f"backend-{name}.log")
@@ -204,9 +203,8 @@ class Stack:
 
     def start(self, timeout: float = 30.0) -> Stack:
         write_envoy_config(
-            self.envoy_config, self.template, listen_port=self.ports.listen, admin_port=self.ports.admin,
-            extproc_port=self.ports.extproc, backends=self.ports.backends, default_backend=self.default_backend,
-            max_body_bytes=self.max_body_bytes,
+            self.envoy_config, self.policy, listen_port=self.ports.listen, admin_port=self.ports.admin,
+            extproc_port=self.ports.extproc, backends=self.ports.backends, max_body_bytes=self.max_body_bytes,
         )
         try:
             for child in self.children:

@@ -9,7 +9,8 @@ these with ``raise ... from exc``.
     ├── RequestError         a client request cannot be routed (bad JSON, too big, ...)
     │                        carries the HTTP status and an OpenAI-style error code
     ├── ScorerError          a learned scorer failed, timed out or returned a bad number
-    └── CheckpointError      a probe / router checkpoint is missing, corrupt or mismatched
+    ├── CheckpointError      a probe / router checkpoint is missing, corrupt or mismatched
+    └── EnvoyConfigError     an Envoy config cannot be rendered from the options given
 """
 
 from __future__ import annotations
@@ -23,6 +24,7 @@ __all__ = [
     "RequestError",
     "ScorerError",
     "CheckpointError",
+    "EnvoyConfigError",
 ]
 
 
@@ -70,3 +72,7 @@ class ScorerError(SwitchyardError):
 
 class CheckpointError(SwitchyardError):
     """A checkpoint folder is missing, corrupt, or does not match the backbone given."""
+
+
+class EnvoyConfigError(SwitchyardError):
+    """An Envoy config cannot be rendered: a bad address, a cluster without one, ..."""

@@ -39,6 +39,8 @@ __all__ = ["serve", "serve_async", "parse_listen"]
 log = logging.getLogger("switchyard.server")
 
 EXT_PROC_SERVICE = "envoy.service.ext_proc.v3.ExternalProcessor"
+#: Largest ext_proc message switchyard accepts from Envoy (the body phase carries the body).
+MAX_MESSAGE_BYTES = 256 * 1024 * 1024
 
 
 def parse_listen(listen: str, option: str = "--listen") -> tuple[str, int]:
@@ -57,7 +59,12 @@ async def serve_async(
     host, port = parse_listen(listen)
     # Scorers load here, after any fork: their worker threads and devices belong to this process.
     await asyncio.to_thread(policy.load_scorers)
-    server = grpc.aio.server(options=[("grpc.so_reuseport", 1 if reuse_port else 0)])
+    server = grpc.aio.server(options=[
+        ("grpc.so_reuseport", 1 if reuse_port else 0),
+        # The body message carries the whole buffered body (up to Envoy's buffer limit, which
+        # the renderer sets from routing.max_body_bytes); gRPC's 4 MiB default would refuse it.
+        ("grpc.max_receive_message_length", MAX_MESSAGE_BYTES),
+    ])
     telemetry = Telemetry()
     telemetry.observe_policy(lambda: policy.digest)
     ext_grpc.add_ExternalProcessorServicer_to_server(ExternalProcessor(policy.current, telemetry), server)

@@ -1,0 +1,314 @@
+"""The Helm chart, rendered by the Helm library for the defaults and five value sets: lint,
+Kubernetes schemas, the Envoy config each pod would render (validated by Envoy), security,
+probes, the optional parts, and values typos failing."""
+
+from __future__ import annotations
+
+import json
+import re
+import subprocess
+from pathlib import Path
+from typing import Any
+
+import pytest
+import yaml
+
+from demo.stack import envoy_binary
+from extproc._policy import load_policy
+from tests.charts.conftest import CHART, NAMESPACE, RELEASE, find, kinds, render
+from tests.charts.pod import LocalPod
+
+REPO = CHART.parents[1]
+KUBE_VERSION = "1.33"
+FULLNAME = f"{RELEASE}-switchyard"
+
+EXISTING_POLICY = """\
+version: 1
+backends:
+  chat: {cluster: pool-chat, model: chat-8b}
+  code: {cluster: pool-code, model: coder-32b}
+default: chat
+signals:
+  code: {kind: keywords, keywords: [python, rust]}
+rules:
+  - {name: code, when: code, backend: code}
+"""
+SCORERS = """\
+scorers:
+  hard:
+    kind: probe
+    checkpoint: /checkpoints/hard-probe
+"""
+
+VALUE_SETS: dict[str, dict[str, Any]] = {
+    "defaults": {},
+    "tls-and-credentials": {
+        "backends": {
+            "small": {"host": "vllm-small.llm.svc.cluster.local", "port": 8000},
+            "large": {"host": "api.openai.com", "port": 443, "tls": {"enabled": True},
+                      "credential": {"secretName": "openai", "key": "api-key", "header": "authorization",
+                                     "prefix": "Bearer "}},
+        },
+    },
+    "tls-sni-and-two-credentials": {
+        "backends": {
+            "small": {"host": "10.0.0.7", "port": 443, "tls": {"enabled": True, "sni": "small.internal.example"},
+                      "credential": {"secretName": "small-key", "key": "token", "header": "api-key"}},
+            "large": {"host": "api.anthropic.example", "port": 443, "tls": {"enabled": True},
+                      "credential": {"secretName": "large-key", "key": "api-key", "header": "x-api-key"}},
+        },
+    },
+    "existing-policy-configmap": {
+        "policy": {"existingConfigMap": "team-policy", "key": "routing.yaml"},
+        "backends": {"pool-chat": {"host": "chat.llm.svc", "port": 8000}, "code": {"host": "code.llm.svc", "port": 8000}},
+    },
+    "remote-scorer": {
+        "scorer": {"enabled": True, "config": SCORERS, "replicas": 2,
+                   "checkpoints": {"existingClaim": "probe-checkpoints"},
+                   "nodeSelector": {"nvidia.com/gpu.present": "true"},
+                   "tolerations": [{"key": "nvidia.com/gpu", "operator": "Exists", "effect": "NoSchedule"}]},
+    },
+    "hpa-servicemonitor-networkpolicy": {
+        "autoscaling": {"enabled": True, "minReplicas": 3, "maxReplicas": 12},
+        "serviceMonitor": {"enabled": True, "labels": {"release": "prometheus"}},
+        "networkPolicy": {"enabled": True, "ingressFrom": [{"namespaceSelector": {"matchLabels": {"team": "apps"}}}]},
+        "dashboard": {"enabled": True},
+        "scorer": {"enabled": True, "config": SCORERS, "checkpoints": {"image": "registry.example/probes:1"}},
+    },
+}
+# The data of Secrets and external ConfigMaps the value sets name (made outside the chart).
+SECRETS = {"openai": {"api-key": "sk-openai"}, "small-key": {"token": "t-small"}, "large-key": {"api-key": "k-large"}}
+CONFIG_MAPS = {"team-policy": {"routing.yaml": EXISTING_POLICY}}
+
+
+@pytest.fixture(scope="module", params=sorted(VALUE_SETS))
+def rendered(request) -> tuple[str, list[dict[str, Any]]]:
+    return request.param, render(VALUE_SETS[request.param])
+
+
+def _containers(manifest: dict[str, Any]) -> list[dict[str, Any]]:
+    spec = manifest["spec"]["template"]["spec"]
+    return spec.get("initContainers", []) + spec["containers"]
+
+
+# -- every value set -------------------------------------------------------------------------------
+@pytest.mark.parametrize("name", sorted(VALUE_SETS))
+def test_lint_is_clean(name):
+    import helm_python
+
+    report = helm_python.lint(CHART, VALUE_SETS[name], strict=True, namespace=NAMESPACE)
+    assert report["errors"] == []
+    assert [m for m in report["messages"] if m["severity"] >= 2] == []
+
+
+def test_every_manifest_matches_the_kubernetes_schemas(rendered):
+    import kubernetes_validate
+
+    _, manifests = rendered
+    for manifest in manifests:
+        if manifest["apiVersion"].startswith("monitoring.coreos.com/"):
+            continue  # a CRD: checked against the Service in test_service_monitor_scrapes_both_metrics_ports
+        kubernetes_validate.validate(manifest, KUBE_VERSION, strict=True)
+
+
+def test_every_pod_renders_an_envoy_config_that_envoy_accepts(rendered, tmp_path):
+    """Run the init container's own command (switchyard envoy render) and validate its output."""
+    name, manifests = rendered
+    pod = LocalPod(find(manifests, "Deployment", FULLNAME), manifests, tmp_path, SECRETS, CONFIG_MAPS)
+    done = pod.run("envoy-config")
+    assert done.returncode == 0, done.stderr
+    config = pod.volumes["envoy-config"] / "envoy.yaml"
+    checked = subprocess.run([envoy_binary(), "--mode", "validate", "-c", str(config)],
+                             capture_output=True, text=True, timeout=60)
+    assert checked.returncode == 0, checked.stdout + checked.stderr
+    policy_file = next(pod.volumes["policy"].glob("*.yaml"))
+    agree = subprocess.run([pod.argv("envoy-config")[0], "policy", "check", str(policy_file), "--envoy", str(config)],
+                           capture_output=True, text=True, timeout=60)
+    assert agree.returncode == 0, agree.stdout + agree.stderr
+
+
+def test_pods_are_locked_down(rendered):
+    _, manifests = rendered
+    for manifest in (m for m in manifests if m["kind"] == "Deployment"):
+        spec = manifest["spec"]["template"]["spec"]
+        assert spec["securityContext"]["runAsNonRoot"] is True
+        assert spec["automountServiceAccountToken"] is False
+        for container in _containers(manifest):
+            context = container["securityContext"]
+            assert context["readOnlyRootFilesystem"] is True, container["name"]
+            assert context["allowPrivilegeEscalation"] is False, container["name"]
+            assert context["capabilities"]["drop"] == ["ALL"], container["name"]
+            assert container.get("resources"), container["name"]
+
+
+# -- the gateway pod ------------------------------------------------------------------------------
+def test_defaults():
+    manifests = render()
+    assert kinds(manifests) == [
+        ("ConfigMap", f"{FULLNAME}-policy"), ("Deployment", FULLNAME), ("PodDisruptionBudget", FULLNAME),
+        ("Service", FULLNAME), ("ServiceAccount", FULLNAME),
+    ]
+    policy = find(manifests, "ConfigMap")["data"]["policy.yaml"]
+    assert policy == (REPO / "policies" / "default.yaml").read_text()  # the chart ships the default policy
+    assert (CHART / "files" / "default-policy.yaml").read_text() == (REPO / "policies" / "default.yaml").read_text()
+    deployment = find(manifests, "Deployment")
+    assert deployment["spec"]["replicas"] == 2
+    assert find(manifests, "PodDisruptionBudget")["spec"]["minAvailable"] == 1
+
+
+def test_probes_and_ports():
+    deployment = find(render(), "Deployment")
+    envoy, switchyard = deployment["spec"]["template"]["spec"]["containers"]
+    assert envoy["readinessProbe"]["httpGet"] == {"path": "/ready", "port": "envoy-probes"}
+    assert switchyard["readinessProbe"]["grpc"] == {"port": 50051}
+    assert switchyard["livenessProbe"]["grpc"] == {"port": 50051}
+    assert "--disable-hot-restart" in envoy["args"]  # no shared memory: read-only root works
+    service = find(render(), "Service")
+    assert {p["name"]: p["targetPort"] for p in service["spec"]["ports"]} == {
+        "http": "http", "metrics": "metrics", "envoy-stats": "envoy-probes"}
+
+
+def test_policy_is_a_directory_mount_that_switchyard_reloads():
+    deployment = find(render({"switchyard": {"reloadInterval": 2}}), "Deployment")
+    switchyard = deployment["spec"]["template"]["spec"]["containers"][1]
+    mount = next(m for m in switchyard["volumeMounts"] if m["name"] == "policy")
+    assert "subPath" not in mount  # a subPath mount would never see an edited ConfigMap
+    args = switchyard["args"]
+    assert args[args.index("--policy") + 1] == mount["mountPath"] + "/policy.yaml"
+    assert args[args.index("--reload-interval") + 1] == "2"
+    annotations = deployment["spec"]["template"]["metadata"].get("annotations") or {}
+    assert not any(k.startswith("checksum/") for k in annotations)  # a policy edit never restarts pods
+
+
+def test_existing_policy_configmap_is_used_not_made():
+    manifests = render(VALUE_SETS["existing-policy-configmap"])
+    assert [m for m in manifests if m["kind"] == "ConfigMap"] == []
+    spec = find(manifests, "Deployment")["spec"]["template"]["spec"]
+    assert next(v for v in spec["volumes"] if v["name"] == "policy")["configMap"]["name"] == "team-policy"
+    assert "/etc/switchyard/policy/routing.yaml" in spec["containers"][1]["args"]
+
+
+def test_credentials_come_from_secrets_to_envoy_only():
+    manifests = render(VALUE_SETS["tls-and-credentials"])
+    spec = find(manifests, "Deployment")["spec"]["template"]["spec"]
+    volume = next(v for v in spec["volumes"] if v["name"] == "credential-large")
+    assert volume["secret"] == {"secretName": "openai", "items": [{"key": "api-key", "path": "api-key"}]}
+    envoy, switchyard = spec["containers"]
+    assert any(m["name"] == "credential-large" for m in envoy["volumeMounts"])
+    assert not any(m["name"].startswith("credential-") for m in switchyard["volumeMounts"] + spec["initContainers"][0]["volumeMounts"])
+    args = spec["initContainers"][0]["args"]
+    assert ["--tls", "large"] == args[args.index("--tls"):args.index("--tls") + 2]
+    assert args[args.index("--credential") + 1] == "large=authorization:/etc/switchyard/credentials/large/api-key"
+    assert args[args.index("--credential-prefix") + 1] == "large=Bearer "
+    assert "sk-openai" not in json.dumps(manifests)
+
+
+def test_remote_scorer():
+    values = VALUE_SETS["remote-scorer"]
+    manifests = render(values)
+    scorer = find(manifests, "Deployment", f"{FULLNAME}-scorer")
+    service = find(manifests, "Service", f"{FULLNAME}-scorer")
+    assert service["spec"]["clusterIP"] == "None"  # headless: DNS lists every pod, sidecars balance over them
+    assert service["spec"]["selector"] == scorer["spec"]["selector"]["matchLabels"]
+    spec = scorer["spec"]["template"]["spec"]
+    container = spec["containers"][0]
+    assert container["command"] + container["args"] == [
+        "switchyard", "scorer", "serve", "--config", "/etc/switchyard/scorers.yaml", "--listen", "0.0.0.0:50061"]
+    assert container["resources"]["limits"]["nvidia.com/gpu"] == 1
+    assert container["readinessProbe"]["grpc"] == {"port": 50061}
+    assert spec["nodeSelector"] == values["scorer"]["nodeSelector"]
+    assert spec["tolerations"] == values["scorer"]["tolerations"]
+    volumes = {v["name"]: v for v in spec["volumes"]}
+    assert volumes["checkpoints"]["persistentVolumeClaim"] == {"claimName": "probe-checkpoints", "readOnly": True}
+    config = find(manifests, "ConfigMap", f"{FULLNAME}-scorer-config")
+    assert config["data"]["scorers.yaml"] == SCORERS
+    assert scorer["spec"]["replicas"] == 2
+
+
+def test_scorer_checkpoints_from_an_image():
+    spec = find(render(VALUE_SETS["hpa-servicemonitor-networkpolicy"]), "Deployment", f"{FULLNAME}-scorer")["spec"]["template"]["spec"]
+    init = spec["initContainers"][0]
+    assert init["image"] == "registry.example/probes:1"
+    assert init["command"] == ["cp", "-a", "/checkpoints/.", "/mnt/checkpoints/"]
+    assert next(v for v in spec["volumes"] if v["name"] == "checkpoints") == {"name": "checkpoints", "emptyDir": {}}
+
+
+def test_hpa_service_monitor_network_policy_and_dashboard():
+    manifests = render(VALUE_SETS["hpa-servicemonitor-networkpolicy"])
+    deployment = find(manifests, "Deployment", FULLNAME)
+    assert "replicas" not in deployment["spec"]  # the HPA owns it
+    hpa = find(manifests, "HorizontalPodAutoscaler")
+    assert (hpa["spec"]["minReplicas"], hpa["spec"]["maxReplicas"]) == (3, 12)
+    assert hpa["spec"]["scaleTargetRef"]["name"] == FULLNAME
+    policies = {m["metadata"]["name"]: m for m in manifests if m["kind"] == "NetworkPolicy"}
+    gateway = policies[FULLNAME]["spec"]["ingress"]
+    assert gateway[0]["ports"] == [{"port": "http", "protocol": "TCP"}]
+    assert gateway[0]["from"] == [{"namespaceSelector": {"matchLabels": {"team": "apps"}}}]
+    opened = {p["port"] for rule in gateway for p in rule["ports"]}
+    assert "grpc" not in opened and 50051 not in opened  # ext_proc stays pod-local
+    scorer = policies[f"{FULLNAME}-scorer"]["spec"]["ingress"][0]
+    assert scorer["from"][0]["podSelector"]["matchLabels"] == deployment["spec"]["selector"]["matchLabels"]
+    dashboard = find(manifests, "ConfigMap", f"{FULLNAME}-dashboard")
+    assert dashboard["metadata"]["labels"]["grafana_dashboard"] == "1"
+    assert json.loads(dashboard["data"]["switchyard.json"]) == json.loads((CHART / "dashboards" / "switchyard.json").read_text())
+
+
+def test_service_monitor_scrapes_both_metrics_ports():
+    manifests = render(VALUE_SETS["hpa-servicemonitor-networkpolicy"])
+    monitor, service = find(manifests, "ServiceMonitor"), find(manifests, "Service", FULLNAME)
+    assert monitor["apiVersion"] == "monitoring.coreos.com/v1"
+    assert monitor["metadata"]["labels"]["release"] == "prometheus"
+    assert monitor["spec"]["selector"]["matchLabels"].items() <= service["metadata"]["labels"].items()
+    ports = {p["name"] for p in service["spec"]["ports"]}
+    assert {(e["port"], e["path"]) for e in monitor["spec"]["endpoints"]} == {
+        ("metrics", "/metrics"), ("envoy-stats", "/stats/prometheus")}
+    assert {e["port"] for e in monitor["spec"]["endpoints"]} <= ports
+
+
+# -- values that must fail ---------------------------------------------------------------------------
+@pytest.mark.parametrize(
+    ("values", "where"),
+    [
+        ({"replicaCont": 3}, "replicaCont"),
+        ({"envoy": {"prot": 8080}}, "prot"),
+        ({"backends": {"large": {"host": "h", "port": 443, "tls": {"enable": True}}}}, "enable"),
+        ({"backends": {"large": {"host": "h", "port": "443"}}}, "port"),
+        ({"backends": {"large": {"host": "h"}}}, "port"),
+        ({"backends": {"large": {"host": "h", "port": 1, "credential": {"secretName": "s"}}}}, "key"),
+        ({"switchyard": {"logLevel": "verbose"}}, "logLevel"),
+        ({"scorer": {"enabled": True, "gpu": 1}}, "gpu"),
+    ],
+    ids=["top-level", "envoy", "tls", "port-type", "port-missing", "credential-key", "enum", "scorer"],
+)
+def test_values_typo_fails(values, where):
+    import helm_python
+
+    with pytest.raises(helm_python.HelmValuesError, match=re.escape(where)):
+        render(values)
+
+
+def test_scorer_without_config_fails():
+    import helm_python
+
+    with pytest.raises(helm_python.HelmError, match="scorer.config"):
+        render({"scorer": {"enabled": True}})
+
+
+# -- the image the chart uses ------------------------------------------------------------------------
+def test_dockerfile_installs_what_the_tests_install():
+    """The Dockerfile cannot be built here; its pip steps must be the Makefile's and name real extras."""
+    dockerfile = (REPO / "Dockerfile").read_text()
+    makefile = (REPO / "Makefile").read_text()
+    pyproject = (REPO / "pyproject.toml").read_text()
+    torch_pin = re.search(r"torch==[\d.]+", makefile).group(0)
+    assert torch_pin in dockerfile
+    assert re.search(r"pip install \.(\s|$)", dockerfile), "the sidecar installs the package: pip install ."
+    for extra in re.findall(r"\.\[([a-z,]+)\]", dockerfile):
+        for name in extra.split(","):
+            assert re.search(rf"^{name} = \[", pyproject, re.M), f"extra {name!r} is not in pyproject.toml"
+    targets = re.findall(r"^FROM .* AS (\w+)", dockerfile, re.M)
+    assert {"sidecar", "scorer"} <= set(targets)
+    assert re.search(r"^USER 10001", dockerfile, re.M)  # matches the chart's runAsUser
+    values = yaml.safe_load((CHART / "values.yaml").read_text())
+    assert values["podSecurityContext"]["runAsUser"] == 10001
+    assert load_policy(CHART / "files" / "default-policy.yaml").default == "small"

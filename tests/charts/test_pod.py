@@ -1,0 +1,149 @@
+"""The pod, run for real: the rendered Deployment's containers as local processes.
+
+The chart is rendered with loopback backends (demo backends) and free ports; the ConfigMap
+and Secret data are written where the containers mount them (kubelet layout, see
+tests/charts/pod.py); the init container renders Envoy's config; Envoy and switchyard start
+with their own command and args. Requests then route as the policy says, the provider key
+reaches its backend and no other, and an edited policy ConfigMap and a rotated Secret take
+effect without a restart.
+"""
+
+from __future__ import annotations
+
+import http.client
+import json
+import sys
+import time
+from collections.abc import Callable
+
+import pytest
+
+from demo.stack import Child, free_port, grpc_serving, http_ok
+from tests.charts.conftest import find, render
+from tests.charts.pod import LocalPod, atomic_write
+from tests.integration.harness import REPO, chat
+
+pytestmark = pytest.mark.envoy
+
+POLICY = (REPO / "policies" / "default.yaml").read_text()
+CLIENT_KEY = "Bearer client-key"
+
+
+def _post(port: int, body: dict, headers: dict | None = None) -> tuple[int, dict[str, str], bytes]:
+    conn = http.client.HTTPConnection("127.0.0.1", port, timeout=10)
+    try:
+        conn.request("POST", "/v1/chat/completions", json.dumps(body).encode(),
+                     {"content-type": "application/json", "authorization": CLIENT_KEY, **(headers or {})})
+        reply = conn.getresponse()
+        return reply.status, {k.lower(): v for k, v in reply.getheaders()}, reply.read()
+    finally:
+        conn.close()
+
+
+def _wait(what: str, ready: Callable[[], bool], children: list[Child], timeout: float = 30) -> None:
+    deadline = time.monotonic() + timeout
+    while not ready():
+        dead = [c for c in children if not c.running]
+        assert not dead and time.monotonic() < deadline, f"{what} not ready\n" + "\n".join(
+            f"--- {c.name}\n{c.tail()}" for c in children)
+        time.sleep(0.05)
+
+
+@pytest.fixture(scope="module")
+def pod(tmp_path_factory):
+    root = tmp_path_factory.mktemp("pod")
+    backend_ports = {"small": free_port(), "large": free_port()}
+    values = {
+        "backends": {
+            "small": {"host": "127.0.0.1", "port": backend_ports["small"]},
+            "large": {"host": "127.0.0.1", "port": backend_ports["large"],
+                      "credential": {"secretName": "provider", "key": "api-key", "header": "authorization",
+                                     "prefix": "Bearer "}},
+        },
+        "envoy": {"port": free_port(), "probePort": free_port(), "adminPort": free_port()},
+        "switchyard": {"port": free_port(), "reloadInterval": 0.2, "metrics": {"enabled": True, "port": free_port()}},
+    }
+    manifests = render(values)
+    local = LocalPod(find(manifests, "Deployment"), manifests, root, secrets={"provider": {"api-key": "sk-provider-1"}})
+    backends = [Child(f"backend-{name}", [sys.executable, "-m", "demo.backend", "--name", name, "--port", str(port)],
+                      root / f"backend-{name}.log").start() for name, port in backend_ports.items()]
+    children = list(backends)
+    try:
+        init = local.run("envoy-config")
+        assert init.returncode == 0, init.stderr
+        children += [local.start("switchyard"), local.start("envoy")]
+        for name, port in backend_ports.items():
+            _wait(f"backend {name}", lambda p=port: http_ok(p, "/health"), children)
+        # the containers' own probes: gRPC health for switchyard, GET /ready for Envoy
+        switchyard, envoy = local.container("switchyard"), local.container("envoy")
+        _wait("switchyard", lambda: grpc_serving(switchyard["readinessProbe"]["grpc"]["port"]), children)
+        probe = envoy["readinessProbe"]["httpGet"]
+        _wait("envoy", lambda: http_ok(local.port("envoy", probe["port"]), probe["path"]), children)
+        local.children = {c.name: c for c in children}
+        local.listen = local.port("envoy", "http")
+        yield local
+    finally:
+        for child in reversed(children):
+            child.stop()
+
+
+def test_requests_route_as_the_policy_says(pod):
+    status, headers, _ = _post(pod.listen, chat("Prove that the integral of x is x^2/2."))
+    assert status == 200
+    assert (headers["x-switchyard-backend"], headers["x-demo-backend"]) == ("large", "large")
+    assert headers["x-demo-received-model"] == "large-model"
+    status, headers, _ = _post(pod.listen, chat("Hi there!"))
+    assert (status, headers["x-demo-backend"]) == (200, "small")
+
+
+def test_the_provider_key_reaches_its_backend_and_no_other(pod):
+    _, large, _ = _post(pod.listen, chat("Prove the theorem."), {"api-key": "client", "x-api-key": "client"})
+    assert json.loads(large["x-demo-received-credentials"]) == {"authorization": "Bearer sk-provider-1"}
+    _, small, _ = _post(pod.listen, chat("Hi there!"))
+    received = json.loads(small["x-demo-received-credentials"])
+    assert received == {"authorization": CLIENT_KEY}  # the client's own header, never the provider's key
+    assert "sk-provider" not in small["x-demo-received-credentials"]
+
+
+def test_the_probe_port_serves_readiness_and_envoy_metrics_only(pod):
+    probes = pod.port("envoy", "envoy-probes")
+    assert http_ok(probes, "/ready") and http_ok(probes, "/stats/prometheus")
+    assert not http_ok(probes, "/config_dump")  # the rest of the admin endpoint stays on loopback
+
+
+def test_switchyard_metrics_are_served(pod):
+    conn = http.client.HTTPConnection("127.0.0.1", pod.port("switchyard", "metrics"), timeout=5)
+    conn.request("GET", "/metrics")
+    reply = conn.getresponse()
+    text = reply.read().decode()
+    assert reply.status == 200 and "switchyard_" in text
+
+
+def test_editing_the_policy_configmap_changes_routing_without_a_restart(pod):
+    pids = {name: child.process.pid for name, child in pod.children.items()}
+    atomic_write(pod.volumes["policy"], {"policy.yaml": POLICY.replace("default: small", "default: large")})
+    deadline = time.monotonic() + 15
+    while True:
+        status, headers, _ = _post(pod.listen, chat("Hi there!"))
+        assert status == 200
+        if headers["x-demo-backend"] == "large" or time.monotonic() > deadline:
+            break
+        time.sleep(0.1)
+    assert headers["x-demo-backend"] == "large" and headers["x-switchyard-rule"] == "default"
+    assert {name: child.process.pid for name, child in pod.children.items()} == pids
+    assert all(child.running for child in pod.children.values())
+
+
+def test_a_rotated_secret_is_used_without_a_restart(pod):
+    pid = pod.children["envoy"].process.pid
+    atomic_write(pod.volumes["credential-large"], {"api-key": "sk-provider-2"})
+    deadline = time.monotonic() + 15
+    while True:
+        _, headers, _ = _post(pod.listen, chat("Prove the theorem."))
+        received = json.loads(headers["x-demo-received-credentials"])
+        if received == {"authorization": "Bearer sk-provider-2"} or time.monotonic() > deadline:
+            break
+        assert received == {"authorization": "Bearer sk-provider-1"}
+        time.sleep(0.1)
+    assert received == {"authorization": "Bearer sk-provider-2"}
+    assert pod.children["envoy"].process.pid == pid
