@@ -22,6 +22,7 @@ _EXPORTS: dict[str, str] = {
     "RequestError": "extproc._errors",
     "ScorerError": "extproc._errors",
     "CheckpointError": "extproc._errors",
+    "EnvoyConfigError": "extproc._errors",
     # requests and messages
     "RoutingRequest": "extproc._request",
     "parse_json_body": "extproc._request",

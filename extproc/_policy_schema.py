@@ -306,7 +306,9 @@ POLICY_SCHEMA = Obj(
                 keys={
                     "header": Key(
                         Str(min_length=1),
-                        "Request header naming the tenant. It must be set by a trusted layer (your auth proxy), not by clients.",
+                        "Request header naming the tenant. It must be set by a trusted layer (your auth proxy), not by clients. "
+                        "Surrounding spaces are ignored; a repeated header or a comma list gets only the backends every "
+                        "listed tenant (and an unlisted one) may reach, or 403 `ambiguous_tenant` when they share none.",
                         "x-tenant-id",
                     ),
                     "allow": Key(

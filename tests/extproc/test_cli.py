@@ -140,7 +140,7 @@ def test_exported_names():
     import extproc
 
     assert sorted(extproc.__all__) == sorted(
-        ["Backend", "CheckpointError", "Decision", "ExternalProcessor", "Policy", "PolicyEngine", "PolicyError",
+        ["Backend", "CheckpointError", "Decision", "EnvoyConfigError", "ExternalProcessor", "Policy", "PolicyEngine", "PolicyError",
          "PolicyProblem", "RequestError", "Rule", "RoutingRequest", "ScorerError", "SwitchyardError",
          "conversation_text", "image_urls", "last_user_text", "load_policy", "message_text", "parse_json_body",
          "parse_policy",

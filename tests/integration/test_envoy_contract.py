@@ -177,7 +177,7 @@ def test_over_limit_body_gets_413_from_switchyard(default_gateway):
     assert default_gateway.backend_requests() == before
 
 
-def test_over_limit_chunked_body_gets_413_from_envoy(default_gateway):
+def test_over_limit_chunked_body_gets_413_and_reaches_no_backend(default_gateway):
     data = _oversized()
     chunks = (data[i:i + 65536] for i in range(0, len(data), 65536))  # no Content-Length
     before = default_gateway.backend_requests()
@@ -253,7 +253,7 @@ def test_switchyard_too_slow_fails_closed_after_message_timeout(default_gateway)
         waited = time.monotonic() - started
     assert reply.status == 504, reply
     assert reply.json()["error"]["code"] == "router_unavailable"
-    assert 0.4 < waited < 3, "message_timeout is 0.5 s"
+    assert 0.9 < waited < 4, "message_timeout is 1 s (MESSAGE_TIMEOUT_MS)"
     assert default_gateway.backend_requests() == before
     assert default_gateway.post(chat("hi")).status == 200
 
