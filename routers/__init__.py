@@ -39,10 +39,17 @@ _EXPORTS: dict[str, str] = {
     "ReLope": "routers.probes",
     "ReLopeConfig": "routers.probes",
     "build_probe": "routers.probes",
-    "ProbeCheckpoint": "routers.probe_checkpoint",
-    "read_checkpoint": "routers.probe_checkpoint",
-    "save_probe": "routers.probe_checkpoint",
-    "load_probe": "routers.probe_checkpoint",
+    # checkpoints (probes and LatentRouter; read_config needs no torch)
+    "CheckpointConfig": "routers.checkpoints",
+    "BackboneIdentity": "routers.checkpoints",
+    "Threshold": "routers.checkpoints",
+    "PoolModel": "routers.checkpoints",
+    "read_config": "routers.checkpoints",
+    "ProbeCheckpoint": "routers.checkpoints",
+    "read_checkpoint": "routers.checkpoints",
+    "save_probe": "routers.checkpoints",
+    "load_probe": "routers.checkpoints",
+    "Truncation": "routers.truncation",
     "ProbeScorer": "routers.probe_scorer",
     "TrainConfig": "routers.probe_training",
     "TrainResult": "routers.probe_training",
@@ -56,9 +63,14 @@ _EXPORTS: dict[str, str] = {
     "build_encoder": "routers.query_encoders",
     "LatentTrainConfig": "routers.latent_training",
     "train_latent_router": "routers.latent_training",
-    "save_latent_router": "routers.latent_checkpoint",
-    "load_latent_router": "routers.latent_checkpoint",
+    "save_latent_router": "routers.checkpoints",
+    "load_latent_router": "routers.checkpoints",
     "evaluate_router": "routers.latent_eval",
+    # serving in process
+    "MicroBatcher": "routers.serving.batcher",
+    "ProbeSetScorer": "routers.serving.probe_scorer",
+    "LatentScorer": "routers.serving.latent_scorer",
+    "load_image": "routers.serving.images",
 }
 
 __all__ = sorted(_EXPORTS)

@@ -9,8 +9,10 @@ token states entering layer ``l`` (``prev``, = ``hidden_states[l-1]``) and leavi
 that ran layer ``l`` so ReLope can re-run that one layer with its adapter.
 
 Layers are counted from 1, as in ``output_hidden_states`` (index 0 is the embeddings).
-Padding is on the right, so a request's states do not depend on its batch. Images are read
-from ``data:`` URLs or given as PIL images; remote URLs are never fetched.
+Padding is on the right, so a request's states do not depend on its batch. A prompt longer
+than :attr:`TruncatedBackbone.truncation` allows is cut by :mod:`routers.truncation` (its
+first and last tokens kept), the same way in training, evaluation and serving. Images are
+read from ``data:`` URLs or given as PIL images; remote URLs are never fetched.
 """
 
 from __future__ import annotations
@@ -21,18 +23,29 @@ import copy
 import hashlib
 import inspect
 import io
+import json
 import threading
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Any
 
 import torch
 from torch import nn
 
-from extproc._errors import CheckpointError, ScorerError
-from extproc._messages import message_text
+from extproc import CheckpointError, ScorerError, message_text
+from routers.truncation import DEFAULT_HEAD_TOKENS, DEFAULT_MAX_TOKENS, Truncation, position_limit
 
-__all__ = ["BackboneConfig", "BackboneOutput", "BackboneStates", "TruncatedBackbone", "map_tensors", "shared_copy"]
+__all__ = [
+    "BackboneConfig",
+    "BackboneOutput",
+    "BackboneStates",
+    "TruncatedBackbone",
+    "default_layer",
+    "map_tensors",
+    "shared_copy",
+    "tokenize",
+]
 
 _DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 
@@ -59,8 +72,12 @@ class BackboneConfig:
     - ``device``: torch device; ``None`` picks ``cuda`` when available, else ``cpu``.
     - ``dtype``: ``"float32"``, ``"bfloat16"`` or ``"float16"``; ``None`` picks bfloat16 on
       CUDA and float32 on CPU.
-    - ``max_tokens``: longer text prompts keep their *last* ``max_tokens`` tokens (default
-      4096); longer prompts with images are rejected.
+    - ``max_tokens``: the most tokens of a prompt the backbone reads, capped by the model's
+      own limit (:func:`routers.truncation.position_limit`); a longer text prompt keeps its
+      first ``head_tokens`` and its last tokens (:class:`routers.truncation.Truncation`);
+      a longer prompt with images is rejected. A probe checkpoint records the limit it was
+      trained with, and evaluation and serving use that.
+    - ``head_tokens``: tokens kept from the start of a cut prompt.
     - ``max_image_bytes`` / ``max_image_pixels``: limits on one decoded ``data:`` image
       (default 20 MiB and 25 megapixels).
     """
@@ -69,7 +86,8 @@ class BackboneConfig:
     layer: int
     device: str | None = None
     dtype: str | None = None
-    max_tokens: int = 4096
+    max_tokens: int = DEFAULT_MAX_TOKENS
+    head_tokens: int = DEFAULT_HEAD_TOKENS
     max_image_bytes: int = 20 * 1024 * 1024
     max_image_pixels: int = 25_000_000
 
@@ -84,6 +102,7 @@ class BackboneConfig:
             value = getattr(self, name)
             if isinstance(value, bool) or not isinstance(value, int) or value < 1:
                 raise ValueError(f"`{name}` must be a positive integer, got {value!r}.")
+        Truncation(self.max_tokens, self.head_tokens)  # validates head_tokens
 
     def torch_device(self) -> torch.device:
         return torch.device(self.device or ("cuda" if torch.cuda.is_available() else "cpu"))
@@ -277,11 +296,14 @@ class TruncatedBackbone:
         self._lock = threading.Lock()
         self._forward_keys = set(inspect.signature(model.forward).parameters)
         self.tokenizer.padding_side = "right"
-        self.tokenizer.truncation_side = "left"
         if self.tokenizer.pad_token is None:
             self.tokenizer.pad_token = self.tokenizer.eos_token or self.tokenizer.unk_token
         self.is_encoder = self._layer_path == "encoder.layer"
         self.has_images = getattr(processor, "image_processor", None) is not None
+        #: How prompts are cut: ``config.max_tokens`` capped by the model's own limit.
+        self.truncation = Truncation(config.max_tokens, config.head_tokens).capped(
+            position_limit(model.config, self.tokenizer)
+        )
 
     def _check_layer(self, layer: int) -> None:
         if isinstance(layer, bool) or not isinstance(layer, int) or not 1 <= layer <= self.total_layers:
@@ -324,23 +346,30 @@ class TruncatedBackbone:
 
     def describe(self, layer: int | None = None) -> dict[str, Any]:
         """What a checkpoint records about this backbone read at ``layer`` (default
-        ``config.layer``): path, layer, model type, sizes and a weights fingerprint."""
+        ``config.layer``): path, layer, model type, sizes, a weights ``fingerprint`` of the
+        embeddings and that layer, and a ``model_fingerprint`` of the embeddings and layer 1
+        (the same for every layer, so probes at different layers can be told to share a
+        backbone)."""
         layer = self.config.layer if layer is None else layer
-        digest = hashlib.sha256()
-        digest.update(f"{self.model.config.model_type}|{self.hidden_size}|{self.total_layers}|{layer}".encode())
-        embeddings = self.model.get_input_embeddings()
-        if embeddings is not None:
-            digest.update(_tensor_sample(embeddings.weight))
-        for name, param in self.layer_module(layer).named_parameters():
-            digest.update(name.encode() + _tensor_sample(param))
+        sizes = f"{self.model.config.model_type}|{self.hidden_size}|{self.total_layers}"
         return {
             "path": self.source,
             "layer": layer,
             "model_type": self.model.config.model_type,
             "hidden_size": self.hidden_size,
             "num_layers": self.total_layers,
-            "fingerprint": digest.hexdigest()[:32],
+            "fingerprint": self._fingerprint(f"{sizes}|{layer}", layer),
+            "model_fingerprint": self._fingerprint(sizes, 1),
         }
+
+    def _fingerprint(self, prefix: str, layer: int) -> str:
+        digest = hashlib.sha256(prefix.encode())
+        embeddings = self.model.get_input_embeddings()
+        if embeddings is not None:
+            digest.update(_tensor_sample(embeddings.weight))
+        for name, param in self.layer_module(layer).named_parameters():
+            digest.update(name.encode() + _tensor_sample(param))
+        return digest.hexdigest()[:32]
 
     # ---- inputs -------------------------------------------------------------------------
 
@@ -365,20 +394,13 @@ class TruncatedBackbone:
                     return_tensors="pt",
                     add_special_tokens=not use_template,
                 )
-                if inputs["input_ids"].shape[1] > self.config.max_tokens:
+                if inputs["input_ids"].shape[1] > self.truncation.max_tokens:
                     raise ScorerError(
                         f"A prompt with images has {inputs['input_ids'].shape[1]} tokens, over "
-                        f"max_tokens={self.config.max_tokens}."
+                        f"max_tokens={self.truncation.max_tokens}."
                     )
             else:
-                inputs = self.tokenizer(
-                    texts,
-                    padding=True,
-                    truncation=True,
-                    max_length=self.config.max_tokens,
-                    return_tensors="pt",
-                    add_special_tokens=not use_template,
-                )
+                inputs = tokenize(self.tokenizer, texts, self.truncation, add_special_tokens=not use_template)
         except ScorerError:
             raise
         except (ValueError, TypeError, RuntimeError) as exc:
@@ -390,8 +412,8 @@ class TruncatedBackbone:
         for grouping requests of similar length into one padded batch."""
         texts = [self._render(messages)[0] for messages in conversations]
         use_template = bool(getattr(self.tokenizer, "chat_template", None))
-        ids = self.tokenizer(texts, add_special_tokens=not use_template)["input_ids"]
-        return [min(len(x), self.config.max_tokens) for x in ids]
+        ids = self.tokenizer(texts, add_special_tokens=not use_template, verbose=False)["input_ids"]
+        return [min(len(x), self.truncation.max_tokens) for x in ids]
 
     def _render(self, messages: Sequence[Mapping[str, Any]]) -> tuple[str, list[Any]]:
         if not isinstance(messages, Sequence) or not messages:
@@ -559,6 +581,46 @@ class TruncatedBackbone:
             for layer, slot in captured.items()
         }
         return BackboneOutput(mask=mask, by_layer=by_layer)
+
+
+def default_layer(path: str | Path) -> int:
+    """Half the depth of the model in folder ``path`` (from its ``config.json``): the default
+    probe layer and ``backbone`` encoder layer. :class:`CheckpointError` if it cannot be read."""
+    config_path = Path(path) / "config.json"
+    try:
+        config = json.loads(config_path.read_text())
+    except (OSError, ValueError) as exc:
+        raise CheckpointError(f"Cannot read {config_path} to pick a layer: {exc}; pass a layer explicitly.") from exc
+    text = config.get("text_config") if isinstance(config.get("text_config"), dict) else {}
+    layers = config.get("num_hidden_layers") or text.get("num_hidden_layers")
+    if isinstance(layers, bool) or not isinstance(layers, int) or layers < 1:
+        raise CheckpointError(f"{config_path} has no `num_hidden_layers`; pass a layer explicitly.")
+    return max(1, layers // 2)
+
+
+def tokenize(
+    tokenizer: Any, texts: Sequence[str], truncation: Truncation, *, add_special_tokens: bool = True
+) -> dict[str, torch.Tensor]:
+    """Tokenize ``texts``, cut each with ``truncation`` and pad on the right.
+
+    The one tokenization of the scorers (backbone and LatentRouter's text encoder): special
+    tokens are added first, so a cut keeps ``[CLS]`` in its head and ``[SEP]`` in its tail.
+    Returns ``input_ids``, ``attention_mask`` and any other per-token field the tokenizer
+    gives (``token_type_ids``), each ``[B, T]``.
+    """
+    encoded = tokenizer(list(texts), add_special_tokens=add_special_tokens, verbose=False)
+    keys = [k for k in encoded.keys() if k != "attention_mask"]
+    rows = [{k: truncation.apply(encoded[k][i]) for k in keys} for i in range(len(texts))]
+    width = max((len(row["input_ids"]) for row in rows), default=0)
+    pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else 0
+    out = {k: torch.full((len(rows), width), pad_id if k == "input_ids" else 0, dtype=torch.long) for k in keys}
+    out["attention_mask"] = torch.zeros(len(rows), width, dtype=torch.long)
+    for i, row in enumerate(rows):
+        n = len(row["input_ids"])
+        for k in keys:
+            out[k][i, :n] = torch.tensor(row[k], dtype=torch.long)
+        out["attention_mask"][i, :n] = 1
+    return out
 
 
 def _load_processor(path: str) -> Any:

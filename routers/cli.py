@@ -14,6 +14,7 @@ import time: each handler imports torch & co. when it runs.
 from __future__ import annotations
 
 import argparse
+import importlib
 from collections.abc import Callable
 from pathlib import Path
 
@@ -22,6 +23,16 @@ __all__ = ["register", "COMMANDS"]
 #: Top-level command names this module adds to the CLI.
 COMMANDS = ("train", "eval", "calibrate", "scorer")
 
+#: Modules the command parsers take their defaults from (they need torch & co.).
+_PARSER_MODULES = (
+    "routers.backbone",
+    "routers.probes",
+    "routers.probe_training",
+    "routers.probe_scorer",
+    "routers.latent_router",
+    "routers.latent_training",
+    "routers.query_encoders",
+)
 _INSTALL_HINT = "install the learned-scorer extra: pip install torch==2.13.0 'switchyard[ml]'"
 
 
@@ -32,13 +43,15 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     install it. To add a command group, name it in :data:`COMMANDS` and add its parser here.
     """
     try:
-        _register(subparsers)
+        for module in _PARSER_MODULES:
+            importlib.import_module(module)
     except ModuleNotFoundError as exc:
         for command in COMMANDS:
-            if command not in subparsers.choices:
-                stub = subparsers.add_parser(command, help=f"(needs the ml extra: {exc.name} is missing)")
-                stub.add_argument("rest", nargs=argparse.REMAINDER)
-                stub.set_defaults(handler=_missing_extra(exc))
+            stub = subparsers.add_parser(command, help=f"(needs the ml extra: {exc.name} is missing)")
+            stub.add_argument("rest", nargs=argparse.REMAINDER)
+            stub.set_defaults(handler=_missing_extra(exc))
+        return
+    _register(subparsers)
 
 
 def _missing_extra(exc: ModuleNotFoundError) -> Callable[[argparse.Namespace], int]:

@@ -5,7 +5,11 @@
 
 ``correct`` is 0/1 (or a JSON boolean), ``score`` any finite number, ``cost`` a finite
 number >= 0; each outcome needs ``correct`` or ``score``. Errors name ``file:line`` and the
-field. Nothing here imports torch.
+field. Lines end at ``\n`` only: JSON strings may hold U+2028, U+2029 and U+0085 raw.
+
+Training without a separate validation set holds out :data:`DEFAULT_VAL_FRACTION` of the
+training set (:func:`holdout_split`), for probes and LatentRouter alike. Nothing here
+imports torch.
 """
 
 from __future__ import annotations
@@ -13,14 +17,32 @@ from __future__ import annotations
 import hashlib
 import json
 import math
+import random
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from extproc._errors import SwitchyardError
+from extproc import SwitchyardError
 
-__all__ = ["DataError", "Outcome", "LabelledRequest", "load_labelled", "parse_labelled", "dataset_hash"]
+__all__ = [
+    "DEFAULT_VAL_FRACTION",
+    "MIN_HOLDOUT_SIZE",
+    "DataError",
+    "Outcome",
+    "LabelledRequest",
+    "load_labelled",
+    "parse_labelled",
+    "split_lines",
+    "holdout_split",
+    "dataset_hash",
+]
+
+#: Share of the training set held out for validation (early stopping) when no validation
+#: set is given: the one default of ``train probe`` and ``train latent-router``.
+DEFAULT_VAL_FRACTION = 0.15
+#: A training set smaller than this is not split (too few requests to validate on).
+MIN_HOLDOUT_SIZE = 10
 
 
 class DataError(SwitchyardError):
@@ -139,7 +161,16 @@ def load_labelled(path: str | Path) -> list[LabelledRequest]:
         raise DataError(f"Labelled data file {path} does not exist.") from exc
     except (OSError, UnicodeDecodeError) as exc:
         raise DataError(f"Cannot read labelled data file {path}: {exc}.") from exc
-    return parse_labelled(text.splitlines(), source=str(path))
+    return parse_labelled(split_lines(text), source=str(path))
+
+
+def split_lines(text: str) -> list[str]:
+    """JSONL lines of ``text``: split on ``\n`` only (a trailing ``\r`` is dropped).
+
+    Not :meth:`str.splitlines`, which also splits on U+2028, U+2029, U+0085 and other
+    separators that JSON allows raw inside strings (common in scraped text).
+    """
+    return [line[:-1] if line.endswith("\r") else line for line in text.split("\n")]
 
 
 def dataset_hash(path: str | Path) -> str:
@@ -152,3 +183,17 @@ def dataset_hash(path: str | Path) -> str:
     except OSError as exc:
         raise DataError(f"Cannot read {path} to hash it: {exc}.") from exc
     return digest.hexdigest()
+
+
+def holdout_split(n: int, fraction: float, seed: int = 0) -> tuple[list[int], list[int]]:
+    """``(train, validation)`` indices of ``range(n)``: a seeded random ``fraction`` held out
+    (rounded, at least 1), the rest in their original order. Nothing is held out when
+    ``fraction`` is 0 or ``n`` < :data:`MIN_HOLDOUT_SIZE`."""
+    if not 0.0 <= fraction < 1.0:
+        raise ValueError(f"`val_fraction` must be in [0, 1), got {fraction!r}.")
+    if fraction == 0.0 or n < MIN_HOLDOUT_SIZE:
+        return list(range(n)), []
+    order = list(range(n))
+    random.Random(seed).shuffle(order)
+    held = set(order[: max(1, round(fraction * n))])
+    return [i for i in range(n) if i not in held], sorted(held)

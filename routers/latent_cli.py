@@ -12,6 +12,8 @@ import sys
 from pathlib import Path
 from typing import Any
 
+from routers.config_options import add_config_options, config_values
+
 __all__ = ["add_train_latent_router_parser", "run_train_latent_router", "run_latent_router_eval"]
 
 log = logging.getLogger(__name__)
@@ -30,80 +32,75 @@ def _sizes(text: str) -> dict[str, float]:
     return sizes
 
 
+#: LatentRouterConfig fields set from the data, not from flags.
+_DERIVED_MODEL_FIELDS = ("input_dim", "num_models", "profile_dim")
+
+
 def add_train_latent_router_parser(train_subparsers: argparse._SubParsersAction) -> None:
-    """Add ``latent-router`` to ``switchyard train``."""
+    """Add ``latent-router`` to ``switchyard train``; flag defaults and help come from the
+    config dataclasses (:class:`EncoderSpec`, :class:`LatentRouterConfig`,
+    :class:`LatentTrainConfig`)."""
+    from routers.latent_router import LatentRouterConfig
+    from routers.latent_training import LatentTrainConfig
+    from routers.query_encoders import ENCODER_KINDS, EncoderSpec
+
     p = train_subparsers.add_parser(
         "latent-router",
         help="Train a LatentRouter (predicts every model's quality; picks μ̃ − λ·cost).",
         description="Train a LatentRouter on labelled JSONL with outcomes (quality and cost) for every pool model.",
     )
     p.add_argument("--data", type=Path, required=True, help="Labelled JSONL training set.")
-    p.add_argument("--val", type=Path, help="Labelled JSONL validation set (default: a --val-fraction split of --data).")
-    p.add_argument("--out", type=Path, required=True, help="Checkpoint folder to write.")
-    p.add_argument("--encoder", choices=("text", "backbone", "hashing"), default="text",
-                   help="Query encoder: text (bundled MiniLM, default), backbone (the probes' truncated backbone), hashing (no model).")
-    p.add_argument("--encoder-model", help="text: a local sentence-encoder folder (default: bundled MiniLM); backbone: the local model folder (required).")
-    p.add_argument("--layer", type=int, help="backbone: decoder layer whose states are pooled (default: half the layers).")
-    p.add_argument("--hash-dim", type=int, default=1024, help="hashing: feature width (default 1024).")
-    p.add_argument("--sizes", type=_sizes, default={}, help="Known model sizes, NAME=BILLIONS,... (profile feature).")
-    g = p.add_argument_group("model hyperparameters")
-    g.add_argument("--hidden-size", type=int, default=64)
-    g.add_argument("--num-query-tokens", type=int, default=4)
-    g.add_argument("--num-capsules", type=int, default=4)
-    g.add_argument("--num-heads", type=int, default=4)
-    g.add_argument("--rounds", type=int, default=2)
-    g.add_argument("--dropout", type=float, default=0.1)
-    g.add_argument("--correction-bound", type=float, default=0.05)
-    t = p.add_argument_group("training")
-    t.add_argument("--epochs", type=int, default=60)
-    t.add_argument("--batch-size", type=int, default=64)
-    t.add_argument("--lr", type=float, default=1e-3)
-    t.add_argument("--weight-decay", type=float, default=1e-2)
-    t.add_argument("--patience", type=int, default=10, help="Epochs without validation-utility gain before stopping.")
-    t.add_argument("--val-fraction", type=float, default=0.15)
-    t.add_argument("--pool-dropout", type=float, default=0.2, help="Share of models hidden per training query.")
-    t.add_argument("--nll-weight", type=float, default=1.0)
-    t.add_argument("--rank-weight", type=float, default=0.5)
-    t.add_argument("--listwise-weight", type=float, default=0.5)
-    t.add_argument("--correction-weight", type=float, default=0.01)
-    t.add_argument("--num-categories", type=int, default=4, help="Query clusters for per-category accuracy profiles.")
-    t.add_argument("--seed", type=int, default=0)
+    p.add_argument("--val", type=Path, help="Labelled JSONL validation set (default: hold out --val-fraction of --data).")
+    p.add_argument("--out", type=Path, required=True, help="Checkpoint folder to write (replaced atomically).")
+    e = p.add_argument_group("query encoder")
+    add_config_options(
+        e,
+        EncoderSpec,
+        flags={"kind": ["--encoder"], "model": ["--encoder-model"], "dim": ["--hash-dim"], "max_length": ["--max-tokens"]},
+        choices={"kind": ENCODER_KINDS},
+    )
+    e.add_argument("--sizes", type=_sizes, default={}, help="Known model sizes, NAME=BILLIONS,... (profile feature).")
+    add_config_options(p.add_argument_group("model hyperparameters"), LatentRouterConfig, exclude=_DERIVED_MODEL_FIELDS)
+    add_config_options(p.add_argument_group("training"), LatentTrainConfig)
     p.add_argument("--device", default=None, help="torch device (default: cuda if available, else cpu).")
-    p.add_argument("--quiet", action="store_true", help="No progress bars.")
+    p.add_argument("--no-progress", "--quiet", dest="progress", action="store_false", help="No progress bars.")
     p.set_defaults(handler=run_train_latent_router)
 
 
 def run_train_latent_router(args: argparse.Namespace) -> int:
     """Handler of ``switchyard train latent-router``; returns the exit code."""
+    from extproc import SwitchyardError
+    from routers.checkpoints import save_latent_router
     from routers.data import dataset_hash, load_labelled
-    from routers.latent_checkpoint import save_latent_router
+    from routers.latent_router import LatentRouterConfig
     from routers.latent_training import LatentTrainConfig, train_latent_router
     from routers.query_encoders import EncoderSpec, build_encoder
 
     device = args.device or _default_device()
     train = load_labelled(args.data)
     val = load_labelled(args.val) if args.val else None
-    spec = EncoderSpec(kind=args.encoder, model=args.encoder_model, dim=args.hash_dim, layer=args.layer)
+    try:
+        spec = EncoderSpec(**config_values(EncoderSpec, args))
+        cfg = LatentTrainConfig(**config_values(LatentTrainConfig, args))
+        overrides = config_values(LatentRouterConfig, args, exclude=_DERIVED_MODEL_FIELDS)
+    except ValueError as exc:
+        raise SwitchyardError(str(exc)) from exc
     encoder = build_encoder(spec, device=device)
-    cfg = LatentTrainConfig(
-        epochs=args.epochs, batch_size=args.batch_size, lr=args.lr, weight_decay=args.weight_decay,
-        patience=args.patience, seed=args.seed, val_fraction=args.val_fraction,
-        nll_weight=args.nll_weight, rank_weight=args.rank_weight, listwise_weight=args.listwise_weight,
-        correction_weight=args.correction_weight, pool_dropout=args.pool_dropout,
-        num_categories=args.num_categories,
-    )
-    overrides = dict(
-        hidden_size=args.hidden_size, num_query_tokens=args.num_query_tokens, num_capsules=args.num_capsules,
-        num_heads=args.num_heads, rounds=args.rounds, dropout=args.dropout, correction_bound=args.correction_bound,
-    )
-    result = train_latent_router(
-        train, encoder, overrides, cfg, val=val, sizes=args.sizes, progress=not args.quiet
-    )
-    result.router.extra["history"] = result.history
-    out = save_latent_router(result.router, args.out, training_set_hash=dataset_hash(args.data))
+    result = train_latent_router(train, encoder, overrides, cfg, val=val, sizes=args.sizes, progress=args.progress)
+    training = {
+        "history": result.history,
+        "train_data": str(args.data),
+        "train_data_hash": dataset_hash(args.data),
+        "val_data": str(args.val) if args.val else None,
+        "val_data_hash": dataset_hash(args.val) if args.val else None,
+    }
+    out = save_latent_router(result.router, args.out, training=training)
+    validation = result.router.extra.get("validation", {})
+    where = {"given": "--val", "held_out": f"{100 * cfg.val_fraction:g}% held out"}.get(validation.get("source"))
+    scored = f"validation utility {result.best_val_utility:.4f} ({where})" if where else "no validation set"
     print(
-        f"Saved LatentRouter ({args.encoder} encoder, pool {', '.join(result.router.pool.names)}) to {out}; "
-        f"best epoch {result.best_epoch}, validation utility {result.best_val_utility:.4f}."
+        f"Saved LatentRouter ({encoder.spec.kind} encoder, pool {', '.join(result.router.pool.names)}) to {out}; "
+        f"best epoch {result.best_epoch}, {scored}."
     )
     return 0
 
@@ -130,8 +127,8 @@ def _lambdas(text: str | None) -> list[float] | None:
 
 def run_latent_router_eval(args: argparse.Namespace) -> int:
     """The LatentRouter branch of ``switchyard eval``: prints tables, writes JSON / PNG."""
+    from routers.checkpoints import load_latent_router
     from routers.data import load_labelled
-    from routers.latent_checkpoint import load_latent_router
     from routers.latent_eval import evaluate_router, format_report, plot_frontier, shifted_pools
 
     device = getattr(args, "device", None) or _default_device()

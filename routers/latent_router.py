@@ -315,7 +315,7 @@ class LatentRouter:
     @torch.inference_mode()
     def predict_features(self, features: torch.Tensor, available: torch.Tensor | None = None, batch_size: int = 256) -> LatentRouterOutput:
         """Predictions for precomputed encoder features ``(N, input_dim)``."""
-        from extproc._errors import ScorerError
+        from extproc import ScorerError
 
         profiles = self.profiles_tensor()
         parts = []

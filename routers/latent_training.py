@@ -11,7 +11,9 @@ Losses (weights in :class:`LatentTrainConfig`):
 
 Each batch hides a random subset of models (``pool_dropout``) so the router learns to score
 any sub-pool. Early stopping keeps the epoch with the best validation utility: realised
-quality − λ·cost of the chosen model, averaged over ``val_lambdas``.
+quality − λ·cost of the chosen model, averaged over ``val_lambdas``. Without a validation
+set, ``val_fraction`` of the training set is held out (:func:`routers.data.holdout_split`,
+the same split the probes use).
 """
 
 from __future__ import annotations
@@ -27,7 +29,8 @@ from typing import Any
 import torch
 from torch.nn import functional as F
 
-from routers.data import DataError, LabelledRequest
+from routers.config_options import option
+from routers.data import DEFAULT_VAL_FRACTION, DataError, LabelledRequest, holdout_split
 from routers.latent_router import LatentRouter, LatentRouterConfig, LatentRouterModel, ModelPool, choose
 
 __all__ = [
@@ -41,25 +44,33 @@ __all__ = [
 log = logging.getLogger(__name__)
 
 
-@dataclass
+@dataclass(frozen=True)
 class LatentTrainConfig:
-    """How a LatentRouter is trained (saved in ``config.json`` under ``training``)."""
+    """How a LatentRouter is trained (saved in ``config.json`` under ``training.config``).
+    Each field's help is in its metadata; ``switchyard train latent-router`` has one flag
+    per field, with the default given here."""
 
-    epochs: int = 60
-    batch_size: int = 64
-    lr: float = 1e-3
-    weight_decay: float = 1e-2
-    patience: int = 10
-    seed: int = 0
-    val_fraction: float = 0.15
-    nll_weight: float = 1.0
-    rank_weight: float = 0.5
-    listwise_weight: float = 0.5
-    correction_weight: float = 0.01
-    temperature: float = 0.1
-    pool_dropout: float = 0.2
-    num_categories: int = 4
-    val_lambdas: tuple[float, ...] = (0.0, 0.05, 0.1, 0.2, 0.5, 1.0)
+    epochs: int = option(60, "Passes over the training set.")
+    batch_size: int = option(64, "Queries per step.")
+    lr: float = option(1e-3, "AdamW learning rate.")
+    weight_decay: float = option(1e-2, "AdamW weight decay.")
+    patience: int = option(10, "Epochs without a better validation utility before stopping.")
+    seed: int = option(0, "Seeds the split, initialisation, batch order and pool dropout.")
+    val_fraction: float = option(
+        DEFAULT_VAL_FRACTION,
+        "Share of the training set held out for validation when no validation set is given "
+        "(0: none, no early stopping).",
+    )
+    nll_weight: float = option(1.0, "Weight of the Gaussian NLL of the observed quality.")
+    rank_weight: float = option(0.5, "Weight of the pairwise ranking loss.")
+    listwise_weight: float = option(0.5, "Weight of the listwise cross-entropy.")
+    correction_weight: float = option(0.01, "Weight of the (correction / bound)^2 penalty.")
+    temperature: float = option(0.1, "Temperature of the ranking and listwise losses.")
+    pool_dropout: float = option(0.2, "Probability that a training query hides each model (one always stays).")
+    num_categories: int = option(4, "Query clusters for the per-category accuracy profiles.")
+    val_lambdas: tuple[float, ...] = option(
+        (0.0, 0.05, 0.1, 0.2, 0.5, 1.0), "Cost weights the validation utility is averaged over."
+    )
 
     def __post_init__(self) -> None:
         for name in ("epochs", "batch_size", "num_categories"):
@@ -80,7 +91,7 @@ class LatentTrainConfig:
             raise ValueError(f"`val_fraction` should be in [0, 1), got {self.val_fraction!r}.")
         if not 0.0 <= self.pool_dropout < 1.0:
             raise ValueError(f"`pool_dropout` should be in [0, 1), got {self.pool_dropout!r}.")
-        self.val_lambdas = tuple(float(x) for x in self.val_lambdas)
+        object.__setattr__(self, "val_lambdas", tuple(float(x) for x in self.val_lambdas))
         if not self.val_lambdas or any(not math.isfinite(x) or x < 0 for x in self.val_lambdas):
             raise ValueError(f"`val_lambdas` should be non-empty numbers >= 0, got {self.val_lambdas!r}.")
 
@@ -271,22 +282,26 @@ def train_latent_router(
         train_features = encoder.encode([r.messages for r in train], progress=progress)
     quality, cost = outcome_matrix(train, names)
 
-    if val is None and cfg.val_fraction > 0 and len(train) >= 10:
-        g = torch.Generator().manual_seed(cfg.seed)
-        perm = torch.randperm(len(train), generator=g)
-        n_val = max(1, int(round(cfg.val_fraction * len(train))))
-        val_idx, tr_idx = perm[:n_val], perm[n_val:]
-        vx, vq, vc = train_features[val_idx], quality[val_idx], cost[val_idx]
-        tx, tq, tc = train_features[tr_idx], quality[tr_idx], cost[tr_idx]
-    elif val is not None:
+    if val:
         if val_features is None:
             val_features = encoder.encode([r.messages for r in val], progress=progress)
         vq, vc = outcome_matrix(val, names)
         vx = val_features
         tx, tq, tc = train_features, quality, cost
+        validation: dict[str, Any] = {"source": "given", "fraction": None}
     else:
-        vx = vq = vc = None
-        tx, tq, tc = train_features, quality, cost
+        kept, held = holdout_split(len(train), cfg.val_fraction, cfg.seed)
+        if held:
+            tr_idx, val_idx = torch.tensor(kept), torch.tensor(held)
+            vx, vq, vc = train_features[val_idx], quality[val_idx], cost[val_idx]
+            tx, tq, tc = train_features[tr_idx], quality[tr_idx], cost[tr_idx]
+            validation = {"source": "held_out", "fraction": cfg.val_fraction}
+        else:
+            log.warning("No validation set: training %d epochs without early stopping.", cfg.epochs)
+            vx = vq = vc = None
+            tx, tq, tc = train_features, quality, cost
+            validation = {"source": "none", "fraction": 0.0}
+    validation.update(n_train=int(tx.shape[0]), n_val=0 if vx is None else int(vx.shape[0]))
 
     pool = build_pool(names, tx, tq, tc, cfg.num_categories, sizes, cfg.seed)
     overrides = dict(model_overrides or {})
@@ -342,5 +357,10 @@ def train_latent_router(
         model.load_state_dict(best_state)
     model.eval()
     result.best_val_utility = best_score
-    router.extra = {"train_config": asdict(cfg), "best_epoch": result.best_epoch, "best_val_utility": best_score}
+    router.extra = {
+        "config": asdict(cfg),
+        "validation": validation,
+        "best_epoch": result.best_epoch,
+        "best_val_utility": best_score,
+    }
     return result

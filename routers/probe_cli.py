@@ -6,74 +6,117 @@
         --large qwen-72b --plot curve.png --out report.json
     switchyard calibrate --checkpoint ckpt/relope --data val.jsonl --large-share 0.2
 
-Handlers take the parsed ``argparse.Namespace`` and return an exit code; errors are raised
-as :class:`SwitchyardError` for the top-level CLI to print.
+Flags, their defaults and help come from the config dataclasses (:class:`TrainConfig`,
+:class:`MLPConfig`, the probe configs, :class:`BackboneConfig`) through
+:mod:`routers.config_options`. Handlers take the parsed ``argparse.Namespace`` and return an
+exit code; errors are raised as :class:`SwitchyardError` for the top-level CLI to print.
 """
 
 from __future__ import annotations
 
 import argparse
+import inspect
 import json
 import math
 import sys
+from dataclasses import asdict, fields, replace
 from pathlib import Path
 from typing import Any
 
-from extproc._errors import SwitchyardError
+from extproc import SwitchyardError
+from routers.config_options import add_config_options, config_values, field_default
 
-__all__ = ["add_train_probe_parser", "add_calibrate_parser", "run_probe_eval", "eval_report"]
+__all__ = [
+    "add_train_probe_parser",
+    "add_calibrate_parser",
+    "add_scoring_options",
+    "run_probe_eval",
+    "eval_report",
+]
 
-METHODS = ("last_token", "attention", "relope")
+#: ReLope settings offered as flags (its other fields come from the backbone and --layer).
+RELOPE_OPTIONS = ("lora_rank", "lora_alpha", "lora_dropout", "target_modules", "bottleneck", "beta")
+#: Backbone settings ``train probe`` offers; eval, calibrate and serving take the truncation
+#: from the checkpoint.
+TRAIN_BACKBONE_OPTIONS = ("device", "dtype", "max_tokens", "head_tokens")
+SCORING_BACKBONE_OPTIONS = ("device", "dtype")
 
 
-def _half_depth(path: Path) -> int | None:
-    try:
-        config = json.loads((path / "config.json").read_text())
-    except (OSError, ValueError):
-        return None
-    layers = config.get("num_hidden_layers") or (config.get("text_config") or {}).get("num_hidden_layers")
-    return max(1, int(layers) // 2) if isinstance(layers, int) else None
+def _kind_mlps() -> dict[str, Any]:
+    """Probe kind -> the MLP head its config has by default."""
+    from routers.probes import PROBE_KINDS
+
+    return {
+        kind: field_default(next(f for f in fields(config_class) if f.name == "mlp"))
+        for kind, (_, config_class) in PROBE_KINDS.items()
+    }
+
+
+def _mlp_default_text() -> dict[str, str]:
+    from routers.mlp import MLPConfig
+
+    mlps = _kind_mlps()
+    text = {}
+    for f in fields(MLPConfig):
+        values = {kind: getattr(mlp, f.name) for kind, mlp in mlps.items()}
+        if len(set(values.values())) == 1:
+            text[f.name] = str(next(iter(values.values())))
+        else:
+            text[f.name] = ", ".join(f"{kind} {value}" for kind, value in values.items())
+    return text
 
 
 def add_train_probe_parser(train_subparsers: argparse._SubParsersAction) -> argparse.ArgumentParser:
-    """Add ``probe`` to ``switchyard train``."""
+    """Add ``probe`` to ``switchyard train``; flag defaults and help come from the configs."""
+    from routers.backbone import BackboneConfig
+    from routers.mlp import MLPConfig
+    from routers.probe_training import TrainConfig
+    from routers.probes import PROBE_KINDS, LastTokenProbeConfig, ReLopeConfig
+
     p = train_subparsers.add_parser(
         "probe",
         help="Train a hidden-state probe (last_token, attention, relope).",
         description="Train a probe that predicts P(small model answers correctly) from the "
         "small model's hidden states, and save it as a checkpoint folder.",
     )
-    p.add_argument("--method", choices=METHODS, required=True, help="Probe kind.")
+    p.add_argument("--method", choices=tuple(PROBE_KINDS), required=True, help="Probe kind.")
     p.add_argument("--backbone", type=Path, required=True, help="Local folder of the small model (HF format).")
     p.add_argument("--layer", type=int, help="Probe layer l, 1-based (default: half the model's layers).")
     p.add_argument("--data", type=Path, required=True, help="Labelled JSONL training set.")
     p.add_argument("--small", required=True, help="Backend whose `outcomes.<small>.correct` is the label.")
-    p.add_argument("--val", type=Path, help="Labelled JSONL validation set (early stopping on its AUC).")
-    p.add_argument("--out", type=Path, required=True, help="Checkpoint folder to write.")
-    t = p.add_argument_group("training")
-    t.add_argument("--epochs", type=int, default=10, help="Epochs (default 10).")
-    t.add_argument("--batch-size", type=int, default=16, help="Batch size (default 16).")
-    t.add_argument("--lr", type=float, help="AdamW learning rate (default 1e-3; 1e-4 for relope).")
-    t.add_argument("--weight-decay", type=float, default=0.01, help="AdamW weight decay (default 0.01).")
-    t.add_argument("--patience", type=int, default=3, help="Early-stopping patience in epochs (0 = off; default 3).")
-    t.add_argument("--seed", type=int, default=0, help="Random seed (default 0).")
-    t.add_argument("--cache-budget-gb", type=float, default=4.0, help="CPU memory for cached states (default 4).")
-    t.add_argument("--no-progress", action="store_true", help="Hide progress bars.")
-    h = p.add_argument_group("probe")
-    h.add_argument("--mlp-depth", type=int, default=5, help="MLP linear layers incl. output (default 5).")
-    h.add_argument("--mlp-width", type=int, help="First MLP hidden width, halved per layer (default 256; relope 64).")
-    h.add_argument("--dropout", type=float, default=0.1, help="MLP dropout (default 0.1).")
-    h.add_argument("--no-input-norm", action="store_true", help="Do not LayerNorm the states first.")
-    r = p.add_argument_group("relope")
-    r.add_argument("--lora-rank", type=int, default=16, help="LoRA rank (default 16).")
-    r.add_argument("--lora-alpha", type=float, default=32.0, help="LoRA alpha (default 32).")
-    r.add_argument("--lora-dropout", type=float, default=0.0, help="LoRA dropout (default 0).")
-    r.add_argument("--lora-targets", help="Comma-separated linear modules of layer l (default: all of them).")
-    r.add_argument("--bottleneck", type=int, default=128, help="Size of z (default 128).")
-    r.add_argument("--beta", type=float, default=1e-3, help="KL weight (default 1e-3).")
-    _add_runtime(p)
+    p.add_argument(
+        "--val", type=Path, help="Labelled JSONL validation set for early stopping (default: hold out --val-fraction of --data)."
+    )
+    p.add_argument("--out", type=Path, required=True, help="Checkpoint folder to write (replaced atomically).")
+    add_config_options(p.add_argument_group("training"), TrainConfig)
+    head = p.add_argument_group("probe head")
+    add_config_options(
+        head,
+        MLPConfig,
+        prefix="mlp",
+        flags={"dropout": ["--mlp-dropout", "--dropout"]},
+        defaults={f.name: None for f in fields(MLPConfig)},
+        default_text=_mlp_default_text(),
+    )
+    add_config_options(head, LastTokenProbeConfig, only=["input_norm"])
+    add_config_options(
+        p.add_argument_group("relope"), ReLopeConfig, only=RELOPE_OPTIONS, flags={"target_modules": ["--lora-targets"]}
+    )
+    add_config_options(p.add_argument_group("backbone"), BackboneConfig, only=TRAIN_BACKBONE_OPTIONS)
     p.set_defaults(handler=run_train_probe)
     return p
+
+
+def add_scoring_options(p: argparse.ArgumentParser) -> None:
+    """``--device``, ``--dtype`` and ``--batch-size`` of the commands that score a checkpoint
+    (``eval``, ``calibrate``); the truncation is the checkpoint's."""
+    from routers.backbone import BackboneConfig
+    from routers.probe_scorer import ProbeScorer
+
+    g = p.add_argument_group("scoring")
+    add_config_options(g, BackboneConfig, only=SCORING_BACKBONE_OPTIONS)
+    batch = inspect.signature(ProbeScorer).parameters["batch_size"].default
+    g.add_argument("--batch-size", type=int, default=batch, help=f"Requests per forward (default: {batch}).")
 
 
 def add_calibrate_parser(top_subparsers: argparse._SubParsersAction) -> argparse.ArgumentParser:
@@ -87,87 +130,46 @@ def add_calibrate_parser(top_subparsers: argparse._SubParsersAction) -> argparse
     p.add_argument("--checkpoint", type=Path, required=True, help="Probe checkpoint folder.")
     p.add_argument("--data", type=Path, required=True, help="Labelled JSONL set to calibrate on (only its messages are used).")
     p.add_argument("--large-share", type=float, required=True, help="Share of requests for the large model, 0..1.")
-    _add_runtime(p)
+    add_scoring_options(p)
     p.set_defaults(handler=run_calibrate)
     return p
 
 
-def _add_runtime(p: argparse.ArgumentParser) -> None:
-    if not any(a.dest == "device" for a in p._actions):
-        p.add_argument("--device", help="torch device (default: cuda if available, else cpu).")
-    if not any(a.dest == "batch_size" for a in p._actions):
-        p.add_argument("--batch-size", type=int, default=16, help="Scoring batch size (default 16).")
-    p.add_argument("--dtype", choices=("float32", "bfloat16", "float16"), help="Backbone dtype (default: bf16 on CUDA, fp32 on CPU).")
-    p.add_argument("--max-tokens", type=int, default=4096, help="Keep the last N tokens of long prompts (default 4096).")
-
-
-def _runtime(args: argparse.Namespace) -> dict[str, Any]:
-    return {
-        "device": getattr(args, "device", None),
-        "dtype": getattr(args, "dtype", None),
-        "max_tokens": getattr(args, "max_tokens", None),
-    }
-
-
 def _build_probe(args: argparse.Namespace, backbone: Any, layer: int) -> Any:
     from routers.mlp import MLPConfig
-    from routers.probes import AttentionProbeConfig, LastTokenProbeConfig, ReLopeConfig, build_probe
+    from routers.probes import ReLopeConfig, build_probe, probe_config_class
 
-    width = args.mlp_width or (64 if args.method == "relope" else 256)
-    mlp = MLPConfig(depth=args.mlp_depth, width=width, dropout=args.dropout)
-    common = {"hidden_size": backbone.hidden_size, "layer": layer, "mlp": mlp, "input_norm": not args.no_input_norm}
-    if args.method == "last_token":
-        config: Any = LastTokenProbeConfig(**common)
-    elif args.method == "attention":
-        config = AttentionProbeConfig(**common)
-    else:
-        targets = tuple(t.strip() for t in args.lora_targets.split(",") if t.strip()) if args.lora_targets else None
-        config = ReLopeConfig(
-            **common,
-            lora_rank=args.lora_rank,
-            lora_alpha=args.lora_alpha,
-            lora_dropout=args.lora_dropout,
-            target_modules=targets,
-            bottleneck=args.bottleneck,
-            beta=args.beta,
-        )
-    return build_probe(args.method, config, backbone.layer_module(layer))
+    config_class = probe_config_class(args.method)
+    mlp = replace(_kind_mlps()[args.method], **config_values(MLPConfig, args, prefix="mlp", skip_none=True))
+    settings: dict[str, Any] = {"hidden_size": backbone.hidden_size, "layer": layer, "mlp": mlp, "input_norm": args.input_norm}
+    if config_class is ReLopeConfig:
+        settings.update(config_values(ReLopeConfig, args, only=RELOPE_OPTIONS))
+    return build_probe(args.method, config_class(**settings), backbone.layer_module(layer))
 
 
 def run_train_probe(args: argparse.Namespace) -> int:
     """``switchyard train probe``."""
     import torch
 
-    from routers.backbone import BackboneConfig, TruncatedBackbone
+    from routers.backbone import BackboneConfig, TruncatedBackbone, default_layer
+    from routers.checkpoints import save_probe
     from routers.data import dataset_hash, load_labelled
-    from routers.probe_checkpoint import save_probe
     from routers.probe_training import TrainConfig, train_probe
 
-    layer = args.layer or _half_depth(args.backbone)
-    if layer is None:
-        raise SwitchyardError(f"Cannot read the depth of {args.backbone}; pass --layer.")
+    layer = args.layer or default_layer(args.backbone)
     train = load_labelled(args.data)
     val = load_labelled(args.val) if args.val else None
     try:
-        runtime = {k: v for k, v in _runtime(args).items() if v is not None}
+        runtime = config_values(BackboneConfig, args, only=TRAIN_BACKBONE_OPTIONS)
         backbone = TruncatedBackbone(BackboneConfig(path=str(args.backbone), layer=layer, **runtime))
-        torch.manual_seed(args.seed)
+        config = TrainConfig(**config_values(TrainConfig, args))
+        torch.manual_seed(config.seed)
         probe = _build_probe(args, backbone, layer)
-        config = TrainConfig(
-            epochs=args.epochs,
-            batch_size=args.batch_size,
-            lr=args.lr,
-            weight_decay=args.weight_decay,
-            patience=args.patience,
-            seed=args.seed,
-            cache_budget_gb=args.cache_budget_gb,
-            progress=not args.no_progress,
-        )
     except ValueError as exc:
         raise SwitchyardError(str(exc)) from exc
     result = train_probe(probe, backbone, train, args.small, val, config)
     training = {
-        **config.__dict__,
+        "config": asdict(config),
         "small": args.small,
         "train_data": str(args.data),
         "train_data_hash": dataset_hash(args.data),
@@ -176,13 +178,29 @@ def run_train_probe(args: argparse.Namespace) -> int:
         **result.to_dict(),
     }
     save_probe(args.out, probe, backbone, training=training)
-    auc = "n/a" if result.best_val_auc is None else f"{result.best_val_auc:.4f}"
-    print(f"Saved {args.method} probe (layer {layer}, epoch {result.best_epoch}, val AUC {auc}) to {args.out}")
+    print(
+        f"Saved {args.method} probe (layer {layer}, epoch {result.best_epoch}, "
+        f"{_validation_text(result.validation, result.best_val_auc)}; prompts cut to "
+        f"{backbone.truncation.max_tokens} tokens) to {args.out}"
+    )
     return 0
 
 
+def _validation_text(validation: dict[str, Any], auc: float | None) -> str:
+    source = validation.get("source")
+    if source == "none":
+        return "no validation set, no early stopping"
+    where = "--val" if source == "given" else f"{100 * validation['fraction']:g}% held out"
+    shown = "n/a (one class only)" if auc is None else f"{auc:.4f}"
+    return f"val AUC {shown} on {validation['n_val']} requests ({where})"
+
+
+def _runtime(args: argparse.Namespace) -> dict[str, Any]:
+    return {name: getattr(args, name, None) for name in SCORING_BACKBONE_OPTIONS}
+
+
 def _scores(args: argparse.Namespace, conversations: list[Any]) -> tuple[Any, list[float]]:
-    from routers.probe_checkpoint import read_checkpoint
+    from routers.checkpoints import read_checkpoint
     from routers.probe_scorer import ProbeScorer
 
     checkpoint = read_checkpoint(args.checkpoint)
@@ -309,9 +327,9 @@ def run_calibrate(args: argparse.Namespace) -> int:
     """``switchyard calibrate``."""
     import numpy as np
 
+    from routers.checkpoints import store_threshold
     from routers.data import dataset_hash, load_labelled
     from routers.metrics import threshold_for_share
-    from routers.probe_checkpoint import store_threshold
 
     if not 0.0 <= args.large_share <= 1.0:
         raise SwitchyardError(f"--large-share must be in [0, 1], got {args.large_share}.")

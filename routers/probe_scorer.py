@@ -15,7 +15,7 @@ from typing import Any
 
 import torch
 
-from extproc._errors import CheckpointError, ScorerError
+from extproc import CheckpointError, ScorerError
 
 __all__ = ["ProbeScorer"]
 
@@ -69,7 +69,7 @@ class ProbeScorer:
     ) -> ProbeScorer:
         """Load probe checkpoints by name; the backbone is loaded once from their config
         unless given. ``runtime``: :class:`BackboneConfig` fields (device, dtype, ...)."""
-        from routers.probe_checkpoint import load_backbone, load_probe, read_checkpoint
+        from routers.checkpoints import load_backbone, load_probe, read_checkpoint
 
         if not checkpoints:
             raise CheckpointError("No probe checkpoints given.")

@@ -5,7 +5,9 @@ runs once per batch and the states a probe needs are cached on the CPU (last-tok
 for the last-token probe; layer l-1 states for the Attention Probe; layer l-1 states plus
 layer l's call for ReLope, so each ReLope step runs one layer, not the prefix). When the
 cache would pass ``cache_budget_gb`` the prefix is re-run every epoch instead. Label: the
-small backend's ``correct`` (1 = the small model answered correctly).
+small backend's ``correct`` (1 = the small model answered correctly). Without a validation
+set, ``val_fraction`` of the training set is held out for early stopping
+(:func:`routers.data.holdout_split`, the same split LatentRouter uses).
 """
 
 from __future__ import annotations
@@ -20,10 +22,10 @@ from typing import Any
 import numpy as np
 import torch
 
-from extproc._errors import ScorerError
-from extproc._messages import conversation_text
+from extproc import ScorerError, conversation_text
 from routers.backbone import BackboneStates, TruncatedBackbone
-from routers.data import DataError, LabelledRequest
+from routers.config_options import option
+from routers.data import DEFAULT_VAL_FRACTION, DataError, LabelledRequest, holdout_split
 from routers.metrics import roc_auc
 
 __all__ = ["TrainConfig", "TrainResult", "labels_for", "train_probe", "predict"]
@@ -36,29 +38,28 @@ DEFAULT_LR = {"last_token": 1e-3, "attention": 1e-3, "relope": 1e-4}
 
 @dataclass(frozen=True)
 class TrainConfig:
-    """How a probe trains.
+    """How a probe trains (saved in the checkpoint under ``training``). Each field's help
+    is in its metadata; ``switchyard train probe`` has one flag per field, with the default
+    given here."""
 
-    - ``epochs``: passes over the training set (default 10).
-    - ``batch_size``: requests per step (default 16).
-    - ``lr``: AdamW learning rate; ``None`` = 1e-3 for the frozen probes, 1e-4 for ReLope.
-    - ``weight_decay``: AdamW weight decay (default 0.01).
-    - ``patience``: stop after this many epochs without a better validation AUC
-      (default 3; 0 = never stop early). Needs a validation set.
-    - ``grad_clip``: max gradient norm (default 1.0; 0 = off).
-    - ``seed``: seeds batch order, dropout and ReLope's sampling (default 0).
-    - ``cache_budget_gb``: CPU memory for cached states (default 4 GiB).
-    - ``progress``: show tqdm progress bars (default true).
-    """
-
-    epochs: int = 10
-    batch_size: int = 16
-    lr: float | None = None
-    weight_decay: float = 0.01
-    patience: int = 3
-    grad_clip: float = 1.0
-    seed: int = 0
-    cache_budget_gb: float = 4.0
-    progress: bool = True
+    epochs: int = option(10, "Passes over the training set.")
+    batch_size: int = option(16, "Requests per step (and per cached forward).")
+    lr: float | None = option(
+        None, "AdamW learning rate (not set: " + ", ".join(f"{k} {v:g}" for k, v in DEFAULT_LR.items()) + ")."
+    )
+    weight_decay: float = option(0.01, "AdamW weight decay.")
+    patience: int = option(3, "Stop after this many epochs without a better validation AUC (0: never).")
+    val_fraction: float = option(
+        DEFAULT_VAL_FRACTION,
+        "Share of the training set held out for validation when no validation set is given "
+        "(0: none, no early stopping).",
+    )
+    grad_clip: float = option(1.0, "Max gradient norm (0: off).")
+    seed: int = option(0, "Seeds the split, batch order, dropout and ReLope's sampling.")
+    cache_budget_gb: float = option(
+        4.0, "CPU memory (GiB) for cached states; above it the prefix re-runs each epoch."
+    )
+    progress: bool = option(True, "Show progress bars.")
 
     def __post_init__(self) -> None:
         for name in ("epochs", "batch_size"):
@@ -72,16 +73,21 @@ class TrainConfig:
         for name in ("weight_decay", "grad_clip", "cache_budget_gb"):
             if not getattr(self, name) >= 0:
                 raise ValueError(f"`{name}` must be >= 0, got {getattr(self, name)!r}.")
+        if not 0.0 <= self.val_fraction < 1.0:
+            raise ValueError(f"`val_fraction` must be in [0, 1), got {self.val_fraction!r}.")
 
 
 @dataclass
 class TrainResult:
-    """What training did: per-epoch history and the epoch whose weights were kept."""
+    """What training did: per-epoch history, the epoch whose weights were kept, and where
+    the validation set came from (``validation``: ``source`` = ``given``, ``held_out`` or
+    ``none``, ``fraction``, ``n_train``, ``n_val``)."""
 
     best_epoch: int
     best_val_auc: float | None
     history: list[dict[str, float | None]] = field(default_factory=list)
     cached: bool = True
+    validation: dict[str, Any] = field(default_factory=dict)
 
     def to_dict(self) -> dict[str, Any]:
         return asdict(self)
@@ -183,10 +189,20 @@ def train_probe(
     config: TrainConfig | None = None,
 ) -> TrainResult:
     """Train ``probe`` in place to predict ``outcomes.<small>.correct``; keeps the weights of
-    the best validation-AUC epoch (the last epoch without a validation set)."""
+    the best validation-AUC epoch. Without ``val``, ``config.val_fraction`` of ``train`` is
+    held out; with neither, the last epoch's weights are kept."""
     config = config or TrainConfig()
     torch.manual_seed(config.seed)
     rng = random.Random(config.seed)
+    if val:
+        validation = {"source": "given", "fraction": None}
+    else:
+        kept, held = holdout_split(len(train), config.val_fraction, config.seed)
+        train, val = [train[i] for i in kept], [train[i] for i in held]
+        validation = {"source": "held_out" if val else "none", "fraction": config.val_fraction if val else 0.0}
+        if not val:
+            log.warning("No validation set: training %d epochs without early stopping.", config.epochs)
+    validation.update(n_train=len(train), n_val=len(val))
     y_train = torch.tensor(labels_for(train, small), dtype=torch.float32)
     y_val = labels_for(val, small) if val else None
     budget = config.cache_budget_gb * 2**30
@@ -241,4 +257,5 @@ def train_probe(
         best_val_auc=None if best_auc == -math.inf else best_auc,
         history=history,
         cached=data.cache is not None,
+        validation=validation,
     )

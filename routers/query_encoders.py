@@ -10,7 +10,9 @@ Ordered registry, first match wins; an unknown kind lists the supported ones.
 - ``hashing``  — signed hashed word uni/bi-grams and char tri-grams; no model (fast, tests).
 
 Every encoder appends side features (text length, message count, image count, image bytes),
-so the text-only encoders still see that a request carries images.
+so the text-only encoders still see that a request carries images. Long texts are cut by
+:mod:`routers.truncation` (first and last tokens kept) to ``spec.max_length``, capped by the
+model's own limit; the encoder's ``truncation`` is what it applies, and a checkpoint records it.
 """
 
 from __future__ import annotations
@@ -20,14 +22,14 @@ import math
 import re
 import zlib
 from collections.abc import Callable, Mapping, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any
 
 import torch
 
-from extproc._errors import CheckpointError
-from extproc._messages import conversation_text, image_urls, last_user_text
+from extproc import CheckpointError, conversation_text, image_urls, last_user_text
+from routers.truncation import Truncation, position_limit
 
 __all__ = [
     "EncoderSpec",
@@ -45,23 +47,27 @@ log = logging.getLogger(__name__)
 
 Conversation = Sequence[Mapping[str, Any]]
 SIDE_FEATURES = 4
+#: Default token limit of the ``text`` encoder (MiniLM was trained on 256-token inputs).
+TEXT_MAX_LENGTH = 256
 
 
-@dataclass
+@dataclass(frozen=True)
 class EncoderSpec:
     """Which encoder and how it is built (saved in the checkpoint's ``config.json``).
 
     - ``kind``: ``text``, ``backbone`` or ``hashing``.
     - ``model``: model id or path (``text``: default the bundled MiniLM; ``backbone``: required).
     - ``dim``: feature width for ``hashing`` (default 1024); ignored by the others.
-    - ``max_length``: token limit for ``text`` (default 256).
-    - ``layer``: decoder layer for ``backbone`` (default: the backbone's own default).
+    - ``max_length``: token limit of ``text`` and ``backbone`` (default: 256 for ``text``,
+      the backbone's default for ``backbone``), capped by the model's own limit. A built
+      encoder's ``spec`` holds the limit it applies.
+    - ``layer``: decoder layer for ``backbone`` (default: half the model's layers).
     """
 
     kind: str = "text"
     model: str | None = None
     dim: int = 1024
-    max_length: int = 256
+    max_length: int | None = None
     layer: int | None = None
 
     def __post_init__(self) -> None:
@@ -69,8 +75,8 @@ class EncoderSpec:
             raise ValueError(f"`kind` should be one of {', '.join(ENCODER_KINDS)}; got {self.kind!r}.")
         if not isinstance(self.dim, int) or self.dim < 8:
             raise ValueError(f"`dim` should be an integer >= 8, got {self.dim!r}.")
-        if not isinstance(self.max_length, int) or self.max_length < 8:
-            raise ValueError(f"`max_length` should be an integer >= 8, got {self.max_length!r}.")
+        if self.max_length is not None and (not isinstance(self.max_length, int) or self.max_length < 8):
+            raise ValueError(f"`max_length` should be an integer >= 8 or null, got {self.max_length!r}.")
         if self.layer is not None and (not isinstance(self.layer, int) or self.layer < 1):
             raise ValueError(f"`layer` should be a positive integer or null, got {self.layer!r}.")
 
@@ -93,10 +99,14 @@ def _query_text(messages: Conversation) -> str:
 
 
 class QueryEncoder:
-    """Base: ``encode`` a list of conversations to a ``(N, dim)`` float32 tensor."""
+    """Base: ``encode`` a list of conversations to a ``(N, dim)`` float32 tensor.
+
+    ``truncation``: how long texts are cut (``None`` when the encoder reads no tokens).
+    """
 
     spec: EncoderSpec
     dim: int
+    truncation: Truncation | None = None
 
     def encode(self, conversations: Sequence[Conversation], batch_size: int = 32, progress: bool = False) -> torch.Tensor:
         """Features ``(N, dim)``; ``progress`` shows a bar (for long offline encodes)."""
@@ -165,22 +175,25 @@ class TextEncoder(QueryEncoder):
     def __init__(self, spec: EncoderSpec, device: str | torch.device = "cpu") -> None:
         from transformers import AutoModel, AutoTokenizer
 
-        self.spec = spec
         source = spec.model or str(minilm_path())
         try:
             self.tokenizer = AutoTokenizer.from_pretrained(source, local_files_only=True)
             self.model = AutoModel.from_pretrained(source, local_files_only=True).eval().to(device)
         except (OSError, ValueError) as exc:
             raise CheckpointError(f"Cannot load the text encoder from {source!r}: {exc}") from exc
+        self.truncation = Truncation(spec.max_length or TEXT_MAX_LENGTH).capped(
+            position_limit(self.model.config, self.tokenizer)
+        )
+        self.spec = replace(spec, max_length=self.truncation.max_tokens)
         self.device = torch.device(device)
         self.dim = int(self.model.config.hidden_size) + SIDE_FEATURES
 
     @torch.inference_mode()
     def _encode_batch(self, conversations: Sequence[Conversation]) -> torch.Tensor:
+        from routers.backbone import tokenize
+
         texts = [_query_text(c) or " " for c in conversations]
-        batch = self.tokenizer(
-            texts, padding=True, truncation=True, max_length=self.spec.max_length, return_tensors="pt"
-        ).to(self.device)
+        batch = {k: v.to(self.device) for k, v in tokenize(self.tokenizer, texts, self.truncation).items()}
         hidden = self.model(**batch).last_hidden_state
         mask = batch["attention_mask"].unsqueeze(-1).to(hidden.dtype)
         pooled = (hidden * mask).sum(1) / mask.sum(1).clamp_min(1.0)
@@ -195,19 +208,23 @@ class BackboneEncoder(QueryEncoder):
     """
 
     def __init__(self, spec: EncoderSpec, device: str | torch.device | None = None, backbone: Any = None) -> None:
-        self.spec = spec
         if backbone is None:
             if not spec.model:
                 raise CheckpointError("The `backbone` encoder needs a local backbone model folder (`model`).")
-            from routers.backbone import BackboneConfig, TruncatedBackbone
+            from routers.backbone import BackboneConfig, TruncatedBackbone, default_layer
 
-            layer = spec.layer or _half_depth(Path(spec.model))
-            spec.layer = layer
+            layer = spec.layer or default_layer(spec.model)
+            limit = {} if spec.max_length is None else {"max_tokens": spec.max_length}
             backbone = TruncatedBackbone(
-                BackboneConfig(path=spec.model, layer=layer, device=None if device is None else str(device))
+                BackboneConfig(path=spec.model, layer=layer, device=None if device is None else str(device), **limit)
             )
-        elif spec.layer is None:
-            spec.layer = int(backbone.config.layer)
+        elif spec.max_length is not None and spec.max_length != backbone.truncation.max_tokens:
+            raise CheckpointError(
+                f"The `backbone` encoder reads {spec.max_length} tokens, but the shared backbone "
+                f"{backbone.source} reads {backbone.truncation.max_tokens}; they must cut prompts alike."
+            )
+        self.truncation = backbone.truncation
+        self.spec = replace(spec, layer=spec.layer or int(backbone.config.layer), max_length=self.truncation.max_tokens)
         self.backbone = backbone
         self.dim = int(backbone.hidden_size) + SIDE_FEATURES
 
@@ -218,19 +235,6 @@ class BackboneEncoder(QueryEncoder):
         hidden = states.layer(self.spec.layer).float()
         mask = states.mask.unsqueeze(-1).to(hidden.dtype)
         return ((hidden * mask).sum(1) / mask.sum(1).clamp_min(1.0)).cpu()
-
-
-def _half_depth(path: Path) -> int:
-    import json
-
-    try:
-        config = json.loads((path / "config.json").read_text())
-    except (OSError, ValueError) as exc:
-        raise CheckpointError(f"Cannot read {path / 'config.json'} to pick a backbone layer: {exc}") from exc
-    layers = config.get("num_hidden_layers") or (config.get("text_config") or {}).get("num_hidden_layers")
-    if not isinstance(layers, int) or layers < 1:
-        raise CheckpointError(f"{path / 'config.json'} has no `num_hidden_layers`; pass a layer explicitly.")
-    return max(1, layers // 2)
 
 
 #: Ordered registry: kind -> factory(spec, device). First match wins.

@@ -8,7 +8,15 @@ import sys
 
 import pytest
 
-from routers.data import DataError, Outcome, dataset_hash, load_labelled
+from routers.data import (
+    DEFAULT_VAL_FRACTION,
+    DataError,
+    Outcome,
+    dataset_hash,
+    holdout_split,
+    load_labelled,
+    split_lines,
+)
 
 
 def _write(tmp_path, lines):
@@ -71,10 +79,57 @@ def test_dataset_hash_is_sha256_of_bytes(tmp_path):
     assert dataset_hash(path) == hashlib.sha256(path.read_bytes()).hexdigest()
 
 
+def test_unicode_line_separators_inside_strings_are_data(tmp_path):
+    # U+2028, U+2029 and U+0085 are valid raw inside JSON strings; str.splitlines() splits on them
+    text = "first\u2028second\u2029third\u0085fourth\x1cfifth"
+    path = tmp_path / "scraped.jsonl"
+    rows = [{**GOOD, "messages": [{"role": "user", "content": text}]}, {**GOOD, "id": "q2"}]
+    path.write_bytes(b"".join(json.dumps(r, ensure_ascii=False).encode() + b"\r\n" for r in rows))
+    assert "\u2028".encode() in path.read_bytes()  # raw, not escaped
+    requests = load_labelled(path)
+    assert [r.id for r in requests] == ["q1", "q2"]
+    assert requests[0].messages[0]["content"] == text
+    assert split_lines("a\r\nb\u2028c\n\nd") == ["a", "b\u2028c", "", "d"]
+
+
+def test_holdout_split_is_seeded_disjoint_and_one_default():
+    train, val = holdout_split(100, DEFAULT_VAL_FRACTION, seed=3)
+    assert len(val) == 15 and sorted(train + val) == list(range(100)) and not set(train) & set(val)
+    assert train == sorted(train)
+    assert holdout_split(100, DEFAULT_VAL_FRACTION, seed=3) == (train, val)
+    assert holdout_split(100, DEFAULT_VAL_FRACTION, seed=4)[1] != val
+    assert holdout_split(9, 0.5) == (list(range(9)), [])  # too small to validate on
+    assert holdout_split(50, 0.0) == (list(range(50)), [])
+    assert len(holdout_split(10, 0.01)[1]) == 1
+    with pytest.raises(ValueError, match="val_fraction"):
+        holdout_split(50, 1.0)
+
+
+def test_probes_and_latent_router_hold_out_the_same_default():
+    from routers.latent_training import LatentTrainConfig
+    from routers.probe_training import TrainConfig
+
+    assert TrainConfig().val_fraction == LatentTrainConfig().val_fraction == DEFAULT_VAL_FRACTION
+
+
 def test_import_is_light():
     code = "import sys, routers, routers.data, routers.metrics; print(any(m in sys.modules for m in ('torch', 'transformers', 'peft')))"
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
     assert out.stdout.strip() == "False"
+
+
+def test_extproc_import_does_not_load_grpc_or_envoy_protos():
+    code = (
+        "import sys, extproc, routers.data, routers.checkpoints, routers.truncation\n"
+        "from extproc import CheckpointError, ScorerError, message_text\n"
+        "heavy = [m for m in sys.modules if m.split('.')[0] in ('grpc', 'envoy', 'google', 'xds', 'yaml', 'torch')"
+        " or m in ('extproc._servicer', 'extproc._engine', 'extproc._policy')]\n"
+        "print(heavy)\n"
+        "extproc.ExternalProcessor\n"  # a lazy name still resolves, and then loads grpc
+        "print('grpc' in sys.modules)\n"
+    )
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
+    assert out.stdout.split("\n")[:2] == ["[]", "True"]
 
 
 def test_every_probe_export_resolves():

@@ -49,8 +49,8 @@ def test_train_writes_a_checkpoint(checkpoint):
     ck, _, _ = checkpoint
     config = json.loads((ck / "config.json").read_text())
     assert config["kind"] == "latent_router"
-    assert config["model"]["hidden_size"] == 32 and config["train_config"]["epochs"] == 3
-    assert len(config["training_set_hash"]) == 64
+    assert config["model"]["hidden_size"] == 32 and config["training"]["config"]["epochs"] == 3
+    assert len(config["training"]["train_data_hash"]) == 64
     assert (ck / "model.safetensors").exists()
 
 

@@ -9,7 +9,7 @@ import pytest
 import torch
 
 from routers.data import DataError, parse_labelled
-from routers.latent_checkpoint import load_latent_router, save_latent_router
+from routers.checkpoints import load_latent_router, read_config, save_latent_router
 from routers.latent_training import LatentTrainConfig, outcome_matrix, train_latent_router
 from routers.query_encoders import EncoderSpec, build_encoder
 from routers.synthetic import SYNTHETIC_CATEGORIES, synthetic_rows
@@ -81,10 +81,15 @@ def test_unavailable_models_are_never_chosen(trained, lam):
 
 def test_save_load_gives_identical_decisions(trained, tmp_path):
     router, test, _, features = trained
-    save_latent_router(router, tmp_path / "ck", training_set_hash="abc")
+    save_latent_router(router, tmp_path / "ck", training={"train_data_hash": "abc"})
     config = json.loads((tmp_path / "ck" / "config.json").read_text())
     assert config["kind"] == "latent_router" and config["encoder"]["kind"] == "hashing"
-    assert config["pool"]["names"] == router.pool.names and config["training_set_hash"] == "abc"
+    assert config["pool"]["names"] == router.pool.names and config["training"]["train_data_hash"] == "abc"
+    assert config["training"]["validation"]["source"] == "held_out"  # no val given: 15% held out
+    assert "truncation" not in config  # the hashing encoder reads no tokens
+    saved = read_config(tmp_path / "ck")
+    assert saved.outputs == tuple(router.pool.names) and saved.max_tokens is None
+    assert saved.costs == pytest.approx(dict(zip(router.pool.names, router.pool.cost_normalised)))
     loaded = load_latent_router(tmp_path / "ck")
     messages = [r.messages for r in test]
     for lam in (0.0, MID_LAMBDA, 2.0):

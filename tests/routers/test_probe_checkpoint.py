@@ -11,7 +11,7 @@ import torch
 from extproc import CheckpointError, ScorerError
 from routers.backbone import BackboneConfig, TruncatedBackbone
 from routers.mlp import MLPConfig
-from routers.probe_checkpoint import load_probe, read_checkpoint, save_probe, store_threshold
+from routers.checkpoints import load_probe, read_checkpoint, save_probe, store_threshold
 from routers.probe_scorer import ProbeScorer
 from routers.probes import AttentionProbeConfig, LastTokenProbeConfig, ReLopeConfig, build_probe
 from tests.routers.test_probe_support import labelled, tiny_text_model, trigger_set

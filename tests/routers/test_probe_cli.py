@@ -68,3 +68,18 @@ def test_errors_exit_1_with_a_sentence(workspace, capsys):
         "--small", "medium", "--out", str(root / "bad"), "--epochs", "1", "--no-progress",
     ])  # fmt: skip
     assert code == 1 and "no outcome for backend 'medium'" in capsys.readouterr().err
+
+
+def test_without_torch_the_commands_say_how_to_install_it():
+    import subprocess
+    import sys
+
+    code = (
+        "import sys\n"
+        "sys.modules['torch'] = None  # as if the ml extra were not installed\n"
+        "from extproc.cli import main\n"
+        "sys.exit(main(['train', 'probe', '--method', 'relope', '--data', 'x']))\n"
+    )
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True)
+    assert out.returncode == 1 and "Traceback" not in out.stderr
+    assert "needs torch, which is not installed" in out.stderr and "switchyard[ml]" in out.stderr

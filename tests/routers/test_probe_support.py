@@ -44,8 +44,9 @@ def tokenizer():
     return tok
 
 
-def tiny_text_model(tmp_path: Path, layers: int = 4, hidden: int = 32, seed: int = 0) -> Path:
-    """A random-init Qwen2 causal LM plus tokenizer saved to ``tmp_path/text``."""
+def tiny_text_model(tmp_path: Path, layers: int = 4, hidden: int = 32, seed: int = 0, positions: int = 512) -> Path:
+    """A random-init Qwen2 causal LM (``positions`` = max_position_embeddings) plus tokenizer
+    saved to ``tmp_path/text<seed>``."""
     import torch
     from transformers import Qwen2Config, Qwen2ForCausalLM
 
@@ -58,7 +59,7 @@ def tiny_text_model(tmp_path: Path, layers: int = 4, hidden: int = 32, seed: int
         num_key_value_heads=2,
         intermediate_size=2 * hidden,
         vocab_size=len(tok),
-        max_position_embeddings=512,
+        max_position_embeddings=positions,
         pad_token_id=tok.pad_token_id,
     )
     out = tmp_path / f"text{seed}"

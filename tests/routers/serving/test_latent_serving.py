@@ -133,7 +133,9 @@ def test_a_backbone_encoder_shares_the_probes_backbone_and_prefill(model_dir, tm
 
     probe, latent, out, calls = asyncio.run(main())
     assert latent.group is probe.group and latent.router.encoder.backbone is probe.group.backbone
-    assert len(calls) == 2  # 8 requests x 2 scorers in one prefill, then 1 request x 2 scorers
+    # 8 requests x 2 scorers in one prefill batch, then 1 request x 2 scorers: 9 prefilled
+    assert probe.group.batcher.stats.requests == 9 and probe.group.batcher.stats.batches == 2
+    assert 2 <= len(calls) <= 9  # forwards (a batch may run as a few chunks of similar length)
     for row, (p, u) in zip(want.tolist(), out):
         assert set(p.values) == {"last", "attn", "relope"}
         assert [u.values[m] for m in POOL] == pytest.approx(row, abs=1e-5)

@@ -76,9 +76,23 @@ def test_the_forward_runs_off_the_event_loop_once_per_batch(folders):
         return threading.get_ident(), calls, scores, scorer
 
     loop_thread, calls, scores, scorer = asyncio.run(main())
-    assert len(calls) == 1 and calls[0] != loop_thread  # one prefill for 8 requests x 3 probes
-    assert calls[0] == scorer.group.batcher.worker_thread.ident
+    assert set(calls) == {scorer.group.batcher.worker_thread.ident} and loop_thread not in calls
+    assert scorer.group.batcher.stats.batches == 1  # one prefill batch for 8 requests x 3 probes
     assert all(s.batch_size == 8 for s in scores)
+
+
+def test_a_batch_runs_as_chunks_of_similar_length(folders):
+    from routers.serving.prefill import PrefillGroup
+
+    scorer = load_scorer(probe_spec(folders))
+    try:
+        group: PrefillGroup = scorer.group
+        convs = [[{"role": "user", "content": " ".join(["word"] * n)}] for n in (5, 40, 5, 41, 5, 200)]
+        batch = group.backbone.encode(convs)
+        assert group._chunks(batch) == [[0, 2, 4], [1, 3], [5]]  # CPU: at most 25% padding a chunk
+        assert group._chunks(group.backbone.encode(convs[:1])) == [[0]]
+    finally:
+        asyncio.run(scorer.close())
 
 
 def test_a_nan_probe_is_a_scorer_error_and_fails_only_its_request(folders):
