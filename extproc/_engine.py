@@ -29,7 +29,7 @@ from extproc._decision import DEFAULT_RULE, DIRECT_RULE, FALLBACK_RULE, Decision
 from extproc._errors import RequestError
 from extproc._policy import AllOf, Backend, Condition, Not, Policy, SignalRef, UtilityRoute
 from extproc._request import RoutingRequest
-from extproc._scorers import Scorer, ScorerFailure, Scores, ScoresNeeded, ScoringFailed
+from extproc._scorers import Scorer, ScorerFailure, Scores, ScoresNeeded, ScoringFailed, score_key
 from extproc._signals import SignalContext, SignalResult
 from extproc._tokens import ESTIMATE
 
@@ -200,13 +200,17 @@ class PolicyEngine:
 
     @staticmethod
     def _by_utility(route: UtilityRoute, usable: list[str], evaluation: _Evaluation) -> tuple[str, dict[str, float]]:
-        """The usable backend with the best quality − λ·cost, and every usable backend's utility."""
-        scores = evaluation.ctx.scores.get(route.scorer)
+        """The usable backend with the best quality − λ·cost, and every usable backend's utility.
+
+        LatentRouter scores only the pool models whose backends are usable: the others are
+        masked out (masking changes the scores of the rest, so the mask is part of the ask)."""
+        backend_of = dict(route.backends)
+        available = tuple(model for model, backend in route.backends if backend in usable)
+        scores = evaluation.ctx.scores.get(score_key(route.scorer, available))
         if scores is None:
-            raise ScoresNeeded(route.scorer)
+            raise ScoresNeeded(route.scorer, available)
         if isinstance(scores, ScorerFailure):
             raise ScoringFailed(route.scorer, scores)
-        backend_of = dict(route.backends)
         utilities: dict[str, float] = {}
         for model, quality in scores.values.items():
             backend = backend_of.get(model)
@@ -249,5 +253,8 @@ class PolicyEngine:
             tenant=tenant,
             signals=evaluation.results,
             skipped=skipped or [],
-            scores={name: s for name, s in evaluation.ctx.scores.items() if isinstance(s, Scores)},
+            scores={
+                key if isinstance(key, str) else key[0]: s
+                for key, s in evaluation.ctx.scores.items() if isinstance(s, Scores)
+            },
         )

@@ -38,7 +38,7 @@ import logging
 import math
 import time
 import weakref
-from collections.abc import Mapping
+from collections.abc import Collection, Mapping
 from dataclasses import dataclass
 
 import grpc
@@ -133,8 +133,11 @@ class RemoteScorer(Scorer):
             self._held = _acquire(self.target)
         return self._held[1].stub
 
-    async def score(self, request: RoutingRequest, *, deadline: float) -> Scores:
-        """One Score RPC with the time left until ``deadline`` as its gRPC deadline."""
+    async def score(
+        self, request: RoutingRequest, *, deadline: float, available: Collection[str] | None = None
+    ) -> Scores:
+        """One Score RPC with the time left until ``deadline`` as its gRPC deadline
+        (``available``: LatentRouter's pool models this request may go to)."""
         stub = await self._stub()
         timeout = deadline - time.monotonic()
         if timeout <= 0:
@@ -143,6 +146,8 @@ class RemoteScorer(Scorer):
             scorer=self.remote_name,
             messages=orjson.dumps(request.messages),
             request_id=request.headers.get("x-request-id", ""),
+            available=list(available or ()),
+            has_available=available is not None,
         )
         try:
             response = await stub.Score(call, timeout=timeout, wait_for_ready=False)

@@ -23,7 +23,7 @@ imports ``routers`` by name; a remote spec never needs a loader.
 from __future__ import annotations
 
 import abc
-from collections.abc import Mapping
+from collections.abc import Collection, Mapping
 from dataclasses import dataclass, field
 from typing import Any, Protocol
 
@@ -42,6 +42,7 @@ __all__ = [
     "ScorerFailure",
     "ScoresNeeded",
     "ScoringFailed",
+    "score_key",
 ]
 
 #: The ``kind`` values of ``scorers.<name>``.
@@ -152,11 +153,26 @@ class ScorerFailure:
 
 class ScoresNeeded(Exception):
     """Raised inside the (pure) engine when a rule that can still win needs ``scorer``'s
-    scores and they were not given; the caller scores and decides again."""
+    scores and they were not given; the caller scores and decides again.
 
-    def __init__(self, scorer: str) -> None:
-        super().__init__(scorer)
+    ``available``: for a utility rule, the pool models whose backends this request may use
+    (LatentRouter masks the others, which changes the scores of the rest); None: unmasked.
+    The caller stores the scores under :attr:`key`.
+    """
+
+    def __init__(self, scorer: str, available: tuple[str, ...] | None = None) -> None:
+        super().__init__(scorer, available)
         self.scorer = scorer
+        self.available = available
+
+    @property
+    def key(self) -> str | tuple[str, tuple[str, ...]]:
+        return score_key(self.scorer, self.available)
+
+
+def score_key(scorer: str, available: tuple[str, ...] | None = None) -> str | tuple[str, tuple[str, ...]]:
+    """Where one request's scores are kept: by scorer, and by the availability mask if any."""
+    return scorer if available is None else (scorer, available)
 
 
 class ScoringFailed(Exception):
@@ -174,10 +190,14 @@ class Scorer(abc.ABC):
     spec: ScorerSpec
 
     @abc.abstractmethod
-    async def score(self, request: RoutingRequest, *, deadline: float) -> Scores:
+    async def score(
+        self, request: RoutingRequest, *, deadline: float, available: Collection[str] | None = None
+    ) -> Scores:
         """Score ``request``. ``deadline`` is an absolute ``time.monotonic()`` value; work that
-        cannot finish by then should be abandoned. Raises :class:`ScorerError` on any failure
-        (including a non-finite score); the caller also enforces the deadline."""
+        cannot finish by then should be abandoned. ``available`` (LatentRouter): the pool
+        models this request may go to; the others are masked out and get no score (None:
+        all). Raises :class:`ScorerError` on any failure (including a non-finite score); the
+        caller also enforces the deadline."""
 
     async def close(self) -> None:  # noqa: B027 - optional hook
         """Release threads, channels and models. Called once the scorer is no longer used."""

@@ -40,14 +40,14 @@ def _finite(scores: Scores) -> bool:
 
 async def score_request(
     engine: PolicyEngine, name: str, request: RoutingRequest, arrival: float,
-    telemetry: Telemetry | None = None, span=None,
+    telemetry: Telemetry | None = None, span=None, available: tuple[str, ...] | None = None,
 ) -> tuple[Scores | ScorerFailure, float]:
     """Scorer ``name``'s scores for ``request`` (or why there are none), and the ms it took.
     With ``telemetry``, the call is recorded (metrics, and a child span of ``span``)."""
     if telemetry is None:
-        return await _score(engine, name, request, arrival)
+        return await _score(engine, name, request, arrival, available)
     with scorer_span(telemetry, span, name) as child:
-        outcome, latency_ms = await _score(engine, name, request, arrival)
+        outcome, latency_ms = await _score(engine, name, request, arrival, available)
         if child is not None:
             child.set_attribute("switchyard.scorer.result", getattr(outcome, "reason", "ok"))
     telemetry.record_score(name, outcome, latency_ms)
@@ -55,7 +55,7 @@ async def score_request(
 
 
 async def _score(
-    engine: PolicyEngine, name: str, request: RoutingRequest, arrival: float
+    engine: PolicyEngine, name: str, request: RoutingRequest, arrival: float, available: tuple[str, ...] | None
 ) -> tuple[Scores | ScorerFailure, float]:
     started = time.monotonic()
     spec = engine.policy.scorers[name]
@@ -69,7 +69,9 @@ async def _score(
         outcome = ScorerFailure("deadline", f"the {spec.deadline_ms:g} ms deadline passed before scoring began")
     else:
         try:
-            outcome = await asyncio.wait_for(scorer.score(request, deadline=deadline), timeout=remaining)
+            call = (scorer.score(request, deadline=deadline) if available is None
+                    else scorer.score(request, deadline=deadline, available=available))
+            outcome = await asyncio.wait_for(call, timeout=remaining)
         except asyncio.TimeoutError:
             outcome = ScorerFailure("deadline", f"no scores within the {spec.deadline_ms:g} ms deadline")
         except ScorerError as exc:
@@ -106,15 +108,17 @@ async def decide_with_scores(
     child span of the decide ``span``). Raises :class:`RequestError` like :meth:`PolicyEngine.decide`.
     """
     arrival = time.monotonic() if arrival is None else arrival
-    scores: dict[str, Scores | ScorerFailure] = {}
+    scores: dict[str | tuple, Scores | ScorerFailure] = {}
     latency: dict[str, float] = {}
     need = first_need
     while True:
         if need is not None:
-            name = need.scorer
-            if name in scores:  # the engine asked twice for one scorer: a bug, never loop
+            name, key = need.scorer, need.key
+            if key in scores:  # the engine asked twice for the same scores: a bug, never loop
                 raise RuntimeError(f"The engine asked again for scorer {name!r}.")
-            scores[name], latency[name] = await score_request(engine, name, request, arrival, telemetry, span)
+            scores[key], took = await score_request(
+                engine, name, request, arrival, telemetry, span, need.available)
+            latency[name] = latency.get(name, 0.0) + took
         try:
             decision = engine.decide(request, scores)
         except ScoresNeeded as again:

@@ -26,7 +26,7 @@ class ProbeSetScorer(Scorer):
     def outputs(self) -> tuple[str, ...]:
         return tuple(self.member.probes)
 
-    async def score(self, request: RoutingRequest, *, deadline: float) -> Scores:
+    async def score(self, request: RoutingRequest, *, deadline: float, available=None) -> Scores:
         if self._closed:
             raise ScorerError(f"Scorer {self.spec.name!r} is closed.")
         try:

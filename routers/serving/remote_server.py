@@ -123,7 +123,8 @@ class ScorerServicer(scorer_pb2_grpc.ScorerServiceServicer):
         remaining = context.time_remaining()
         budget = remaining if remaining is not None else scorer.spec.deadline_ms / 1000
         started = time.monotonic()
-        scores, code, detail = await self._run(scorer, messages, started + budget)
+        available = tuple(request.available) if request.has_available else None
+        scores, code, detail = await self._run(scorer, messages, started + budget, available)
         elapsed_ms = (time.monotonic() - started) * 1000
         log.debug("scored", extra={"scorer": request.scorer, "request_id": request.request_id,
                                    "ms": round(elapsed_ms, 3), "status": code.name})
@@ -131,15 +132,16 @@ class ScorerServicer(scorer_pb2_grpc.ScorerServiceServicer):
             await context.abort(code, detail)
         return scorer_pb2.ScoreResponse(values=scores.values, costs=scores.costs, batch_size=scores.batch_size)
 
-    async def _run(self, scorer: Scorer, messages: list[dict[str, Any]],
-                   deadline: float) -> tuple[Scores | None, grpc.StatusCode, str]:
+    async def _run(self, scorer: Scorer, messages: list[dict[str, Any]], deadline: float,
+                   available: tuple[str, ...] | None = None) -> tuple[Scores | None, grpc.StatusCode, str]:
         """The scores, or None with the status code and sentence to answer with."""
         name = scorer.spec.name
         budget = deadline - time.monotonic()
         try:
-            scores = await asyncio.wait_for(
-                scorer.score(RoutingRequest.from_json({"messages": messages}), deadline=deadline), budget
-            )
+            request = RoutingRequest.from_json({"messages": messages})
+            call = (scorer.score(request, deadline=deadline) if available is None
+                    else scorer.score(request, deadline=deadline, available=available))
+            scores = await asyncio.wait_for(call, budget)
         except (asyncio.TimeoutError, TimeoutError):
             return None, grpc.StatusCode.DEADLINE_EXCEEDED, f"Scorer {name!r} did not answer within {budget * 1000:.0f} ms."
         except ScorerError as exc:

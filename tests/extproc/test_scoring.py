@@ -64,15 +64,19 @@ class FixedScorer(Scorer):
     def __init__(self, spec, values, costs=None, delay=0.0, error=None):
         self.spec, self.values, self.costs, self.delay, self.error = spec, values, costs or {}, delay, error
         self.calls = 0
+        self.available = []  # the availability each call was made with
         self.closed = False
 
-    async def score(self, request, *, deadline):
+    async def score(self, request, *, deadline, available=None):
         self.calls += 1
+        self.available.append(available)
         if self.delay:
             await asyncio.sleep(self.delay)
         if self.error is not None:
             raise self.error
         values = self.values(request) if callable(self.values) else self.values
+        if available is not None:  # masked models get no score
+            values = {name: value for name, value in values.items() if name in available}
         return Scores(values, self.costs, 1)
 
     async def close(self):
@@ -176,9 +180,17 @@ def test_a_utility_rule_follows_lambda(lam, backend):
 
 
 def test_a_utility_rule_masks_backends_the_tenant_may_not_reach():
-    decision = decide(engine(lam=0.0), chat(LONG, tools=[{"type": "function"}]), {"x-tenant-id": "free"})
+    eng = engine(lam=0.0)
+    decision = decide(eng, chat(LONG, tools=[{"type": "function"}]), {"x-tenant-id": "free"})
     assert (decision.backend.name, decision.rule) == ("small", "utility")
     assert set(decision.utilities) == {"small"}
+    assert eng.scorers["utility"].available == [("m-small",)]  # the scorer masked the rest
+
+
+def test_a_utility_rule_asks_only_for_the_pool_models_among_its_backends():
+    eng = engine(lam=0.0)
+    decide(eng, chat(LONG, tools=[{"type": "function"}]))
+    assert eng.scorers["utility"].available == [("m-small", "m-large")]  # not m-vision: not in `among`
 
 
 def test_a_failed_utility_scorer_gives_the_fallback():

@@ -157,8 +157,8 @@ def test_a_utility_rule_follows_lambda(gateway, checkpoints, lam, expected):
     if expected is None:  # λ = 0: the backend of the pool model with the best predicted quality
         from routers import load_latent_router
 
-        router = load_latent_router(checkpoints / "latent")
-        quality = router.predict([[{"role": "user", "content": text}]]).mu[0].tolist()
+        router = load_latent_router(checkpoints / "latent")  # every pool model's backend is eligible here
+        quality = router.predict([[{"role": "user", "content": text}]]).mu_tilde[0].tolist()
         expected = POOL[router.pool.names[max(range(len(quality)), key=quality.__getitem__)]]
     response = gw.post(chat(text), headers={"x-test-lambda": lam})
     assert response.status == 200, response

@@ -46,11 +46,13 @@ class FakeScorer(Scorer):
         self.calls = 0
         self.budgets: list[float] = []  # deadline - now, as the scorer received it
         self.messages: list[list[dict]] = []
+        self.available: list = []  # the availability mask each call carried (None: none)
         self.cancelled = asyncio.Event()
         self.closed = False
 
-    async def score(self, request: RoutingRequest, *, deadline: float) -> Scores:
+    async def score(self, request: RoutingRequest, *, deadline: float, available=None) -> Scores:
         self.calls += 1
+        self.available.append(None if available is None else tuple(available))
         self.budgets.append(deadline - time.monotonic())
         self.messages.append(request.messages)
         try:

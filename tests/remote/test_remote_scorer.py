@@ -42,6 +42,22 @@ def test_round_trip_carries_messages_values_costs_and_batch_size():
         assert dict(scores.values) == {"p": 0.625, "len": 4.0}
         assert dict(scores.costs) == {"m": 0.5} and scores.batch_size == 3
         assert fake.messages == [[{"role": "user", "content": "four"}]]
+        assert fake.available == [None]  # no mask asked: the server passes none
+
+    run(main())
+
+
+def test_the_availability_mask_reaches_the_remote_scorer():
+    async def main():
+        fake = FakeScorer(spec("utility"))
+        async with serving({"utility": fake}) as server:
+            remote = load_scorer(remote_spec(f"127.0.0.1:{server.port}", name="utility"))
+            try:
+                await remote.score(request(), deadline=soon(), available=("m-small", "m-large"))
+                await remote.score(request(), deadline=soon(), available=())
+            finally:
+                await remote.close()
+        assert fake.available == [("m-small", "m-large"), ()]
 
     run(main())
 

