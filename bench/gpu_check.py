@@ -126,7 +126,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--max-wait-ms", type=float, default=2.0)
     parser.add_argument("--p99-ms", type=float, default=25.0)
     parser.add_argument("--rate", type=float, default=100.0, help="the rate of step 4")
-    parser.add_argument("--rates", default="50,100,200,300,400,600,800,1200", help="the sweep of step 5")
+    parser.add_argument("--rates", default="10,25,50,100,200,300,400,600", help="the sweep of step 5")
     parser.add_argument("--duration", type=float, default=8.0, help="seconds of arrivals per rate")
     parser.add_argument("--budget-s", type=float, default=420.0, help="stop starting steps after this")
     parser.add_argument("--out", default=None, help="JSON path (default: $OUT/gpu_check.json or bench/results/)")
@@ -257,7 +257,12 @@ def main(argv: list[str] | None = None) -> int:
                 async def score(i: int, deadline: float) -> Any:
                     return await s.score(RoutingRequest.from_json({"messages": prompts[i % len(prompts)]}), deadline=deadline)
 
-                return await open_loop(score, args.rate, args.duration * 1.5, 1.0, seed=7)
+                before = (s.group.batcher.stats.batches, s.group.batcher.stats.forward_seconds)
+                row = await open_loop(score, args.rate, args.duration * 1.5, 1.0, seed=7)
+                stats = s.group.batcher.stats
+                batches = stats.batches - before[0]
+                row["mean_forward_ms"] = round(1000 * (stats.forward_seconds - before[1]) / max(1, batches), 2)
+                return row
             finally:
                 await s.close()
 
@@ -279,7 +284,11 @@ def main(argv: list[str] | None = None) -> int:
                     for k, rate in enumerate(rates):
                         if check.left() < args.duration + 20:
                             break
+                        before = (s.group.batcher.stats.batches, s.group.batcher.stats.forward_seconds)
                         row = await open_loop(score, rate, args.duration, 1.0, seed=k)
+                        stats = s.group.batcher.stats
+                        row["mean_forward_ms"] = round(
+                            1000 * (stats.forward_seconds - before[1]) / max(1, stats.batches - before[0]), 2)
                         rows.append(row)
                         log(f"  max_size {max_size}: {rate:g} req/s p50 {row['p50_ms']} ms p99 {row['p99_ms']} ms "
                             f"batch {row['mean_batch']} failed {row['failed_share']}")

@@ -4,7 +4,8 @@
 
 It answers every message at once; on the buffered request body it sets
 ``x-switchyard-backend`` and ``clear_route_cache``, as switchyard does, without parsing the
-body. gRPC health (service "") answers SERVING once it listens.
+body, and ends the stream after that last answer, as switchyard does. gRPC health
+(service "") answers SERVING once it listens.
 """
 
 from __future__ import annotations
@@ -38,7 +39,10 @@ class NoopProcessor(ext_grpc.ExternalProcessorServicer):
 
     async def Process(self, request_iterator, context):
         async for message in request_iterator:
-            yield self._answers[message.WhichOneof("request")]
+            phase = message.WhichOneof("request")
+            yield self._answers[phase]
+            if phase == "request_body" or (phase == "request_headers" and message.request_headers.end_of_stream):
+                return  # the last answer the request needs: end the stream, as switchyard does
 
 
 async def serve(listen: str, backend: str) -> None:

@@ -65,6 +65,11 @@ class BatchStats:
     expired: int = 0
     overloaded: int = 0
     sizes: collections.Counter = field(default_factory=collections.Counter)
+    forward_seconds: float = 0.0  # total time the worker spent in forwards
+
+    @property
+    def mean_forward_ms(self) -> float:
+        return 1000.0 * self.forward_seconds / self.batches if self.batches else 0.0
 
     @property
     def mean_size(self) -> float:
@@ -223,8 +228,9 @@ class MicroBatcher(Generic[T, R]):
         self.stats.sizes[len(batch)] += 1
         self._jobs.put((self._loop, batch))
 
-    def _finish(self, batch: list[_Entry], results: Sequence[Any] | BaseException) -> None:
+    def _finish(self, batch: list[_Entry], results: Sequence[Any] | BaseException, took: float = 0.0) -> None:
         self._busy = False
+        self.stats.forward_seconds += took
         if self._wake is not None:
             self._wake.set()
         for i, entry in enumerate(batch):
@@ -272,9 +278,11 @@ class MicroBatcher(Generic[T, R]):
             if job is None:
                 return
             loop, batch = job
+            started = time.perf_counter()
             results = self._run_forward([entry.item for entry in batch])
+            took = time.perf_counter() - started
             try:
-                loop.call_soon_threadsafe(self._finish, batch, results)
+                loop.call_soon_threadsafe(self._finish, batch, results, took)
             except RuntimeError:  # the loop was closed while the forward ran
                 pass
 

@@ -191,29 +191,6 @@ def finish_in_flight(plain, streams, passed) -> None:
         assert reply.header("x-demo-backend") == "small" and reply.header("x-switchyard-backend") is None, reply
 
 
-# -- kill -9 ----------------------------------------------------------------------------------
-def test_kill_9_leaves_requests_in_flight_whole(gw):
-    in_flight = start_in_flight(gw)
-    kill_9(gw)
-    before = gw.backend_requests()
-    assert_fail_closed(gw.post(chat(CHAT)))  # while it is down: not routed, reaches nothing
-    assert gw.backend_requests() == before
-    finish_in_flight(*in_flight)  # routed before the kill: every one whole
-    restart(gw)
-    assert_whole_completion(gw.post(chat(CODE)), "large", CODE)
-
-
-# -- SIGTERM ----------------------------------------------------------------------------------
-def _refusing_streams(port: int) -> bool:
-    """True once switchyard's gRPC server no longer accepts calls (it is stopping)."""
-    with grpc.insecure_channel(f"127.0.0.1:{port}") as channel:
-        try:
-            health_pb2_grpc.HealthStub(channel).Check(health_pb2.HealthCheckRequest(service=""), timeout=1)
-        except grpc.RpcError:
-            return True
-    return False
-
-
 class Upload:
     """A client still sending its body: switchyard has answered its headers and waits."""
 
@@ -236,6 +213,33 @@ class Upload:
         self.sock.close()
         head, _, payload = answer.partition(b"\r\n\r\n")
         return head, payload
+
+
+# -- kill -9 ----------------------------------------------------------------------------------
+def test_kill_9_leaves_requests_in_flight_whole(gw):
+    in_flight = start_in_flight(gw)
+    upload = Upload(gw, json.dumps(chat(CODE)).encode())  # not routed yet: switchyard waits for its body
+    kill_9(gw)
+    before = gw.backend_requests()
+    assert_fail_closed(gw.post(chat(CHAT)))  # while it is down: not routed, reaches nothing
+    head, payload = upload.answer(send_body=False)
+    assert head.startswith(b"HTTP/1.1 500") and b"x-demo-backend" not in head, head
+    assert json.loads(payload)["error"]["code"] == "router_unavailable"
+    assert gw.backend_requests() == before
+    finish_in_flight(*in_flight)  # routed before the kill: every one whole
+    restart(gw)
+    assert_whole_completion(gw.post(chat(CODE)), "large", CODE)
+
+
+# -- SIGTERM ----------------------------------------------------------------------------------
+def _refusing_streams(port: int) -> bool:
+    """True once switchyard's gRPC server no longer accepts calls (it is stopping)."""
+    with grpc.insecure_channel(f"127.0.0.1:{port}") as channel:
+        try:
+            health_pb2_grpc.HealthStub(channel).Check(health_pb2.HealthCheckRequest(service=""), timeout=1)
+        except grpc.RpcError:
+            return True
+    return False
 
 
 def test_sigterm_finishes_in_flight_requests_and_refuses_new_ones(gw):

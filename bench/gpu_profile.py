@@ -1,0 +1,164 @@
+"""Where one serving forward's time goes on a GPU: the micro-batcher's forward function
+(``PrefillGroup._forward``: encode, prefill, probes) called directly, against the raw model
+and ``ProbeScorer`` on the same requests, plus a cProfile of the serving forward.
+
+    python bench/gpu_profile.py        # on the GPU machine; prints, and JSON to $OUT/gpu_profile.json
+"""
+
+from __future__ import annotations
+
+import cProfile
+import io
+import json
+import os
+import pstats
+import random
+import sys
+import threading
+import time
+from pathlib import Path
+
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))
+
+from bench.gpu_check import QWEN2_7B, VOCAB_WORDS, word_tokenizer  # noqa: E402
+
+
+def main() -> int:
+    import torch
+    from transformers import Qwen2Config, Qwen2Model
+
+    from extproc import BatchConfig, ImageLimits
+    from routers.backbone import BackboneConfig, TruncatedBackbone
+    from routers.mlp import MLPConfig
+    from routers.probe_scorer import ProbeScorer
+    from routers.probes import AttentionProbeConfig, LastTokenProbeConfig, ReLopeConfig, build_probe
+    from routers.serving.prefill import BackboneKey, PrefillGroup, ProbeMember
+
+    tiny = "--tiny" in sys.argv
+    device = "cuda" if torch.cuda.is_available() else "cpu"
+    dtype = torch.bfloat16 if device == "cuda" else torch.float32
+    shape = dict(QWEN2_7B) if not tiny else dict(hidden_size=64, num_attention_heads=4, num_key_value_heads=2,
+                                                 intermediate_size=128, vocab_size=4096, max_position_embeddings=2048)
+    layer = 16 if not tiny else 2
+    tok = word_tokenizer()
+    config = Qwen2Config(num_hidden_layers=layer, pad_token_id=tok.pad_token_id, **shape)
+    torch.set_default_dtype(dtype)
+    with torch.device(device):
+        model = Qwen2Model(config).eval()
+    torch.set_default_dtype(torch.float32)
+    backbone = TruncatedBackbone(BackboneConfig("random", layer=layer, device=device,
+                                                dtype="bfloat16" if dtype == torch.bfloat16 else "float32"),
+                                 model=model, processor=tok)
+    hidden = shape["hidden_size"]
+    mlp = MLPConfig(depth=3, width=256)
+    probes = {
+        "last": build_probe("last_token", LastTokenProbeConfig(hidden, layer, mlp=mlp)),
+        "attn": build_probe("attention", AttentionProbeConfig(hidden, layer, mlp=mlp)),
+        "relope": build_probe("relope", ReLopeConfig(hidden, layer, lora_rank=16, bottleneck=128, mlp=mlp),
+                              backbone.layer_module(layer)),
+    }
+    for probe in probes.values():
+        probe.to(backbone.device)
+    sync = torch.cuda.synchronize if device == "cuda" else (lambda: None)
+    group = PrefillGroup(backbone, BackboneKey.of(backbone.source, device, None), BatchConfig(1, 0.0), ImageLimits(), "p")
+    member = ProbeMember(probes)
+    group.join(member)
+    scorer = ProbeScorer(backbone, probes, batch_size=64, max_padding=0.5)
+    rng = random.Random(0)
+    chats = [[{"role": "user", "content": " ".join(f"w{rng.randrange(VOCAB_WORDS)}" for _ in range(128))}]
+             for _ in range(12)]
+
+    def timed(label, fn):
+        fn(chats[0])
+        sync()
+        times = []
+        for chat in chats[1:]:
+            started = time.perf_counter()
+            fn(chat)
+            sync()
+            times.append((time.perf_counter() - started) * 1000)
+        median = sorted(times)[len(times) // 2]
+        print(f"{label:40s} median {median:7.2f} ms  min {min(times):7.2f}", flush=True)
+        return round(median, 2)
+
+    out = {}
+    ids = lambda chat: tok.apply_chat_template(chat, add_generation_prompt=True, return_tensors="pt")  # noqa: E731
+
+    def raw(chat):
+        with torch.inference_mode():
+            model(input_ids=torch.randint(10, 2000, (1, 132), device=device))
+
+    out["raw_model"] = timed("raw model forward (132 tokens)", raw)
+    out["encode"] = timed("backbone.encode", lambda chat: backbone.encode([chat]))
+    out["probe_scorer"] = timed("ProbeScorer.score", lambda chat: scorer.score([chat]))
+    out["serving_forward_main_thread"] = timed("PrefillGroup._forward (main thread)", lambda chat: group._forward([chat]))
+
+    def in_thread(chat):
+        t = threading.Thread(target=group._forward, args=([chat],))
+        t.start()
+        t.join()
+
+    out["serving_forward_new_thread"] = timed("PrefillGroup._forward (a new thread)", in_thread)
+    from concurrent.futures import ThreadPoolExecutor
+
+    worker = ThreadPoolExecutor(max_workers=1)
+
+    def timed_in_worker(chat):  # the time as the worker thread sees it, like the batcher's stats
+        return worker.submit(lambda: group._forward([chat])).result()
+
+    out["serving_forward_persistent_thread"] = timed("PrefillGroup._forward (one long-lived thread)", timed_in_worker)
+
+    def inside(chat):
+        def run():
+            started = time.perf_counter()
+            group._forward([chat])
+            sync()
+            return (time.perf_counter() - started) * 1000
+        return worker.submit(run).result()
+
+    inner = [inside(chat) for chat in chats]
+    out["serving_forward_timed_inside_thread"] = round(sorted(inner[1:])[len(inner) // 2], 2)
+    print(f"{'timed inside the long-lived thread':40s} median {out['serving_forward_timed_inside_thread']:7.2f} ms", flush=True)
+
+    import asyncio
+
+    from routers.serving.batcher import MicroBatcher
+
+    async def through_batcher():
+        batcher = MicroBatcher(group._forward, BatchConfig(1, 0.0), name="profile")
+        times = []
+        try:
+            for chat in chats:
+                started = time.perf_counter()
+                await batcher.run(chat, time.monotonic() + 10)
+                times.append((time.perf_counter() - started) * 1000)
+                await asyncio.sleep(0.05)
+        finally:
+            await batcher.close()
+        return round(sorted(times[1:])[len(times) // 2], 2), round(batcher.stats.mean_forward_ms, 2)
+
+    out["through_batcher_ms"], out["batcher_mean_forward_ms"] = asyncio.run(through_batcher())
+    print(f"{'through the MicroBatcher (50 ms apart)':40s} median {out['through_batcher_ms']:7.2f} ms, "
+          f"forward {out['batcher_mean_forward_ms']} ms", flush=True)
+    torch.set_num_threads(1)
+    out["serving_forward_1_thread"] = timed("PrefillGroup._forward (torch 1 thread)", lambda chat: group._forward([chat]))
+    profile = cProfile.Profile()
+    profile.enable()
+    for chat in chats:
+        group._forward([chat])
+    sync()
+    profile.disable()
+    text = io.StringIO()
+    pstats.Stats(profile, stream=text).sort_stats("tottime").print_stats(25)
+    print(text.getvalue()[:6000])
+    dest = Path(os.environ.get("OUT", ROOT / "bench" / "results")) / "gpu_profile.json"
+    dest.parent.mkdir(parents=True, exist_ok=True)
+    dest.write_text(json.dumps({"bench": "gpu_profile", "device": device, "ms": out, "profile": text.getvalue()[:20000]},
+                               indent=1))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
