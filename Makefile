@@ -32,6 +32,8 @@ bench: $(STAMP)
 	$(PY) bench/extproc_overhead.py
 	$(PY) bench/scorer.py
 	$(PY) bench/quality.py
+	$(PY) bench/decision.py
+	$(PY) bench/soak.py
 
 clean:
 	rm -rf $(VENV) .demo bench/results
