@@ -54,7 +54,6 @@ def _spec(name: str, config: dict[str, Any], base_dir: Path, report: Report,
     remote = RemoteConfig(config["remote"]["target"], config["remote"]["scorer"]) if config["remote"] else None
     checkpoints: tuple[tuple[str, str], ...] = ()
     checkpoint = None
-    ok = True
     if kind == "probe":
         raw = config["checkpoints"] or {}
         if remote is None and not raw:
@@ -62,7 +61,6 @@ def _spec(name: str, config: dict[str, Any], base_dir: Path, report: Report,
             return None
         if remote is None:
             found = [(out, _folder(base_dir, folder, at + ("checkpoints", out), report)) for out, folder in raw.items()]
-            ok = all(folder is not None for _, folder in found)
             checkpoints = tuple((out, folder) for out, folder in found if folder is not None)
         else:
             checkpoints = tuple((out, folder) for out, folder in raw.items())  # names only: files are remote
@@ -72,7 +70,6 @@ def _spec(name: str, config: dict[str, Any], base_dir: Path, report: Report,
             return None
         if remote is None:
             checkpoint = _folder(base_dir, config["checkpoint"], at + ("checkpoint",), report)
-            ok = checkpoint is not None
         else:
             checkpoint = config["checkpoint"]
         pool_backends = config["backends"] or {}
@@ -82,9 +79,9 @@ def _spec(name: str, config: dict[str, Any], base_dir: Path, report: Report,
                     report(at + ("backends", model),
                            f"`scorers.{name}.backends.{model}` names backend {backend!r}, which is not defined; "
                            f"defined: {', '.join(backends)}.")
-                    ok = False
-    if not ok:
-        return None
+    # A spec with problems is still built from what is valid (a missing folder is left out),
+    # so what refers to it is checked too instead of reported as undefined; the problems
+    # already reported reject the policy.
     batch, images = config["batch"], config["images"]
     local = [folder for _, folder in checkpoints] if remote is None else []
     if remote is None and checkpoint is not None:
@@ -147,8 +144,8 @@ def build_scorer_specs(section: Mapping[str, dict[str, Any]], base_dir: Path, re
             report(("scorers", name, "deadline_ms"),
                    f"`scorers.{name}.deadline_ms` ({spec.deadline_ms:g}) must be below the shipped Envoy "
                    f"ext_proc message_timeout ({MESSAGE_TIMEOUT_MS} ms), or Envoy answers 504 before the fallback.")
-        if spec.remote is not None:
-            continue
+        if spec.remote is not None or not (spec.checkpoints or spec.checkpoint):
+            continue  # remote: nothing local to read; no valid folder: already reported
         try:
             description = describe_scorer(spec)
         except (CheckpointError, ScorerError) as exc:

@@ -262,3 +262,72 @@ def test_a_remote_scorer_killed_gives_the_fallback_and_scores_again_once_restart
         gw.stop()
         scorer.kill()
         scorer.wait()
+
+
+def test_policy_check_locates_every_scorer_problem(checkpoints, tmp_path, capsys):
+    import torch
+
+    other_model = tiny_text_model(tmp_path, seed=1)  # another backbone: its probe cannot share a prefill
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        assert main([
+            "train", "probe", "--method", "last_token", "--backbone", str(other_model),
+            "--data", str(checkpoints / "train.jsonl"), "--small", "small", "--out", str(tmp_path / "other"),
+            "--epochs", "1", "--no-progress",
+        ]) == 0  # fmt: skip
+    finally:
+        torch.set_num_threads(threads)
+    capsys.readouterr()
+    text = _write_policy(checkpoints, "base.yaml", threshold=0.5).read_text()
+    broken = (
+        text.replace(f"checkpoints: {{last: {checkpoints / 'probe'}}}",
+                     f"checkpoints: {{last: {checkpoints / 'probe'}, other: {tmp_path / 'other'}, "
+                     f"gone: {tmp_path / 'missing'}}}")
+        .replace("deadline_ms: 900\nsignals", "deadline_ms: 5000\nsignals")
+        .replace("backends: {tiny: small, math-7b: math, code-7b: code, large: large}",
+                 "backends: {tiny: small, math-7b: math, code-7b: code}")
+        .replace("output: last, above:", "output: nope, above:")
+        .replace("signals:\n", "signals:\n  calibrated: {kind: score, scorer: probe, output: last, large_share: 0.2}\n")
+    )
+    path = tmp_path / "broken.yaml"
+    path.write_text(broken)
+    assert main(["policy", "check", str(path)]) == 1
+    out = capsys.readouterr().out.splitlines()
+    lines = broken.splitlines()
+
+    def find(fragment: str, on: str) -> None:
+        hits = [line for line in out if fragment in line]
+        assert hits, (fragment, out)
+        number = int(hits[0].split(":")[1])
+        assert on in lines[number - 1], (fragment, number, lines[number - 1])
+
+    find("does not exist", "gone")                                  # a missing checkpoint folder
+    find("must share the backbone", "other")                        # probes on different backbones
+    find("Pool model 'large' of scorer `utility` has no backend", "backends")
+    find("has no output 'nope'", "small_ok")                        # an output the checkpoint lacks
+    find("carries no calibration for large share 0.2", "calibrated")
+    find("must be below the shipped Envoy ext_proc message_timeout", "deadline_ms: 5000")
+
+
+def test_a_reload_keeps_loaded_scorers_and_a_broken_checkpoint_keeps_the_running_policy(checkpoints, tmp_path):
+    from extproc._reload import PolicyFile
+
+    path = tmp_path / "live.yaml"
+    path.write_text(_write_policy(checkpoints, "live-src.yaml", threshold=0.5).read_text())
+    policy = PolicyFile.load(path)
+    policy.load_scorers()
+    try:
+        running = policy.current()
+        probe = running.scorers["probe"]
+
+        path.write_text(path.read_text().replace(str(checkpoints / "probe"), str(tmp_path / "missing")))
+        assert policy.reload() == "rejected"
+        assert policy.current() is running  # the running policy and its scorers stay
+
+        path.write_text(_write_policy(checkpoints, "live-src.yaml", threshold=0.7).read_text())
+        assert policy.reload() == "reloaded"
+        assert policy.current() is not running
+        assert policy.current().scorers["probe"] is probe  # same checkpoint: the loaded model is reused
+    finally:
+        asyncio.run(policy.close())
