@@ -153,3 +153,11 @@ def test_valid_but_odd_bodies_are_accepted_and_kept():
     body = parse_json_body(raw, max_bytes=LIMIT)
     assert body["model"] == "auto" and body["messages"][0]["content"] == "a\x00b \U0001F600"
     assert rewrite(raw) == raw.replace(b"5", b'"large-model"', 1).replace(b'"auto"', b'"large-model"')
+
+
+def test_every_top_level_model_is_rewritten_whatever_its_value():
+    # found by the property test: a duplicate `model` that is not a string is rewritten too
+    raw = b'{"messages":[{"role":"user","content":""}],"model":0,"extra":{"k":0},"model":"auto"}'
+    body = parse_json_body(raw, max_bytes=1 << 20)
+    assert rewrite_model(raw, body, "m") == (
+        b'{"messages":[{"role":"user","content":""}],"model":"m","extra":{"k":0},"model":"m"}')
