@@ -5,8 +5,8 @@ What Envoy needs from each phase (see DESIGN.md, "The request path"):
 - body phase, routed: set ``x-switchyard-backend``, ``clear_route_cache``, the rewritten
   body with its ``content-length`` when ``body.model`` changes, and the decision as dynamic
   metadata in namespace ``switchyard``;
-- response headers (when Envoy sends them): ``x-switchyard-backend`` and
-  ``x-switchyard-rule`` for the client;
+- response headers never reach switchyard: the stream ends after the body answer, and
+  Envoy adds ``x-switchyard-backend`` / ``x-switchyard-rule`` from the dynamic metadata;
 - errors: an ``ImmediateResponse`` with an OpenAI-style JSON error body.
 
 The answers that do not depend on the request body are built once and reused: the
@@ -34,7 +34,6 @@ __all__ = [
     "CONTINUE",
     "continue_headers",
     "routed_body_response",
-    "decision_response_headers",
     "error_response",
 ]
 
@@ -102,17 +101,6 @@ def routed_body_response(decision: Decision, rewritten_body: bytes | None = None
     common = response.request_body.response
     common.body_mutation.body = rewritten_body
     common.header_mutation.set_headers.append(_set("content-length", str(len(rewritten_body))))
-    return response
-
-
-def decision_response_headers(decision: Decision | None) -> ext.ProcessingResponse:
-    """The response-headers answer: decision headers for the client (nothing if undecided)."""
-    if decision is None:
-        return CONTINUE["response_headers"]
-    response = ext.ProcessingResponse()
-    response.response_headers.response.header_mutation.set_headers.extend(
-        [_set(ROUTING_HEADER, decision.backend.name), _set(RULE_HEADER, decision.rule)]
-    )
     return response
 
 

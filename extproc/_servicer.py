@@ -29,7 +29,6 @@ from extproc._mutations import (
     CONTINUE,
     HEADER_PREFIX,
     continue_headers,
-    decision_response_headers,
     error_response,
     routed_body_response,
 )
@@ -76,8 +75,6 @@ class RequestStream:
         if phase == "request_body":
             self.done = True  # BUFFERED: the whole body in one message, the last phase switchyard needs
             return self.on_request_body(message.request_body)
-        if phase == "response_headers":  # only when Envoy is configured to send them
-            return decision_response_headers(self.decision)
         return CONTINUE[phase]  # trailers, response body: nothing to change
 
     def on_request_headers(self, message: ext.HttpHeaders) -> ext.ProcessingResponse:
