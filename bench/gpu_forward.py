@@ -31,18 +31,16 @@ def timed(fn, sync, repeat=5):
     return round(sorted(times)[len(times) // 2], 2)
 
 
-def main() -> int:
-    import random
-
+def random_probe_stack(tiny: bool):
+    """A random-init Qwen2-7B-shaped backbone (16 layers kept; tiny with ``tiny``), bf16 on
+    CUDA, and three probes on its last kept layer: ``(model, backbone, probes, tokenizer)``."""
     import torch
     from transformers import Qwen2Config, Qwen2Model
 
     from routers.backbone import BackboneConfig, TruncatedBackbone
     from routers.mlp import MLPConfig
-    from routers.probe_scorer import ProbeScorer
     from routers.probes import AttentionProbeConfig, LastTokenProbeConfig, ReLopeConfig, build_probe
 
-    tiny = "--tiny" in sys.argv
     device = "cuda" if torch.cuda.is_available() else "cpu"
     dtype = torch.bfloat16 if device == "cuda" else torch.float32
     shape = dict(QWEN2_7B) if not tiny else dict(hidden_size=64, num_attention_heads=4, num_key_value_heads=2,
@@ -67,6 +65,19 @@ def main() -> int:
     }
     for probe in probes.values():
         probe.to(backbone.device)
+    return model, backbone, probes, tok
+
+
+def main() -> int:
+    import random
+
+    import torch
+
+    from routers.probe_scorer import ProbeScorer
+
+    tiny = "--tiny" in sys.argv
+    model, backbone, probes, tok = random_probe_stack(tiny)
+    device, layer = backbone.device.type, max(p.layer for p in probes.values())
     sync = torch.cuda.synchronize if device == "cuda" else (lambda: None)
     rng = random.Random(0)
     rows = []

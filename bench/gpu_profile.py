@@ -22,45 +22,19 @@ os.environ.setdefault("HF_HUB_OFFLINE", "1")
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
-from bench.gpu_check import QWEN2_7B, VOCAB_WORDS, word_tokenizer  # noqa: E402
+from bench.gpu_check import VOCAB_WORDS  # noqa: E402
+from bench.gpu_forward import random_probe_stack  # noqa: E402
 
 
 def main() -> int:
     import torch
-    from transformers import Qwen2Config, Qwen2Model
 
     from extproc import BatchConfig, ImageLimits
-    from routers.backbone import BackboneConfig, TruncatedBackbone
-    from routers.mlp import MLPConfig
     from routers.probe_scorer import ProbeScorer
-    from routers.probes import AttentionProbeConfig, LastTokenProbeConfig, ReLopeConfig, build_probe
     from routers.serving.prefill import BackboneKey, PrefillGroup, ProbeMember
 
-    tiny = "--tiny" in sys.argv
-    device = "cuda" if torch.cuda.is_available() else "cpu"
-    dtype = torch.bfloat16 if device == "cuda" else torch.float32
-    shape = dict(QWEN2_7B) if not tiny else dict(hidden_size=64, num_attention_heads=4, num_key_value_heads=2,
-                                                 intermediate_size=128, vocab_size=4096, max_position_embeddings=2048)
-    layer = 16 if not tiny else 2
-    tok = word_tokenizer()
-    config = Qwen2Config(num_hidden_layers=layer, pad_token_id=tok.pad_token_id, **shape)
-    torch.set_default_dtype(dtype)
-    with torch.device(device):
-        model = Qwen2Model(config).eval()
-    torch.set_default_dtype(torch.float32)
-    backbone = TruncatedBackbone(BackboneConfig("random", layer=layer, device=device,
-                                                dtype="bfloat16" if dtype == torch.bfloat16 else "float32"),
-                                 model=model, processor=tok)
-    hidden = shape["hidden_size"]
-    mlp = MLPConfig(depth=3, width=256)
-    probes = {
-        "last": build_probe("last_token", LastTokenProbeConfig(hidden, layer, mlp=mlp)),
-        "attn": build_probe("attention", AttentionProbeConfig(hidden, layer, mlp=mlp)),
-        "relope": build_probe("relope", ReLopeConfig(hidden, layer, lora_rank=16, bottleneck=128, mlp=mlp),
-                              backbone.layer_module(layer)),
-    }
-    for probe in probes.values():
-        probe.to(backbone.device)
+    model, backbone, probes, tok = random_probe_stack("--tiny" in sys.argv)
+    device = backbone.device.type
     sync = torch.cuda.synchronize if device == "cuda" else (lambda: None)
     group = PrefillGroup(backbone, BackboneKey.of(backbone.source, device, None), BatchConfig(1, 0.0), ImageLimits(), "p")
     member = ProbeMember(probes)
@@ -84,7 +58,6 @@ def main() -> int:
         return round(median, 2)
 
     out = {}
-    ids = lambda chat: tok.apply_chat_template(chat, add_generation_prompt=True, return_tensors="pt")  # noqa: E731
 
     def raw(chat):
         with torch.inference_mode():
