@@ -5,7 +5,6 @@ from __future__ import annotations
 import json
 
 import pytest
-import torch
 
 from extproc.cli import main
 from tests.routers.test_probe_support import tiny_text_model, trigger_set, write_jsonl
