@@ -153,3 +153,34 @@ def test_last_only_cuts_the_deepest_feed_forward_to_the_last_token(text_dir):
     torch.testing.assert_close(cut.layer(2), full.layer(2))
     with pytest.raises(ValueError, match="last token only"):
         cut.layer(3)
+
+
+def test_padding_a_batch_to_a_multiple_changes_no_score(text_dir):
+    # A GPU pads batches to a few widths (pad_to_multiple); every probe must read the same
+    # states from the real tokens, however much padding follows them.
+    from routers.mlp import MLPConfig
+    from routers.probe_scorer import ProbeScorer
+    from routers.probes import AttentionProbeConfig, LastTokenProbeConfig, ReLopeConfig, build_probe
+
+    plain = TruncatedBackbone(BackboneConfig(str(text_dir), layer=3, device="cpu"))
+    padded = TruncatedBackbone(BackboneConfig(str(text_dir), layer=3, device="cpu", pad_to_multiple=64),
+                               model=plain.model, processor=plain.processor)
+    assert (plain.pad_multiple, padded.pad_multiple) == (1, 64)
+    batch = plain.encode(CONVERSATIONS)
+    assert batch["input_ids"].shape[1] % 64 and padded._bucketed(batch)["input_ids"].shape[1] == 64
+    torch.manual_seed(0)
+    mlp = MLPConfig(depth=2, width=16)
+    probes = {
+        "last": build_probe("last_token", LastTokenProbeConfig(32, 3, mlp=mlp)),
+        "attn": build_probe("attention", AttentionProbeConfig(32, 2, mlp=mlp)),
+        "relope": build_probe("relope", ReLopeConfig(32, 3, lora_rank=4, bottleneck=8, mlp=mlp), plain.layer_module(3)),
+    }
+    for probe in probes.values():
+        for _, param in probe.named_parameters():
+            torch.nn.init.normal_(param, std=0.1)
+    before = ProbeScorer(plain, probes, batch_size=8).score(CONVERSATIONS)
+    after = ProbeScorer(padded, probes, batch_size=8).score(CONVERSATIONS)
+    for name in probes:
+        assert after[name] == pytest.approx(before[name], abs=1e-5)
+    with pytest.raises(ValueError, match="pad_to_multiple"):
+        BackboneConfig(str(text_dir), layer=1, pad_to_multiple=0)
