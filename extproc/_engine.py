@@ -109,9 +109,10 @@ class PolicyEngine:
         (the engine never calls them; it carries them for whoever scores its requests)."""
         self.policy = policy
         self.scorers: Mapping[str, Scorer] = scorers or {}
-        self._rules = tuple(
-            (rule.name, rule.backend, rule.route, compile_condition(rule.when)) for rule in policy.rules
-        )
+        # (name, backend, condition); a utility rule has backend None and its route in
+        # _routes, so the common loop stays as cheap as a policy without utility rules.
+        self._rules = tuple((rule.name, rule.backend, compile_condition(rule.when)) for rule in policy.rules)
+        self._routes = {rule.name: rule.route for rule in policy.rules if rule.route is not None}
 
     def allowed_backends(self, tenant: str | None) -> tuple[str, ...]:
         """The backends a tenant may reach, in preference order.
@@ -170,8 +171,9 @@ class PolicyEngine:
         signal = evaluation.signal
         skipped: list[tuple[str, str]] = []
         try:
-            for rule, backend, route, holds in self._rules:
-                if route is not None:
+            for rule, backend, holds in self._rules:
+                if backend is None:  # a utility rule: eligible while one of its backends is
+                    route = self._routes[rule]
                     usable = [name for name in route.among if name not in unusable]
                     if not usable:
                         skipped.append((rule, "no backend of `route.among` can serve this request"))
