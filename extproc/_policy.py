@@ -134,6 +134,9 @@ class Policy:
     routing: RoutingConfig
     fallback: str | None = None
     scorers: dict[str, ScorerSpec] = field(default_factory=dict)
+    #: Where each ``scorers.<name>`` entry starts (line, column), for problems found after
+    #: validation (a scorer that fails to load).
+    scorer_positions: dict[str, tuple[int, int]] = field(default_factory=dict)
 
     def backend_for_model(self, model: str) -> Backend | None:
         """The backend whose served model (or name) is ``model``, if any."""
@@ -290,6 +293,7 @@ def _build(data: dict[str, Any], v: Validation, base_dir: Path) -> Policy:
         routing=RoutingConfig(frozenset(routing["paths"]), routing["max_body_bytes"], routing["rewrite_model"]),
         fallback=data["fallback"],
         scorers=scorers,
+        scorer_positions={name: v.position(None, ("scorers", name)) for name in scorers},
     )
 
 

@@ -34,7 +34,7 @@ def _engine(path: Path, text: str, cache: ScorerCache | None = None) -> PolicyEn
     """The engine for policy ``text`` read from ``path``, with its scorers loaded through
     ``cache`` (not loaded when None); raises :class:`PolicyError`."""
     policy = parse_policy(text, source=str(path), base_dir=path.parent)
-    return PolicyEngine(policy, cache.prepare(policy, text) if cache is not None else None)
+    return PolicyEngine(policy, cache.prepare(policy) if cache is not None else None)
 
 
 class PolicyFile:
@@ -47,7 +47,6 @@ class PolicyFile:
     def __init__(self, path: Path, text: str, engine: PolicyEngine, telemetry: Telemetry | None = None) -> None:
         self.path = path
         self.engine = engine
-        self.text = text
         self.scorers: ScorerCache | None = None  # set by load_scorers(): from then on reloads load scorers
         self._retired: list = []  # scorers a swap stopped using, closed later on the event loop
         self.digest = _digest(text)
@@ -65,7 +64,7 @@ class PolicyFile:
         now on load them on every reload. A scorer that fails to load raises
         :class:`PolicyError`, so a server never starts without the scorers its policy uses."""
         cache = ScorerCache()
-        engine = PolicyEngine(self.engine.policy, cache.prepare(self.engine.policy, self.text))
+        engine = PolicyEngine(self.engine.policy, cache.prepare(self.engine.policy))
         cache.commit(dict(engine.scorers))
         self.engine, self.scorers = engine, cache
 
@@ -98,7 +97,7 @@ class PolicyFile:
             return self._reject(digest, error)
         if self.scorers is not None:
             self._retired += self.scorers.commit(dict(engine.scorers))
-        self.engine, self.text, self.digest, self._rejected = engine, text, digest, None
+        self.engine, self.digest, self._rejected = engine, digest, None
         self._telemetry.policy_reloads.add(1, {"result": "reloaded"})
         log.info("policy reloaded", extra={"policy": str(self.path), "digest": digest, "rules": len(engine.policy.rules)})
         return "reloaded"

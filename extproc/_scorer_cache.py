@@ -12,34 +12,18 @@ from __future__ import annotations
 
 import asyncio
 import logging
-import re
 
 from extproc._errors import CheckpointError, PolicyError, PolicyProblem, ScorerError
 from extproc._policy import Policy
 from extproc._scorer_loading import load_scorer
 from extproc._scorers import Scorer
 
-__all__ = ["ScorerCache", "RETIRE_AFTER_S"]
+__all__ = ["ScorerCache", "RETIRE_AFTER_S", "retire"]
 
 log = logging.getLogger("switchyard.scorers")
 
 #: Seconds a scorer the running policy stopped using stays open for requests still using it.
 RETIRE_AFTER_S = 30.0
-
-
-def _position(text: str, name: str) -> tuple[int, int]:
-    """Line and column of ``scorers.<name>`` in the policy text (1, 1 if not found)."""
-    in_scorers = False
-    for number, line in enumerate(text.splitlines(), start=1):
-        if re.match(r"^scorers\s*:", line):
-            in_scorers = True
-        elif in_scorers and re.match(r"^\S", line):
-            in_scorers = False
-        elif in_scorers:
-            found = re.match(rf"^(\s+)['\"]?{re.escape(name)}['\"]?\s*:", line)
-            if found:
-                return number, len(found.group(1)) + 1
-    return 1, 1
 
 
 class ScorerCache:
@@ -48,23 +32,25 @@ class ScorerCache:
     def __init__(self) -> None:
         self._active: dict[tuple, Scorer] = {}
 
-    def prepare(self, policy: Policy, text: str = "") -> dict[str, Scorer]:
+    def prepare(self, policy: Policy) -> dict[str, Scorer]:
         """The scorers of ``policy`` by name, loading those not loaded yet (blocking: call it
         off the event loop). Raises :class:`PolicyError` located at the scorer that failed."""
         out: dict[str, Scorer] = {}
         fresh: list[Scorer] = []
+        loaded = dict(self._active)  # and what this call loads: two equal specs share one model
         for name, spec in policy.scorers.items():
-            scorer = self._active.get(spec.load_key())
+            scorer = loaded.get(spec.load_key())
             if scorer is None:
                 try:
                     scorer = load_scorer(spec)
                 except (CheckpointError, ScorerError) as exc:
                     for loaded in fresh:
                         _close_soon(loaded)
-                    line, column = _position(text, name)
+                    line, column = policy.scorer_positions.get(name, (1, 1))
                     raise PolicyError([PolicyProblem(policy.source, line, column,
                                                      f"Scorer `{name}` failed to load: {exc}")]) from exc
                 fresh.append(scorer)
+                loaded[spec.load_key()] = scorer
                 log.info("scorer loaded", extra={"scorer": name, "kind": spec.kind, "remote": spec.remote is not None})
             out[name] = scorer
         return out
@@ -76,13 +62,6 @@ class ScorerCache:
         retired = [s for s in self._active.values() if id(s) not in kept]
         self._active = active
         return retired
-
-    def discard(self, scorers: dict[str, Scorer]) -> None:
-        """Close scorers loaded by :meth:`prepare` for a policy that was not committed."""
-        active = {id(s) for s in self._active.values()}
-        for scorer in scorers.values():
-            if id(scorer) not in active:
-                _close_soon(scorer)
 
     async def close(self) -> None:
         """Close every active scorer (server shutdown)."""

@@ -25,7 +25,7 @@ from pathlib import Path
 from extproc._engine import PolicyEngine
 from extproc._errors import PolicyError, RequestError, SwitchyardError
 from extproc._decision import Decision
-from extproc._policy import Policy, load_policy, read_policy_text
+from extproc._policy import Policy, load_policy
 from extproc._request import RoutingRequest, parse_json_body
 
 __all__ = ["main", "build_parser"]
@@ -154,7 +154,7 @@ async def _decide(policy: Policy, request: RoutingRequest) -> Decision:
     from extproc._scoring import decide_with_scores
 
     cache = ScorerCache()
-    engine = PolicyEngine(policy, await asyncio.to_thread(cache.prepare, policy, read_policy_text(policy.source)))
+    engine = PolicyEngine(policy, await asyncio.to_thread(cache.prepare, policy))
     cache.commit(dict(engine.scorers))
     try:
         return await decide_with_scores(engine, request)

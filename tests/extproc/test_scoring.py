@@ -341,7 +341,7 @@ def test_a_reload_reuses_an_unchanged_scorer_and_a_failed_load_rejects_the_polic
     text = POLICY.replace("LAMBDA", "0.1").replace('checkpoints: {relope: unused}\n    remote: {target: "127.0.0.1:9"}',
                                                    'checkpoints: {relope: unused}\n    remote: {target: "broken:1"}')
     with pytest.raises(PolicyError) as error:
-        cache.prepare(parse_policy(text), text)
+        cache.prepare(parse_policy(text))
     problem = error.value.problems[0]
     assert "Scorer `probe` failed to load" in problem.message
     assert text.splitlines()[problem.line - 1].strip().startswith("probe:")
@@ -378,3 +378,21 @@ def test_scorer_calls_are_child_spans_of_the_decision_and_are_measured():
     }
     assert points["switchyard.scorer.failures"] == [{"scorer": "probe", "reason": "error"}]
     assert {"backend": "large", "rule": "fallback", "fallback": "probe: error"} in points["switchyard.decisions"]
+
+
+def test_two_scorers_with_the_same_settings_share_one_loaded_model(monkeypatch):
+    loads = []
+
+    def fake_load(spec):
+        loads.append(spec.name)
+        return FixedScorer(spec, {"relope": 0.5})
+
+    monkeypatch.setattr("extproc._scorer_cache.load_scorer", fake_load)
+    text = POLICY.replace("LAMBDA", "0.1").replace(
+        '    deadline_ms: 150\n  utility:',
+        '    deadline_ms: 150\n  probe2:\n    kind: probe\n    checkpoints: {relope: unused}\n'
+        '    remote: {target: "127.0.0.1:9", scorer: probe}\n  utility:').replace(
+        'remote: {target: "127.0.0.1:9"}\n    deadline_ms: 150\n  probe2',
+        'remote: {target: "127.0.0.1:9", scorer: probe}\n    deadline_ms: 150\n  probe2')
+    scorers = ScorerCache().prepare(parse_policy(text))
+    assert scorers["probe"] is scorers["probe2"] and loads.count("probe") + loads.count("probe2") == 1
