@@ -69,9 +69,8 @@ async def _score(
         outcome = ScorerFailure("deadline", f"the {spec.deadline_ms:g} ms deadline passed before scoring began")
     else:
         try:
-            call = (scorer.score(request, deadline=deadline) if available is None
-                    else scorer.score(request, deadline=deadline, available=available))
-            outcome = await asyncio.wait_for(call, timeout=remaining)
+            outcome = await asyncio.wait_for(
+                scorer.score(request, deadline=deadline, available=available), timeout=remaining)
         except asyncio.TimeoutError:
             outcome = ScorerFailure("deadline", f"no scores within the {spec.deadline_ms:g} ms deadline")
         except ScorerError as exc:

@@ -63,7 +63,6 @@ class RequestStream:
         self.telemetry = telemetry
         self.request: RoutingRequest | None = None
         self.routed = False
-        self.decision: Decision | None = None
         self.arrival = time.monotonic()  # scorer deadlines count from here
         self.done = False  # the answer just given is the last one this request needs
 
@@ -138,7 +137,6 @@ class RequestStream:
         if span is not None:
             span.set_attributes({"switchyard.backend": decision.backend.name, "switchyard.rule": decision.rule})
             span.end()
-        self.decision = decision
         self.telemetry.decision_time.record(time.perf_counter() - started)
         self.telemetry.decisions.add(
             1, {"backend": decision.backend.name, "rule": decision.rule, "fallback": decision.fallback or ""}

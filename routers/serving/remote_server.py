@@ -139,9 +139,7 @@ class ScorerServicer(scorer_pb2_grpc.ScorerServiceServicer):
         budget = deadline - time.monotonic()
         try:
             request = RoutingRequest.from_json({"messages": messages})
-            call = (scorer.score(request, deadline=deadline) if available is None
-                    else scorer.score(request, deadline=deadline, available=available))
-            scores = await asyncio.wait_for(call, budget)
+            scores = await asyncio.wait_for(scorer.score(request, deadline=deadline, available=available), budget)
         except (asyncio.TimeoutError, TimeoutError):
             return None, grpc.StatusCode.DEADLINE_EXCEEDED, f"Scorer {name!r} did not answer within {budget * 1000:.0f} ms."
         except ScorerError as exc:
