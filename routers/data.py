@@ -24,6 +24,7 @@ from pathlib import Path
 from typing import Any
 
 from extproc import SwitchyardError
+from routers.config_options import option
 
 __all__ = [
     "DEFAULT_VAL_FRACTION",
@@ -35,12 +36,24 @@ __all__ = [
     "parse_labelled",
     "split_lines",
     "holdout_split",
+    "val_fraction_option",
     "dataset_hash",
 ]
 
 #: Share of the training set held out for validation (early stopping) when no validation
 #: set is given: the one default of ``train probe`` and ``train latent-router``.
 DEFAULT_VAL_FRACTION = 0.15
+
+
+def val_fraction_option() -> Any:
+    """The ``val_fraction`` field of both trainers' configs (and so their CLI flag)."""
+    return option(
+        DEFAULT_VAL_FRACTION,
+        "Share of the training set held out for validation when no validation set is given "
+        "(0: none, no early stopping).",
+    )
+
+
 #: A training set smaller than this is not split (too few requests to validate on).
 MIN_HOLDOUT_SIZE = 10
 

@@ -30,7 +30,7 @@ import torch
 from torch.nn import functional as F
 
 from routers.config_options import option
-from routers.data import DEFAULT_VAL_FRACTION, DataError, LabelledRequest, holdout_split
+from routers.data import DataError, LabelledRequest, holdout_split, val_fraction_option
 from routers.latent_router import LatentRouter, LatentRouterConfig, LatentRouterModel, ModelPool, choose
 
 __all__ = [
@@ -56,11 +56,7 @@ class LatentTrainConfig:
     weight_decay: float = option(1e-2, "AdamW weight decay.")
     patience: int = option(10, "Epochs without a better validation utility before stopping.")
     seed: int = option(0, "Seeds the split, initialisation, batch order and pool dropout.")
-    val_fraction: float = option(
-        DEFAULT_VAL_FRACTION,
-        "Share of the training set held out for validation when no validation set is given "
-        "(0: none, no early stopping).",
-    )
+    val_fraction: float = val_fraction_option()
     nll_weight: float = option(1.0, "Weight of the Gaussian NLL of the observed quality.")
     rank_weight: float = option(0.5, "Weight of the pairwise ranking loss.")
     listwise_weight: float = option(0.5, "Weight of the listwise cross-entropy.")

@@ -25,7 +25,7 @@ import torch
 from extproc import ScorerError, conversation_text
 from routers.backbone import BackboneStates, TruncatedBackbone
 from routers.config_options import option
-from routers.data import DEFAULT_VAL_FRACTION, DataError, LabelledRequest, holdout_split
+from routers.data import DataError, LabelledRequest, holdout_split, val_fraction_option
 from routers.metrics import roc_auc
 
 __all__ = ["TrainConfig", "TrainResult", "labels_for", "train_probe", "predict"]
@@ -49,11 +49,7 @@ class TrainConfig:
     )
     weight_decay: float = option(0.01, "AdamW weight decay.")
     patience: int = option(3, "Stop after this many epochs without a better validation AUC (0: never).")
-    val_fraction: float = option(
-        DEFAULT_VAL_FRACTION,
-        "Share of the training set held out for validation when no validation set is given "
-        "(0: none, no early stopping).",
-    )
+    val_fraction: float = val_fraction_option()
     grad_clip: float = option(1.0, "Max gradient norm (0: off).")
     seed: int = option(0, "Seeds the split, batch order, dropout and ReLope's sampling.")
     cache_budget_gb: float = option(
