@@ -7,6 +7,8 @@ from __future__ import annotations
 
 import asyncio
 import math
+import os
+import socket
 import threading
 import time
 
@@ -18,6 +20,7 @@ from extproc import ScorerError, load_scorer
 from extproc._remote_scorer import RemoteScorer, _channels
 from proto.switchyard.v1 import scorer_pb2, scorer_pb2_grpc
 from routers.serving.remote_server import SERVICE_NAME, ScorerServer
+from tests.remote.dns_server import TYPE_A, dns_server
 from tests.remote.support import FakeScorer, describe, remote_spec, request, serving, spec
 
 
@@ -201,6 +204,42 @@ def test_round_robin_over_every_address_of_the_target():
                         break
             finally:
                 await remote.close()
+        assert seen == {0.1, 0.2}
+        assert one.calls >= 3 and two.calls >= 3
+
+    run(main())
+
+
+def _binds(host: str) -> bool:
+    with socket.socket() as probe:
+        try:
+            probe.bind((host, 0))
+        except OSError:
+            return False
+    return True
+
+
+@pytest.mark.skipif(os.environ.get("GRPC_DNS_RESOLVER", "ares").lower() != "ares",
+                    reason="only gRPC's c-ares resolver (the default) asks the DNS server named in the target")
+@pytest.mark.skipif(not _binds("127.0.0.2"), reason="127.0.0.2 is not a loopback address here (Linux has all of 127/8)")
+def test_round_robin_over_every_address_a_dns_name_returns():
+    """A Kubernetes headless Service: one name, one A record per pod, the same port on each.
+    A DNS server on loopback answers ``scorer.test`` with two addresses; both get calls."""
+
+    async def main():
+        one, two = FakeScorer(spec(), value=0.1), FakeScorer(spec(), value=0.2)
+        async with serving({"probe": one}) as a, serving({"probe": two}, f"127.0.0.2:{a.port}"), \
+                dns_server({"scorer.test": ["127.0.0.1", "127.0.0.2"]}) as dns:
+            remote = RemoteScorer(remote_spec(f"dns://127.0.0.1:{dns.port}/scorer.test:{a.port}"))
+            try:
+                seen = set()
+                for _ in range(200):  # both connections become ready within a few calls
+                    seen.add((await remote.score(request(), deadline=soon())).values["p"])
+                    if seen == {0.1, 0.2} and one.calls >= 3 and two.calls >= 3:
+                        break
+            finally:
+                await remote.close()
+        assert ("scorer.test", TYPE_A) in dns.queries  # resolved by this server, not by some other path
         assert seen == {0.1, 0.2}
         assert one.calls >= 3 and two.calls >= 3
 
