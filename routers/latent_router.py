@@ -8,8 +8,9 @@
     decision:  argmax over available models of μ̃ − λ·cost_normalised
 
 Every per-model computation is shared across models and unavailable models are masked as
-attention keys, so the scores of the models that remain do not change when a model is
-removed from the pool (no retraining). :class:`LatentRouterModel` is a plain ``nn.Module``
+attention keys, so a model can leave the pool without retraining. The models attend to each
+other, so the scores of those that remain shift a little when one is masked: score with the
+mask of the pool actually available. :class:`LatentRouterModel` is a plain ``nn.Module``
 built from a :class:`LatentRouterConfig`.
 """
 
