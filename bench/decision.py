@@ -303,8 +303,8 @@ def main(argv: Sequence[str] | None = None) -> int:
 
         async def run() -> dict[str, list[dict[str, Any]]]:
             rows: dict[str, list[dict[str, Any]]] = {mode: [] for mode in modes}
-            for call in scorers.values():  # warm up both
-                await asyncio.gather(*(call(c, time.monotonic() + 30) for c in chats[:32]))
+            for call in scorers.values():  # warm up both (a fallback here is no failure)
+                await asyncio.gather(*(call(c, time.monotonic() + 30) for c in chats[:32]), return_exceptions=True)
             saturated: set[str] = set()
             for k, rate in enumerate(rates):
                 order = list(modes) if k % 2 == 0 else list(reversed(modes))

@@ -15,6 +15,7 @@ import torch
 
 from extproc import BatchConfig, CheckpointError, ScorerError, describe_scorer, load_scorer
 from routers.probe_scorer import ProbeScorer
+from routers.serving.forward_cost import ForwardCost
 from tests.routers.serving.support import CONVERSATIONS, far, probe_checkpoints, probe_spec, request
 from tests.routers.test_probe_support import tiny_text_model
 
@@ -29,9 +30,15 @@ def folders(model_dir, tmp_path_factory):
     return probe_checkpoints(model_dir, tmp_path_factory.mktemp("probes"))
 
 
-def test_64_concurrent_requests_each_get_their_own_score_equal_to_scoring_alone(folders):
+@pytest.mark.parametrize("cost", [None, ForwardCost(fixed=1.0, per_token=0.0), ForwardCost(fixed=0.0, per_token=1.0)],
+                         ids=["measured", "one-forward-a-batch", "no-fixed-cost"])
+def test_64_concurrent_requests_each_get_their_own_score_equal_to_scoring_alone(folders, cost):
+    # whatever the cut of a batch into forwards (one padded forward of unsorted requests
+    # once gave each request another's scores), each request gets its own
     async def main():
         batched = await asyncio.to_thread(load_scorer, probe_spec(folders))
+        if cost is not None:
+            batched.group.cost = cost
         alone = await asyncio.to_thread(load_scorer, probe_spec(folders, "alone", batch=BatchConfig(max_size=1, max_wait_ms=0)))
         try:
             together = await asyncio.gather(*(batched.score(request(m), deadline=far()) for m in CONVERSATIONS))
@@ -81,15 +88,25 @@ def test_the_forward_runs_off_the_event_loop_once_per_batch(folders):
     assert all(s.batch_size == 8 for s in scores)
 
 
-def test_a_batch_runs_as_chunks_of_similar_length(folders):
+def test_a_batch_runs_as_the_forwards_its_measured_cost_predicts_cheapest(folders):
     from routers.serving.prefill import PrefillGroup
 
     scorer = load_scorer(probe_spec(folders))
     try:
         group: PrefillGroup = scorer.group
+        assert group.cost.fixed > 0 and group.cost.per_token > 0  # measured at load
         convs = [[{"role": "user", "content": " ".join(["word"] * n)}] for n in (5, 40, 5, 41, 5, 200)]
         batch = group.backbone.encode(convs)
-        assert group._chunks(batch) == [[0, 2, 4], [1, 3], [5]]  # CPU: at most 25% padding a chunk
+        group.cost = ForwardCost(fixed=0.0, per_token=1.0)  # padding is all that costs
+        assert group._chunks(batch) == [[0, 2, 4], [1], [3], [5]]
+        group.cost = ForwardCost(fixed=1.0, per_token=0.0)  # a forward is what costs
+        assert group._chunks(batch) == [[0, 2, 4, 1, 3, 5]]
+        lengths = batch["attention_mask"].sum(dim=1).tolist()
+        assert lengths[0] == lengths[2] == lengths[4] < lengths[1] < lengths[3] < lengths[5]  # e.g. 23, 163, 167, 512
+        group.cost = ForwardCost(fixed=10.0, per_token=1.0)  # 4 tokens of padding beat a forward
+        assert group._chunks(batch) == [[0, 2, 4], [1, 3], [5]]
+        group.cost = ForwardCost(fixed=500.0, per_token=1.0)  # ~430 tokens of padding beat one
+        assert group._chunks(batch) == [[0, 2, 4, 1, 3], [5]]
         assert group._chunks(group.backbone.encode(convs[:1])) == [[0]]
     finally:
         asyncio.run(scorer.close())
