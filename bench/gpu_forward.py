@@ -89,7 +89,7 @@ def main() -> int:
             with torch.inference_mode():
                 raw = timed(lambda: model(input_ids=ids), sync)
                 run = timed(lambda: backbone.run(chats, [layer], last_only=[layer]), sync)
-            scorer = ProbeScorer(backbone, probes, batch_size=64, max_padding=0.5)
+            scorer = ProbeScorer(backbone, probes, batch_size=64)
             probe_ms = timed(lambda: scorer.score(chats), sync)
             tokens = batch * (length + 4)
             row = {"length": length, "batch": batch, "raw_ms": raw, "backbone_run_ms": run, "probe_scorer_ms": probe_ms,

@@ -39,7 +39,7 @@ def main() -> int:
     group = PrefillGroup(backbone, BackboneKey.of(backbone.source, device, None), BatchConfig(1, 0.0), ImageLimits(), "p")
     member = ProbeMember(probes)
     group.join(member)
-    scorer = ProbeScorer(backbone, probes, batch_size=64, max_padding=0.5)
+    scorer = ProbeScorer(backbone, probes, batch_size=64)
     rng = random.Random(0)
     chats = [[{"role": "user", "content": " ".join(f"w{rng.randrange(VOCAB_WORDS)}" for _ in range(128))}]
              for _ in range(12)]

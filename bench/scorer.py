@@ -169,7 +169,6 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--batch-size", type=int, default=16, help="Max requests per forward (default 16).")
     parser.add_argument("--max-batch-tokens", type=int, default=8192, help="Max padded tokens per forward (default 8192).")
     parser.add_argument("--threads", type=int, help="torch CPU threads (default: torch's choice).")
-    parser.add_argument("--max-padding", type=float, help="Max share of padding per forward (default: 0 on CPU, 0.2 on GPU).")
     parser.add_argument("--repeats", type=int, default=2, help="Alternating passes per side; the fastest counts (default 2).")
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--out", type=Path, default=Path(__file__).parent / "results" / "scorer.json")
@@ -212,7 +211,6 @@ def main(argv: list[str] | None = None) -> int:
         {"last_token": probe},
         batch_size=args.batch_size,
         max_batch_tokens=args.max_batch_tokens,
-        max_padding=args.max_padding,
     )
     runs: dict[str, list] = {"naive": [], "switchyard": []}
     for _ in range(args.repeats):  # alternate, so a noisy neighbour hurts both sides alike
@@ -234,7 +232,7 @@ def main(argv: list[str] | None = None) -> int:
         "prompt_tokens_total": sum(lengths),
         "batch_size": args.batch_size,
         "max_batch_tokens": args.max_batch_tokens,
-        "max_padding": scorer.max_padding,
+        "forward_cost": {"fixed_ms": round(scorer.cost.fixed * 1e3, 3), "per_token_us": round(scorer.cost.per_token * 1e6, 3)},
         "switchyard_forwards": forwards,
         "device": str(device),
         "device_name": torch.cuda.get_device_name(device) if gpu else platform.processor() or platform.machine(),

@@ -20,6 +20,7 @@ from __future__ import annotations
 import base64
 import binascii
 import copy
+import functools
 import hashlib
 import inspect
 import io
@@ -34,6 +35,7 @@ import torch
 from torch import nn
 
 from extproc import CheckpointError, ScorerError, message_text
+from routers.forward_cost import ForwardCost, measure_backbone
 from routers.truncation import DEFAULT_HEAD_TOKENS, DEFAULT_MAX_TOKENS, Truncation, position_limit
 
 __all__ = [
@@ -385,6 +387,11 @@ class TruncatedBackbone:
         return digest.hexdigest()[:32]
 
     # ---- inputs -------------------------------------------------------------------------
+
+    @functools.cached_property
+    def forward_cost(self) -> ForwardCost:
+        """How long a forward takes here, measured on first use (:mod:`routers.forward_cost`)."""
+        return measure_backbone(self)
 
     @property
     def pad_multiple(self) -> int:

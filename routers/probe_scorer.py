@@ -1,9 +1,9 @@
 """Batched scoring with several probes that share one truncated prefill.
 
-:class:`ProbeScorer` sorts a batch of requests by token length, cuts it into chunks of similar
-length (bounded in requests and padded tokens), pads each chunk once, runs the
-backbone once up to the deepest probe layer, and applies every probe to the states it
-reads (ReLope re-runs only its own layer). Scores are P(small model answers correctly).
+:class:`ProbeScorer` sorts a batch of requests by token length, cuts it into the forwards with
+the least predicted time (bounded in requests and padded tokens; :mod:`routers.forward_cost`),
+pads each chunk once, runs the backbone once up to the deepest probe layer, and applies every
+probe to the states it reads (ReLope re-runs only its own layer). Scores are P(small model answers correctly).
 A NaN or infinite score raises :class:`ScorerError`, so the policy takes its fallback.
 """
 
@@ -16,6 +16,7 @@ from typing import Any
 import torch
 
 from extproc import CheckpointError, ScorerError
+from routers.forward_cost import ForwardCost, plan_chunks
 
 __all__ = ["ProbeScorer"]
 
@@ -29,13 +30,12 @@ class ProbeScorer:
         probes: Mapping[str, Any],
         batch_size: int = 16,
         max_batch_tokens: int = 8192,
-        max_padding: float | None = None,
+        cost: ForwardCost | None = None,
     ) -> None:
         """``batch_size`` caps requests per forward; ``max_batch_tokens`` caps padded tokens
-        (requests x longest prompt), so long prompts go in smaller batches; ``max_padding``
-        caps the share of padding tokens in a batch. Not set, it is 0.2 on a GPU and 0 on a
-        CPU, where batching gains nothing and padding is pure waste (so only prompts of equal
-        length share a forward)."""
+        (requests x longest prompt), so long prompts go in smaller batches. Within those, a
+        batch is cut by ``cost``, the predicted time of a forward; not given, the backbone's
+        own, measured on first use (``TruncatedBackbone.forward_cost``)."""
         if not probes:
             raise ValueError("`probes` must name at least one probe.")
         for name, value in (("batch_size", batch_size), ("max_batch_tokens", max_batch_tokens)):
@@ -43,13 +43,9 @@ class ProbeScorer:
                 raise ValueError(f"`{name}` must be a positive integer, got {value!r}.")
         self.backbone = backbone
         self.probes = {name: probe.eval() for name, probe in probes.items()}
-        if max_padding is None:
-            max_padding = 0.0 if backbone.device.type == "cpu" else 0.2
-        if not 0.0 <= max_padding < 1.0:
-            raise ValueError(f"`max_padding` must be in [0, 1), got {max_padding!r}.")
         self.batch_size = batch_size
         self.max_batch_tokens = max_batch_tokens
-        self.max_padding = max_padding
+        self._cost = cost
         self.layers = sorted({probe.layer for probe in self.probes.values()})
         # no probe needs the full output of its layer (the last-token probe reads its last
         # token; ReLope and the Attention Probe read its input), so the backbone may cut the
@@ -64,7 +60,7 @@ class ProbeScorer:
         backbone: Any = None,
         batch_size: int = 16,
         max_batch_tokens: int = 8192,
-        max_padding: float | None = None,
+        cost: ForwardCost | None = None,
         **runtime: Any,
     ) -> ProbeScorer:
         """Load probe checkpoints by name; the backbone is loaded once from their config
@@ -76,9 +72,11 @@ class ProbeScorer:
         if backbone is None:
             backbone = load_backbone([read_checkpoint(f) for f in checkpoints.values()], **runtime)
         probes = {name: load_probe(folder, backbone)[0] for name, folder in checkpoints.items()}
-        return cls(
-            backbone, probes, batch_size=batch_size, max_batch_tokens=max_batch_tokens, max_padding=max_padding
-        )
+        return cls(backbone, probes, batch_size=batch_size, max_batch_tokens=max_batch_tokens, cost=cost)
+
+    @property
+    def cost(self) -> ForwardCost:
+        return self._cost if self._cost is not None else self.backbone.forward_cost
 
     def score(self, conversations: Sequence[Sequence[Mapping[str, Any]]]) -> dict[str, list[float]]:
         """P(small model correct) per probe name, one float per conversation, input order."""
@@ -102,21 +100,12 @@ class ProbeScorer:
         return out
 
     def chunks(self, conversations: Sequence[Sequence[Mapping[str, Any]]]) -> list[list[int]]:
-        """Indices grouped into forwards: sorted by token length, cut before a request would
-        pass ``batch_size``, ``max_batch_tokens`` or ``max_padding``."""
-        lengths = self.backbone.token_lengths(conversations)
-        chunks: list[list[int]] = []
-        current: list[int] = []
-        real = 0
-        for i in sorted(range(len(conversations)), key=lengths.__getitem__):
-            padded = (len(current) + 1) * lengths[i]  # sorted: request i is the longest so far
-            if current and (
-                len(current) >= self.batch_size
-                or padded > self.max_batch_tokens
-                or padded - real - lengths[i] > self.max_padding * padded
-            ):
-                chunks.append(current)
-                current, real = [], 0
-            current.append(i)
-            real += lengths[i]
-        return chunks + [current] if current else chunks
+        """Indices grouped into the forwards with the least predicted time (:attr:`cost`),
+        each of prompts adjacent in length, within ``batch_size`` and ``max_batch_tokens``."""
+        return plan_chunks(
+            self.backbone.token_lengths(conversations),
+            self.cost,
+            pad_multiple=self.backbone.pad_multiple,
+            max_rows=self.batch_size,
+            max_tokens=self.max_batch_tokens,
+        )

@@ -15,8 +15,8 @@ What is shared, and when:
   (also when both ask at once). Members with different ``batch``/``images`` settings, or
   checkpoints saved with different ``max_tokens``, get their own group (their own prefill).
 - **The forwards.** A batch is sorted by length and cut into the forwards with the least
-  predicted time (:mod:`routers.serving.forward_cost`), from the backbone's forward cost
-  measured when its group is created.
+  predicted time (:mod:`routers.forward_cost`), from the backbone's forward cost measured
+  when it is first grouped.
 - A failure of one request (a bad image, a chat template error, a NaN) fails that request
   only; a failure of the forward itself fails its batch.
 """
@@ -25,7 +25,6 @@ from __future__ import annotations
 
 import asyncio
 import itertools
-import logging
 import threading
 import time
 import weakref
@@ -35,7 +34,7 @@ from typing import Any
 
 from extproc import BatchConfig, ImageLimits, RoutingRequest, ScorerError
 from routers.serving.batcher import MicroBatcher
-from routers.serving.forward_cost import MEASURED_WIDTHS, ForwardCost, measure, plan_chunks
+from routers.forward_cost import plan_chunks
 from routers.serving.images import has_images, with_loaded_images
 
 __all__ = ["BATCH_SIZE", "BackboneKey", "PrefillGroup", "ProbeMember", "PooledMember", "acquire_group", "release_group"]
@@ -44,8 +43,6 @@ __all__ = ["BATCH_SIZE", "BackboneKey", "PrefillGroup", "ProbeMember", "PooledMe
 BATCH_SIZE = "__batch_size__"
 
 _ids = itertools.count(1)
-
-log = logging.getLogger(__name__)
 
 
 @dataclass(frozen=True)
@@ -127,7 +124,7 @@ class PrefillGroup:
         self.name = name
         self._members: dict[str, Any] = {}
         self._lock = threading.Lock()
-        self.cost = _measured_cost(backbone, name)
+        self.cost = backbone.forward_cost  # measured once per loaded backbone
         self.batcher = MicroBatcher(self._forward, batch, name=name)
 
     @property
@@ -218,7 +215,7 @@ class PrefillGroup:
 
     def _chunks(self, batch: Mapping[str, Any]) -> list[list[int]]:
         """Rows of ``batch`` grouped into the forwards with the least predicted time
-        (:func:`~routers.serving.forward_cost.plan_chunks` with :attr:`cost`). Batches with
+        (:func:`~routers.forward_cost.plan_chunks` with :attr:`cost`). Batches with
         images run as one forward."""
         mask = batch["attention_mask"]
         n = int(mask.shape[0])
@@ -229,35 +226,6 @@ class PrefillGroup:
 
 #: Encoded inputs that can be cut into row chunks (text only; images are not sliced).
 _SLICEABLE = frozenset({"input_ids", "attention_mask", "token_type_ids", "position_ids"})
-#: The cost assumed when measuring fails: one forward per batch.
-UNMEASURED_COST = ForwardCost(fixed=1.0, per_token=0.0)
-
-
-def _measured_cost(backbone: Any, name: str) -> ForwardCost:
-    """Time forwards of a repeated one-token word at a few shapes (:func:`measure`)."""
-    import torch
-
-    layer = int(backbone.config.layer)
-    try:
-        words = " ".join(["hello"] * 2 * max(MEASURED_WIDTHS))  # cut to max_tokens by encode
-        encoded = backbone.encode([[{"role": "user", "content": words}]])
-        width = int(encoded["input_ids"].shape[1])
-
-        def forward(rows: int, columns: int) -> None:
-            part = {key: value[:, :columns].expand(rows, -1).contiguous() for key, value in encoded.items()}
-            with torch.inference_mode():
-                backbone.states(part, [layer], last_only=[layer])
-            if backbone.device.type == "cuda":
-                torch.cuda.synchronize(backbone.device)
-
-        cost = measure(forward, max_width=width, pad_multiple=backbone.pad_multiple)
-    except Exception as exc:  # noqa: BLE001 - a model library's error; planning falls back
-        log.warning("backbone forward cost not measured; one forward per batch",
-                    extra={"scorer": name, "error": f"{type(exc).__name__}: {exc}"})
-        return UNMEASURED_COST
-    log.info("backbone forward cost measured", extra={
-        "scorer": name, "fixed_ms": round(cost.fixed * 1e3, 3), "per_token_us": round(cost.per_token * 1e6, 3)})
-    return cost
 
 
 def _rows(batch: Mapping[str, Any], rows: list[int]) -> dict[str, Any]:

@@ -12,9 +12,13 @@ from extproc import CheckpointError, ScorerError
 from routers.backbone import BackboneConfig, TruncatedBackbone
 from routers.mlp import MLPConfig
 from routers.checkpoints import load_probe, read_checkpoint, save_probe, store_threshold
+from routers.forward_cost import ForwardCost
 from routers.probe_scorer import ProbeScorer
 from routers.probes import AttentionProbeConfig, LastTokenProbeConfig, ReLopeConfig, build_probe
 from tests.routers.test_probe_support import labelled, tiny_text_model, trigger_set
+
+#: A forward is all that costs: a batch runs as one padded forward (within its bounds).
+ONE_FORWARD = ForwardCost(fixed=1.0, per_token=0.0)
 
 
 @pytest.fixture(scope="module")
@@ -54,7 +58,7 @@ def test_save_load_gives_identical_scores(backbone, text_dir, tmp_path):
     config = json.loads((folders["relope"] / "config.json").read_text())
     assert config["kind"] == "relope" and config["backbone"]["layer"] == 2 and config["probe"]["lora_rank"] == 4
     # a fresh process would load the backbone from the recorded path
-    after = ProbeScorer.from_checkpoints(folders, batch_size=5, max_padding=0.5).score(CONVERSATIONS)
+    after = ProbeScorer.from_checkpoints(folders, batch_size=5, cost=ONE_FORWARD).score(CONVERSATIONS)
     for name in probes:
         assert after[name] == pytest.approx(before[name], abs=1e-6)
         assert all(0.0 < p < 1.0 for p in after[name])
@@ -101,7 +105,7 @@ def test_probes_share_one_prefill(backbone):
     calls = []
     handle = backbone.model.embed_tokens.register_forward_hook(lambda *a: calls.append(1))
     try:
-        ProbeScorer(backbone, probes, batch_size=32, max_padding=0.95).score(CONVERSATIONS)
+        ProbeScorer(backbone, probes, batch_size=32, cost=ONE_FORWARD).score(CONVERSATIONS)
     finally:
         handle.remove()
     assert len(calls) == 1  # one truncated prefill for three probes on layers 2 and 3
@@ -115,13 +119,16 @@ def test_non_finite_score_is_scorer_error(backbone):
         ProbeScorer(backbone, {"p": probe}).score(CONVERSATIONS[:2])
 
 
-def test_chunks_bound_requests_tokens_and_padding(backbone):
+def test_chunks_follow_the_forward_cost_within_the_request_and_token_bounds(backbone):
     probe = {"p": _probes(backbone)["last"]}
     convs = [[{"role": "user", "content": " ".join(["word"] * n)}] for n in (5, 5, 5, 40, 41, 200)]
     lengths = backbone.token_lengths(convs)
-    assert ProbeScorer(backbone, probe).max_padding == 0.0  # CPU default
-    assert ProbeScorer(backbone, probe, max_padding=0.0).chunks(convs) == [[0, 1, 2], [3], [4], [5]]
-    assert ProbeScorer(backbone, probe, max_padding=0.1).chunks(convs) == [[0, 1, 2], [3, 4], [5]]
-    assert ProbeScorer(backbone, probe, batch_size=2, max_padding=0.1).chunks(convs) == [[0, 1], [2], [3, 4], [5]]
-    tight = ProbeScorer(backbone, probe, max_batch_tokens=2 * lengths[3], max_padding=0.9).chunks(convs)
+    assert ProbeScorer(backbone, probe).cost == backbone.forward_cost  # measured, once per backbone
+    assert backbone.forward_cost.per_token > 0
+    padding_costs = ForwardCost(fixed=0.0, per_token=1.0)
+    assert ProbeScorer(backbone, probe, cost=padding_costs).chunks(convs) == [[0, 1, 2], [3], [4], [5]]
+    assert ProbeScorer(backbone, probe, cost=ONE_FORWARD).chunks(convs) == [[0, 1, 2, 3, 4, 5]]
+    assert ProbeScorer(backbone, probe, batch_size=4, cost=ONE_FORWARD).chunks(convs) == [[0, 1], [2, 3, 4, 5]]
+    tight = ProbeScorer(backbone, probe, max_batch_tokens=2 * lengths[3], cost=ONE_FORWARD).chunks(convs)
     assert all(len(c) * max(lengths[i] for i in c) <= 2 * lengths[3] or len(c) == 1 for c in tight)
+    assert sorted(i for c in tight for i in c) == list(range(6))

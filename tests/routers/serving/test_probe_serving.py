@@ -15,7 +15,7 @@ import torch
 
 from extproc import BatchConfig, CheckpointError, ScorerError, describe_scorer, load_scorer
 from routers.probe_scorer import ProbeScorer
-from routers.serving.forward_cost import ForwardCost
+from routers.forward_cost import ForwardCost
 from tests.routers.serving.support import CONVERSATIONS, far, probe_checkpoints, probe_spec, request
 from tests.routers.test_probe_support import tiny_text_model
 

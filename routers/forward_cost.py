@@ -1,18 +1,21 @@
 """How long one backbone forward takes, measured at load, and the cheapest way to cut a batch.
 
-A forward of ``rows`` prompts right-padded to ``width`` tokens costs about::
+A forward of a backbone on ``rows`` prompts right-padded to ``width`` tokens costs about::
 
     seconds = fixed + per_token * rows * width
 
 ``fixed`` is what every forward pays whatever its size (reading every weight from memory on
 a CPU, launching every kernel on a GPU: milliseconds); ``per_token`` is the work per padded
-token. Both are measured when a backbone's prefill group is created (:func:`measure`), on
-the device and threads it will serve on; timing the forward shapes also warms them.
+token. Both are measured once per loaded backbone, on the device and threads it runs on
+(:func:`measure_backbone`, read through ``TruncatedBackbone.forward_cost``); timing the
+forward shapes also warms them.
 
 :func:`plan_chunks` then cuts a batch, sorted by length, into the forwards with the least
-predicted time: many short prompts beside a long one share its forward when the fixed cost
+predicted time: short prompts beside a long one share its forward when the fixed cost
 outweighs their padding, and run apart when it does not. The exact best cut of a sorted
 batch is found by dynamic programming over where chunks start (O(n²) for n requests).
+Serving (:mod:`routers.serving.prefill`) and offline scoring (:class:`routers.ProbeScorer`)
+both cut batches this way.
 """
 
 from __future__ import annotations
@@ -24,7 +27,7 @@ from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from typing import Any
 
-__all__ = ["ForwardCost", "measure", "plan_chunks"]
+__all__ = ["ForwardCost", "UNMEASURED_COST", "measure", "measure_backbone", "plan_chunks"]
 
 log = logging.getLogger(__name__)
 
@@ -88,11 +91,17 @@ def measure(
 
 
 def plan_chunks(
-    lengths: Sequence[int], cost: ForwardCost, *, pad_multiple: int = 1, max_rows: int | None = None
+    lengths: Sequence[int],
+    cost: ForwardCost,
+    *,
+    pad_multiple: int = 1,
+    max_rows: int | None = None,
+    max_tokens: int | None = None,
 ) -> list[list[int]]:
     """Indices of ``lengths`` (prompt lengths in tokens) grouped into forwards with the least
     total predicted time: each chunk holds prompts adjacent in length order (shortest first)
-    and is padded to its longest, rounded up to ``pad_multiple``; at most ``max_rows`` each."""
+    and is padded to its longest, rounded up to ``pad_multiple``; at most ``max_rows`` each,
+    and at most ``max_tokens`` padded tokens unless it is one prompt alone."""
     order = sorted(range(len(lengths)), key=lengths.__getitem__)
     widths = [_padded(lengths[i], pad_multiple) for i in order]
     n = len(order)
@@ -102,7 +111,10 @@ def plan_chunks(
         width = widths[j - 1]  # the longest of any chunk ending at j
         lowest = 1 if max_rows is None else max(1, j - max_rows + 1)
         for i in range(lowest, j + 1):
-            total = best[i - 1] + cost.seconds(j - i + 1, width)
+            rows = j - i + 1
+            if max_tokens is not None and rows > 1 and rows * width > max_tokens:
+                continue
+            total = best[i - 1] + cost.seconds(rows, width)
             if total < best[j]:
                 best[j], start[j] = total, i - 1
     chunks: list[list[int]] = []
@@ -111,6 +123,38 @@ def plan_chunks(
         chunks.append(order[start[j]:j])
         j = start[j]
     return chunks[::-1]
+
+
+#: The cost assumed when measuring fails: one forward per batch.
+UNMEASURED_COST = ForwardCost(fixed=1.0, per_token=0.0)
+
+
+def measure_backbone(backbone: Any) -> ForwardCost:
+    """:func:`measure` a :class:`routers.backbone.TruncatedBackbone` on a repeated one-token
+    word, up to the layer it keeps; :data:`UNMEASURED_COST` (logged) if it cannot run."""
+    import torch
+
+    layer = int(backbone.config.layer)
+    try:
+        words = " ".join(["hello"] * 2 * max(MEASURED_WIDTHS))  # cut to max_tokens by encode
+        encoded = backbone.encode([[{"role": "user", "content": words}]])
+
+        def forward(rows: int, width: int) -> None:
+            part = {key: value[:, :width].expand(rows, -1).contiguous() for key, value in encoded.items()}
+            with torch.inference_mode():
+                backbone.states(part, [layer], last_only=[layer])
+            if backbone.device.type == "cuda":
+                torch.cuda.synchronize(backbone.device)
+
+        cost = measure(forward, max_width=int(encoded["input_ids"].shape[1]), pad_multiple=backbone.pad_multiple)
+    except Exception as exc:  # noqa: BLE001 - a model library's error; planning falls back
+        log.warning("backbone forward cost not measured; one forward per batch",
+                    extra={"backbone": backbone.source, "error": f"{type(exc).__name__}: {exc}"})
+        return UNMEASURED_COST
+    log.info("backbone forward cost measured", extra={
+        "backbone": backbone.source, "device": str(backbone.device),
+        "fixed_ms": round(cost.fixed * 1e3, 3), "per_token_us": round(cost.per_token * 1e6, 3)})
+    return cost
 
 
 def _padded(length: int, multiple: int) -> int:

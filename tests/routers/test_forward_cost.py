@@ -7,7 +7,7 @@ import random
 
 import pytest
 
-from routers.serving.forward_cost import MEASURED_ROWS, TIMINGS, ForwardCost, measure, plan_chunks
+from routers.forward_cost import MEASURED_ROWS, TIMINGS, ForwardCost, measure, plan_chunks
 
 
 def _partitions(n: int):
@@ -37,14 +37,21 @@ def test_the_plan_is_the_cheapest_cut_of_the_sorted_batch():
         cost = ForwardCost(fixed=rng.choice([0.0, 0.5, 5.0, 50.0, 500.0]), per_token=rng.choice([0.0, 0.1, 1.0]))
         multiple = rng.choice([1, 1, 64])
         max_rows = rng.choice([None, None, 2, 3])
-        plan = plan_chunks(lengths, cost, pad_multiple=multiple, max_rows=max_rows)
+        max_tokens = rng.choice([None, None, 300, 700])
+
+        def fits(run) -> bool:
+            width = _padded(max(lengths[i] for i in run), multiple)
+            return (max_rows is None or len(run) <= max_rows) and (
+                max_tokens is None or len(run) == 1 or len(run) * width <= max_tokens)
+
+        plan = plan_chunks(lengths, cost, pad_multiple=multiple, max_rows=max_rows, max_tokens=max_tokens)
         assert sorted(i for c in plan for i in c) == list(range(n))  # every request once
-        assert all(max_rows is None or len(c) <= max_rows for c in plan)
+        assert all(fits(c) for c in plan)
         order = sorted(range(n), key=lengths.__getitem__)
         best = min(
             _plan_seconds([[order[i] for i in run] for run in runs], lengths, cost, multiple)
             for runs in _partitions(n)
-            if max_rows is None or all(len(run) <= max_rows for run in runs)
+            if all(fits([order[i] for i in run]) for run in runs)
         )
         assert _plan_seconds(plan, lengths, cost, multiple) == pytest.approx(best)
 
