@@ -66,10 +66,13 @@ def main() -> int:
     out["raw_model"] = timed("raw model forward (132 tokens)", raw)
     out["encode"] = timed("backbone.encode", lambda chat: backbone.encode([chat]))
     out["probe_scorer"] = timed("ProbeScorer.score", lambda chat: scorer.score([chat]))
-    out["serving_forward_main_thread"] = timed("PrefillGroup._forward (main thread)", lambda chat: group._forward([chat]))
+    def serving_forward(chat):  # PrefillGroup._forward yields its rows forward by forward
+        return list(group._forward([chat]))
+
+    out["serving_forward_main_thread"] = timed("PrefillGroup._forward (main thread)", serving_forward)
 
     def in_thread(chat):
-        t = threading.Thread(target=group._forward, args=([chat],))
+        t = threading.Thread(target=serving_forward, args=(chat,))
         t.start()
         t.join()
 
@@ -79,14 +82,14 @@ def main() -> int:
     worker = ThreadPoolExecutor(max_workers=1)
 
     def timed_in_worker(chat):  # the time as the worker thread sees it, like the batcher's stats
-        return worker.submit(lambda: group._forward([chat])).result()
+        return worker.submit(serving_forward, chat).result()
 
     out["serving_forward_persistent_thread"] = timed("PrefillGroup._forward (one long-lived thread)", timed_in_worker)
 
     def inside(chat):
         def run():
             started = time.perf_counter()
-            group._forward([chat])
+            serving_forward(chat)
             sync()
             return (time.perf_counter() - started) * 1000
         return worker.submit(run).result()
@@ -116,11 +119,11 @@ def main() -> int:
     print(f"{'through the MicroBatcher (50 ms apart)':40s} median {out['through_batcher_ms']:7.2f} ms, "
           f"forward {out['batcher_mean_forward_ms']} ms", flush=True)
     torch.set_num_threads(1)
-    out["serving_forward_1_thread"] = timed("PrefillGroup._forward (torch 1 thread)", lambda chat: group._forward([chat]))
+    out["serving_forward_1_thread"] = timed("PrefillGroup._forward (torch 1 thread)", serving_forward)
     profile = cProfile.Profile()
     profile.enable()
     for chat in chats:
-        group._forward([chat])
+        serving_forward(chat)
     sync()
     profile.disable()
     text = io.StringIO()

@@ -16,6 +16,9 @@
 - ``forward`` returns one result per item, in order; an item's result may be an exception
   (e.g. that request's score was NaN), which fails only that item. A ``forward`` that
   raises, or returns the wrong number of results, fails every item of its batch.
+- A ``forward`` that runs a batch as several passes may instead be a generator yielding
+  ``(indices, results)`` as each pass finishes: those requests are answered at once, not
+  when the whole batch is done. Items it raises before answering, or never answers, fail.
 - An entry whose deadline passed before its forward starts is dropped: its future gets a
   :class:`ScorerError` and the forward never sees it.
 - Backpressure: at most ``max_queue`` entries wait; one more fails at once with
@@ -32,7 +35,7 @@ import math
 import queue
 import threading
 import time
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass, field
 from typing import Any, Generic, TypeVar
 
@@ -45,8 +48,9 @@ log = logging.getLogger(__name__)
 T = TypeVar("T")
 R = TypeVar("R")
 
-#: What a forward returns: one result, or one exception, per item.
-Forward = Callable[[list[Any]], Sequence[Any]]
+#: What a forward returns: one result, or one exception, per item; or, as a generator,
+#: ``(indices, results)`` parts as they finish.
+Forward = Callable[[list[Any]], Sequence[Any] | Iterator[tuple[Sequence[int], Sequence[Any]]]]
 
 
 @dataclass
@@ -228,12 +232,8 @@ class MicroBatcher(Generic[T, R]):
         self.stats.sizes[len(batch)] += 1
         self._jobs.put((self._loop, batch))
 
-    def _finish(self, batch: list[_Entry], results: Sequence[Any] | BaseException, took: float = 0.0) -> None:
-        self._busy = False
-        self.stats.forward_seconds += took
-        if self._wake is not None:
-            self._wake.set()
-        for i, entry in enumerate(batch):
+    def _answer(self, entries: list[_Entry], results: Sequence[Any] | BaseException) -> None:
+        for i, entry in enumerate(entries):
             if entry.future.done():
                 continue
             result = results if isinstance(results, BaseException) else results[i]
@@ -241,6 +241,12 @@ class MicroBatcher(Generic[T, R]):
                 entry.future.set_exception(result)
             else:
                 entry.future.set_result(result)
+
+    def _finish(self, took: float) -> None:
+        self._busy = False
+        self.stats.forward_seconds += took
+        if self._wake is not None:
+            self._wake.set()
 
     def _fail_pending(self, error: ScorerError) -> None:
         for entry in self._pending:
@@ -279,28 +285,48 @@ class MicroBatcher(Generic[T, R]):
                 return
             loop, batch = job
             started = time.perf_counter()
-            results = self._run_forward([entry.item for entry in batch])
-            took = time.perf_counter() - started
             try:
-                loop.call_soon_threadsafe(self._finish, batch, results, took)
+                for indices, results in self._parts([entry.item for entry in batch]):
+                    loop.call_soon_threadsafe(self._answer, [batch[i] for i in indices], results)
+                loop.call_soon_threadsafe(self._finish, time.perf_counter() - started)
             except RuntimeError:  # the loop was closed while the forward ran
                 pass
 
-    def _run_forward(self, items: list[Any]) -> Sequence[Any] | BaseException:
+    def _parts(self, items: list[Any]) -> Iterator[tuple[list[int], Sequence[Any] | BaseException]]:
+        """``(indices, results)`` as the forward answers them, each index exactly once;
+        results are values or :class:`ScorerError`, or one ScorerError for all."""
+        n = len(items)
+        answered: set[int] = set()
+        error: ScorerError | None = None
         try:
-            results = list(self._forward(items))
+            out = self._forward(items)
+            if isinstance(out, Iterator):
+                for indices, results in out:
+                    indices, results = list(indices), list(results)
+                    if len(indices) != len(results) or not answered.isdisjoint(indices) or not set(indices) <= set(range(n)):
+                        raise ValueError(f"a part answered {indices!r} with {len(results)} results")
+                    answered.update(indices)
+                    yield indices, [self._wrapped(r) for r in results]
+            else:
+                results = list(out)
+                if len(results) != n:
+                    error = ScorerError(f"{self.name}: returned {len(results)} results for {n} requests.")
+                else:
+                    answered.update(range(n))
+                    yield list(range(n)), [self._wrapped(r) for r in results]
         except ScorerError as exc:
-            return exc
+            error = exc
         except Exception as exc:  # noqa: BLE001 - a model library's error, wrapped for the policy
             log.warning("scorer forward failed", extra={"scorer": self.name, "error": f"{type(exc).__name__}: {exc}"})
-            return ScorerError(f"{self.name}: forward failed: {type(exc).__name__}: {exc}")
-        if len(results) != len(items):
-            return ScorerError(f"{self.name}: returned {len(results)} results for {len(items)} requests.")
-        return [
-            r if not isinstance(r, BaseException) or isinstance(r, ScorerError)
-            else ScorerError(f"{self.name}: failed on a request: {type(r).__name__}: {r}")
-            for r in results
-        ]
+            error = ScorerError(f"{self.name}: forward failed: {type(exc).__name__}: {exc}")
+        missing = [i for i in range(n) if i not in answered]
+        if missing:
+            yield missing, error or ScorerError(f"{self.name}: the forward gave no result for this request.")
+
+    def _wrapped(self, result: Any) -> Any:
+        if isinstance(result, BaseException) and not isinstance(result, ScorerError):
+            return ScorerError(f"{self.name}: failed on a request: {type(result).__name__}: {result}")
+        return result
 
 
 def _retrieve(future: asyncio.Future) -> None:

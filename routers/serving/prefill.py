@@ -28,7 +28,7 @@ import itertools
 import threading
 import time
 import weakref
-from collections.abc import Callable, Mapping, Sequence
+from collections.abc import Callable, Iterator, Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any
 
@@ -173,45 +173,43 @@ class PrefillGroup:
 
     # ---- worker thread ------------------------------------------------------------------
 
-    def _forward(self, items: list[list[Mapping[str, Any]]]) -> list[Any]:
+    def _forward(self, items: list[list[Mapping[str, Any]]]) -> Iterator[tuple[list[int], list[Any]]]:
+        """Each request's prefill row, yielded forward by forward (shortest prompts first),
+        so a request is answered as soon as its own forward is done."""
         import torch
 
         members = list(self._members.values())  # copy-on-write: a consistent snapshot
-        rows: list[Any] = [None] * len(items)
         good = list(range(len(items)))
         try:
             batch = self.backbone.encode(items)
         except ScorerError:  # find the request(s) that cannot be encoded; score the rest
-            good = []
+            good, failed = [], []
             for i, item in enumerate(items):
                 try:
                     self.backbone.encode([item])
                     good.append(i)
                 except ScorerError as exc:
-                    rows[i] = exc
+                    failed.append((i, exc))
+            yield [i for i, _ in failed], [exc for _, exc in failed]
             if not good:
-                return rows
+                return
             batch = self.backbone.encode([items[i] for i in good])
         layers = sorted(set().union(*(m.layers for m in members))) or [self.kept_layers]
         full = set().union(*(m.full_layers for m in members))
         last_only = [layer for layer in layers if layer not in full]
-        results: dict[str, list[Any]] = {m.key: [None] * len(good) for m in members}
         for chunk in self._chunks(batch):
-            part = _rows(batch, chunk)
+            requests = [good[j] for j in chunk]
             try:
                 with torch.inference_mode():
-                    out = self.backbone.states(part, layers, last_only=last_only)
-                    for m in members:
-                        for j, value in zip(chunk, m.compute(out, len(chunk))):
-                            results[m.key][j] = value
+                    out = self.backbone.states(_rows(batch, chunk), layers, last_only=last_only)
+                    values = {m.key: m.compute(out, len(chunk)) for m in members}
             except ScorerError as exc:  # this chunk's forward failed: its requests fail
-                for m in members:
-                    for j in chunk:
-                        results[m.key][j] = exc
-        for j, i in enumerate(good):
-            rows[i] = {key: values[j] for key, values in results.items()}
-            rows[i][BATCH_SIZE] = len(items)
-        return rows
+                yield requests, [exc] * len(chunk)
+                continue
+            rows = [{key: column[k] for key, column in values.items()} for k in range(len(chunk))]
+            for row in rows:
+                row[BATCH_SIZE] = len(items)
+            yield requests, rows
 
     def _chunks(self, batch: Mapping[str, Any]) -> list[list[int]]:
         """Rows of ``batch`` grouped into the forwards with the least predicted time

@@ -212,3 +212,52 @@ def test_a_new_event_loop_can_use_the_batcher_after_the_old_one_ended():
 def test_bad_batch_settings_name_the_field(config):
     with pytest.raises(ValueError, match="batch.max_"):
         MicroBatcher(lambda items: items, config, name="scorer 't'")
+
+
+def test_a_forward_in_parts_answers_each_part_as_it_finishes():
+    second_part = threading.Event()
+
+    def forward(items):  # two passes: the first half, then (once let through) the rest
+        half = len(items) // 2
+        yield range(half), [x * 10 for x in items[:half]]
+        second_part.wait(10)
+        yield range(half, len(items)), [x * 10 for x in items[half:]]
+
+    async def main():
+        batcher = MicroBatcher(forward, BatchConfig(max_size=4, max_wait_ms=50), name="scorer 't'")
+        try:
+            calls = [asyncio.ensure_future(batcher.run(i, far())) for i in range(4)]
+            first = await asyncio.wait_for(asyncio.gather(*calls[:2]), 5)  # answered while the rest still run
+            assert not any(call.done() for call in calls[2:])
+            second_part.set()
+            return first, await asyncio.gather(*calls[2:]), batcher.stats.batches
+        finally:
+            second_part.set()
+            await batcher.close()
+
+    first, rest, batches = asyncio.run(main())
+    assert first == [0, 10] and rest == [20, 30] and batches == 1
+
+
+def test_a_forward_in_parts_that_fails_midway_fails_only_the_unanswered():
+    def forward(items):
+        yield [0], ["a"]
+        raise RuntimeError("CUDA error: out of memory")
+
+    def forgetful(items):
+        yield [1], ["b"]  # never answers item 0
+
+    async def main():
+        out = {}
+        for name, fn in (("fails", forward), ("forgets", forgetful)):
+            batcher = MicroBatcher(fn, BatchConfig(max_size=3, max_wait_ms=50), name="scorer 't'")
+            out[name] = await asyncio.gather(*(batcher.run(x, far()) for x in range(3 if fn is forward else 2)),
+                                             return_exceptions=True)
+            await batcher.close()
+        return out
+
+    out = asyncio.run(main())
+    assert out["fails"][0] == "a"
+    assert all(isinstance(r, ScorerError) and "out of memory" in str(r) for r in out["fails"][1:])
+    assert isinstance(out["forgets"][0], ScorerError) and "no result" in str(out["forgets"][0])
+    assert out["forgets"][1] == "b"

@@ -105,6 +105,11 @@ def test_a_batch_runs_as_the_forwards_its_measured_cost_predicts_cheapest(folder
         assert lengths[0] == lengths[2] == lengths[4] < lengths[1] < lengths[3] < lengths[5]  # e.g. 23, 163, 167, 512
         group.cost = ForwardCost(fixed=10.0, per_token=1.0)  # 4 tokens of padding beat a forward
         assert group._chunks(batch) == [[0, 2, 4], [1, 3], [5]]
+        # the rows come out forward by forward, shortest first: a short prompt is not kept
+        # waiting for the long one's forward
+        parts = list(group._forward(convs))
+        assert [indices for indices, _ in parts] == [[0, 2, 4], [1, 3], [5]]
+        assert all(scorer.member.key in row for _, rows in parts for row in rows)
         group.cost = ForwardCost(fixed=500.0, per_token=1.0)  # ~430 tokens of padding beat one
         assert group._chunks(batch) == [[0, 2, 4, 1, 3], [5]]
         assert group._chunks(group.backbone.encode(convs[:1])) == [[0]]
