@@ -120,7 +120,7 @@ _scorer_common = {
         "Weights and activations dtype. Default: float32 on CPU, bfloat16 on CUDA.",
         _SPEC.dtype,
     ),
-    "batch": Key(
+    "batch": Key.section(
         Obj(
             title="batch",
             keys={
@@ -133,7 +133,6 @@ _scorer_common = {
             },
         ),
         "The micro-batcher: concurrent requests share one padded forward, run off the event loop.",
-        {"max_size": _BATCH.max_size, "max_wait_ms": _BATCH.max_wait_ms},
     ),
     "deadline_ms": Key(
         Num(minimum=1, maximum=60000),
@@ -141,7 +140,7 @@ _scorer_common = {
         "request takes `fallback`. Keep it below Envoy's ext_proc `message_timeout`.",
         _SPEC.deadline_ms,
     ),
-    "images": Key(
+    "images": Key.section(
         Obj(
             title="images",
             keys={
@@ -159,8 +158,6 @@ _scorer_common = {
             },
         ),
         "Limits on `image_url` parts the scorer reads. A refused or broken image makes the request take `fallback`.",
-        {"max_bytes": _IMAGES.max_bytes, "max_pixels": _IMAGES.max_pixels,
-         "allow_hosts": list(_IMAGES.allow_hosts), "fetch_timeout_ms": _IMAGES.fetch_timeout_ms},
     ),
     "remote": Key(
         Obj(
@@ -280,7 +277,7 @@ POLICY_SCHEMA = Obj(
         ),
         "signals": Key(MapOf(Tagged("kind", SIGNAL_KINDS)), "Named signals, evaluated lazily: only when a rule reaches them.", {}),
         "rules": Key(ListOf(RULE_SCHEMA), "Ordered rules; the first whose condition holds (and whose backend is eligible) wins.", []),
-        "models": Key(
+        "models": Key.section(
             Obj(
                 title="models",
                 keys={
@@ -298,9 +295,8 @@ POLICY_SCHEMA = Obj(
                 },
             ),
             "Which requested `model` names are routed.",
-            {"routed": ["auto"], "direct": True, "unknown": "route"},
         ),
-        "tenants": Key(
+        "tenants": Key.section(
             Obj(
                 title="tenants",
                 keys={
@@ -324,9 +320,8 @@ POLICY_SCHEMA = Obj(
                 },
             ),
             "Per-tenant backend restrictions. Rules routing to a backend the tenant may not reach are skipped.",
-            {"header": "x-tenant-id", "allow": {}, "otherwise": None},
         ),
-        "routing": Key(
+        "routing": Key.section(
             Obj(
                 title="routing",
                 keys={
@@ -344,7 +339,6 @@ POLICY_SCHEMA = Obj(
                 },
             ),
             "Which requests are routed and how.",
-            {"paths": ["/v1/chat/completions"], "max_body_bytes": 1048576, "rewrite_model": True},
         ),
     },
 )

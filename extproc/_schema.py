@@ -298,6 +298,11 @@ class Key:
     doc: str
     default: Any = REQUIRED
 
+    @classmethod
+    def section(cls, schema: Obj, doc: str) -> Key:
+        """An optional nested section: left out, it holds its own keys' defaults."""
+        return cls(schema, doc, schema.defaults())
+
 
 def _mapping_pairs(node: yaml.MappingNode, path: Path, v: Validation) -> list[tuple[str, yaml.Node, yaml.Node]]:
     pairs = []
@@ -320,6 +325,13 @@ class Obj(Schema):
     keys: dict[str, Key]
     doc: str = ""
     title: str = ""
+
+    def defaults(self) -> dict[str, Any]:
+        """Every key's default; a section with a required key has none."""
+        required = [key for key, spec in self.keys.items() if spec.default is REQUIRED]
+        if required:
+            raise ValueError(f"Section {self.title!r} has required keys ({', '.join(required)}): no defaults.")
+        return {key: spec.default for key, spec in self.keys.items()}
 
     def validate(self, node: yaml.Node, path: Path, v: Validation) -> Any:
         if not isinstance(node, yaml.MappingNode):
