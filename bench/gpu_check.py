@@ -205,8 +205,10 @@ def main(argv: list[str] | None = None) -> int:
         state["member"] = lambda: ProbeMember(probes)
         state["BatchConfig"] = BatchConfig
         params = sum(p.numel() for p in model.parameters())
+        cost = backbone.forward_cost  # what the prefill groups cut batches by (measured here, once)
         return {"parameters_b": round(params / 1e9, 2), "layers_kept": args.layer, "dtype": str(dtype),
-                "build_s": round(built_s, 1), "hidden": hidden}
+                "build_s": round(built_s, 1), "hidden": hidden,
+                "forward_cost": {"fixed_ms": round(cost.fixed * 1e3, 3), "per_token_us": round(cost.per_token * 1e6, 3)}}
 
     def scorer(batch: Any) -> Any:
         from extproc import ScorerSpec
