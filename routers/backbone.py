@@ -531,10 +531,13 @@ class TruncatedBackbone:
         layers: Sequence[int] | None = None,
         *,
         last_only: Sequence[int] = (),
+        input_only: Sequence[int] = (),
         grad_safe: bool = False,
     ) -> BackboneOutput:
         """:meth:`encode` then :meth:`states`."""
-        return self.states(self.encode(conversations), layers, last_only=last_only, grad_safe=grad_safe)
+        return self.states(
+            self.encode(conversations), layers, last_only=last_only, input_only=input_only, grad_safe=grad_safe
+        )
 
     def states(
         self,
@@ -542,15 +545,20 @@ class TruncatedBackbone:
         layers: Sequence[int] | None = None,
         *,
         last_only: Sequence[int] = (),
+        input_only: Sequence[int] = (),
         grad_safe: bool = False,
     ) -> BackboneOutput:
         """One truncated prefill of an encoded ``batch``, reading ``layers`` (default
         ``[config.layer]``).
 
         For a layer in ``last_only`` only each row's last token of the output is needed, so
-        when it is the deepest layer kept (no later layer reads its output) its feed-forward
+        when it is the deepest layer read (no later layer runs to read its output) its feed-forward
         block (``.mlp``, most of its cost) runs on that token alone and the output is right
         only there (``BackboneStates.last_only``). Other layers run in full.
+        For a layer in ``input_only`` only what enters it is needed (``prev`` and the call,
+        as the Attention Probe and ReLope read it): when it is the deepest layer read, the
+        forward stops before running it (``hidden`` is ``None``). The forward never runs
+        past the deepest layer read.
         Runs under ``torch.inference_mode()``; ``grad_safe=True`` uses ``no_grad`` instead so
         the states can feed a layer that trains (ReLope).
         """
@@ -566,20 +574,26 @@ class TruncatedBackbone:
             return (args[0][rows, last_index].unsqueeze(1), *args[1:])
 
         captured: dict[int, dict[str, Any]] = {layer: {} for layer in wanted}
+        deepest = wanted[-1]
+        stop_before_deepest = deepest in input_only
 
-        def pre_hook(slot: dict[str, Any]) -> Callable:
+        def pre_hook(slot: dict[str, Any], stop: bool) -> Callable:
             def hook(module: nn.Module, args: tuple, kwargs: dict) -> None:
                 if args:
                     slot["prev"], slot["args"] = args[0], args[1:]
                 else:
                     slot["prev"], slot["args"] = kwargs["hidden_states"], ()
                 slot["kwargs"] = {k: v for k, v in kwargs.items() if k != "hidden_states"}
+                if stop:
+                    raise _Captured
 
             return hook
 
-        def post_hook(slot: dict[str, Any]) -> Callable:
+        def post_hook(slot: dict[str, Any], stop: bool) -> Callable:
             def hook(module: nn.Module, args: tuple, kwargs: dict, output: Any) -> None:
                 slot["hidden"] = output[0] if isinstance(output, tuple) else output
+                if stop:
+                    raise _Captured
 
             return hook
 
@@ -592,17 +606,18 @@ class TruncatedBackbone:
         with self._lock:
             for layer, slot in captured.items():
                 module = self._layer_list[layer - 1]
-                handles.append(module.register_forward_pre_hook(pre_hook(slot), with_kwargs=True))
-                handles.append(module.register_forward_hook(post_hook(slot), with_kwargs=True))
+                last = layer == deepest
+                handles.append(module.register_forward_pre_hook(pre_hook(slot, last and stop_before_deepest), with_kwargs=True))
+                handles.append(module.register_forward_hook(post_hook(slot, last), with_kwargs=True))
                 mlp = getattr(module, "mlp", None)
-                slot["last_only"] = (
-                    layer in last_only and layer == len(self._layer_list) and isinstance(mlp, nn.Module)
-                )
+                slot["last_only"] = layer in last_only and last and isinstance(mlp, nn.Module)
                 if slot["last_only"]:
                     handles.append(mlp.register_forward_pre_hook(last_token_mlp))
             try:
                 with mode:
                     self.model(**inputs, **extra)
+            except _Captured:  # every state read is in hand: the rest of the model is not run
+                pass
             except (RuntimeError, ValueError, IndexError, TypeError) as exc:
                 raise ScorerError(f"The backbone forward of {self.source} failed: {exc}") from exc
             finally:
@@ -610,11 +625,15 @@ class TruncatedBackbone:
                     handle.remove()
         by_layer = {
             layer: BackboneStates(
-                slot["prev"], slot["hidden"], mask, tuple(slot["args"]), dict(slot["kwargs"]), slot["last_only"]
+                slot["prev"], slot.get("hidden"), mask, tuple(slot["args"]), dict(slot["kwargs"]), slot["last_only"]
             )
             for layer, slot in captured.items()
         }
         return BackboneOutput(mask=mask, by_layer=by_layer)
+
+
+class _Captured(Exception):
+    """Raised from a layer hook once every state a forward reads is captured, to stop it."""
 
 
 def _pad_columns(batch: Mapping[str, torch.Tensor], multiple: int, pad_id: int) -> Mapping[str, torch.Tensor]:

@@ -51,6 +51,9 @@ class ProbeScorer:
         # token; ReLope and the Attention Probe read its input), so the backbone may cut the
         # deepest layer's feed-forward block to the last token
         self.last_only = self.layers
+        # and a layer no probe reads the output of need not run at all
+        self.input_only = sorted({p.layer for p in self.probes.values()} - {
+            p.layer for p in self.probes.values() if p.reads_output})
 
     @classmethod
     def from_checkpoints(
@@ -91,7 +94,9 @@ class ProbeScorer:
             return out
         with torch.inference_mode():
             for index in self.chunks(conversations):
-                states = self.backbone.run([conversations[i] for i in index], self.layers, last_only=self.last_only)
+                states = self.backbone.run(
+                    [conversations[i] for i in index], self.layers, last_only=self.last_only, input_only=self.input_only
+                )
                 for name, probe in self.probes.items():
                     values = probe(states.at(probe.layer)).float().cpu()
                     if not torch.isfinite(values).all():

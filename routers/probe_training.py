@@ -27,6 +27,7 @@ from routers.backbone import BackboneStates, TruncatedBackbone
 from routers.config_options import option
 from routers.data import DataError, LabelledRequest, holdout_split, val_fraction_option
 from routers.metrics import roc_auc
+from routers.probes._base import reads_output
 
 __all__ = ["TrainConfig", "TrainResult", "labels_for", "train_probe", "predict"]
 
@@ -146,7 +147,8 @@ class _Batches:
 
     def _compute(self, index: Sequence[int]) -> BackboneStates:
         conversations = [self.requests[i].messages for i in index]
-        return self.backbone.run(conversations, [self.layer], grad_safe=True).at(self.layer)
+        input_only = () if reads_output(self.need) else [self.layer]  # then layer l itself need not run
+        return self.backbone.run(conversations, [self.layer], input_only=input_only, grad_safe=True).at(self.layer)
 
     def __len__(self) -> int:
         return len(self.index)

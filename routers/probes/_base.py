@@ -12,7 +12,7 @@ from torch.nn import functional as F
 from routers.backbone import BackboneStates
 from routers.mlp import MLPConfig
 
-__all__ = ["Probe", "ProbeConfigMixin", "FrozenProbeConfig", "check_int"]
+__all__ = ["Probe", "ProbeConfigMixin", "FrozenProbeConfig", "check_int", "reads_output"]
 
 
 def check_int(value: Any, name: str, low: int = 1) -> None:
@@ -66,6 +66,12 @@ class FrozenProbeConfig(ProbeConfigMixin):
         check_int(self.layer, "layer")
 
 
+def reads_output(needs: str) -> bool:
+    """Whether a probe that ``needs`` these states reads its layer's output (``"last"``), or
+    only what enters the layer (``"tokens"``, ``"layer"``)."""
+    return needs == "last"
+
+
 class Probe(nn.Module):
     """States of one backbone layer in, one logit of P(small model correct) per row out.
 
@@ -84,6 +90,11 @@ class Probe(nn.Module):
     @property
     def layer(self) -> int:
         return int(self.config.layer)
+
+    @property
+    def reads_output(self) -> bool:
+        """Whether it reads what leaves its layer; if not, the backbone need not run that layer."""
+        return reads_output(self.needs)
 
     def loss(self, states: BackboneStates, labels: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """Training loss and logits; plain binary cross-entropy unless a probe adds terms."""

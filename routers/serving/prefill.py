@@ -70,8 +70,10 @@ class ProbeMember:
         self.probes = {name: probe.eval() for name, probe in probes.items()}
         self.layers = frozenset(probe.layer for probe in self.probes.values())
         # probes read the last token of their layer's output, or its input: none needs the
-        # full output, so the deepest layer's feed-forward may run on the last token only
+        # full output, so the deepest layer's feed-forward may run on the last token only,
+        # and a layer no probe reads the output of need not run at all
         self.full_layers: frozenset[int] = frozenset()
+        self.output_layers = frozenset(probe.layer for probe in self.probes.values() if probe.reads_output)
 
     def compute(self, out: Any, rows: int) -> list[Any]:
         import torch
@@ -99,6 +101,7 @@ class PooledMember:
         self.layer = layer
         self.layers = frozenset({layer})
         self.full_layers = frozenset({layer})
+        self.output_layers = frozenset({layer})
 
     def compute(self, out: Any, rows: int) -> list[Any]:
         import torch
@@ -197,11 +200,13 @@ class PrefillGroup:
         layers = sorted(set().union(*(m.layers for m in members))) or [self.kept_layers]
         full = set().union(*(m.full_layers for m in members))
         last_only = [layer for layer in layers if layer not in full]
+        outputs = set().union(*(m.output_layers for m in members))
+        input_only = [layer for layer in layers if layer not in outputs]
         for chunk in self._chunks(batch):
             requests = [good[j] for j in chunk]
             try:
                 with torch.inference_mode():
-                    out = self.backbone.states(_rows(batch, chunk), layers, last_only=last_only)
+                    out = self.backbone.states(_rows(batch, chunk), layers, last_only=last_only, input_only=input_only)
                     values = {m.key: m.compute(out, len(chunk)) for m in members}
             except ScorerError as exc:  # this chunk's forward failed: its requests fail
                 yield requests, [exc] * len(chunk)

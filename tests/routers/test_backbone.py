@@ -155,6 +155,38 @@ def test_last_only_cuts_the_deepest_feed_forward_to_the_last_token(text_dir):
         cut.layer(3)
 
 
+def _layers_run(backbone, fn):
+    """Which layers' forwards ran during ``fn()``."""
+    ran = []
+    handles = [backbone.layer_module(i).register_forward_hook(lambda m, a, out, i=i: ran.append(i))
+               for i in range(1, len(backbone._layer_list) + 1)]
+    try:
+        return fn(), ran
+    finally:
+        for handle in handles:
+            handle.remove()
+
+
+@pytest.mark.parametrize("path", ["text", "minilm"])
+def test_the_forward_stops_once_every_state_it_reads_is_in_hand(text_dir, path):
+    backbone = TruncatedBackbone(BackboneConfig(str(text_dir if path == "text" else minilm_dir()), layer=3))
+    batch = backbone.encode(CONVERSATIONS)
+    full, ran = _layers_run(backbone, lambda: backbone.states(batch, [2, 3]))
+    assert ran == [1, 2, 3]
+    # layer 2's output read: layer 3 never runs
+    out, ran = _layers_run(backbone, lambda: backbone.states(batch, [2]))
+    assert ran == [1, 2]
+    torch.testing.assert_close(out.layer(2), full.layer(2))
+    # only what enters layer 3 read (the Attention Probe, ReLope): layer 3 never runs
+    out, ran = _layers_run(backbone, lambda: backbone.states(batch, [3], input_only=[3]))
+    assert ran == [1, 2] and out.at(3).hidden is None
+    torch.testing.assert_close(out.at(3).prev, full.at(3).prev)
+    torch.testing.assert_close(out.at(3).replay(backbone.layer_module(3)), full.layer(3))  # ReLope's replay
+    # a shallower input-only layer still runs: the deeper one reads its output
+    _, ran = _layers_run(backbone, lambda: backbone.states(batch, [2, 3], input_only=[2]))
+    assert ran == [1, 2, 3]
+
+
 def test_padding_a_batch_to_a_multiple_changes_no_score(text_dir):
     # A GPU pads batches to a few widths (pad_to_multiple); every probe must read the same
     # states from the real tokens, however much padding follows them.

@@ -218,3 +218,26 @@ def test_describe_and_load_refuse_broken_checkpoints_naming_the_folder(folders, 
     (corrupt / "model.safetensors").write_bytes(b"junk")
     with pytest.raises(CheckpointError, match="Cannot load"):
         load_scorer(probe_spec({"a": corrupt}))
+
+
+def test_probes_reading_only_what_enters_their_layer_never_run_it(folders):
+    # the Attention Probe and ReLope on layer 2 read its input: layer 2 and later never run
+    async def main():
+        scorer = await asyncio.to_thread(load_scorer, probe_spec({k: folders[k] for k in ("attn", "relope")}, "inputs"))
+        backbone = scorer.group.backbone
+        ran = []
+        handles = [backbone.layer_module(i).register_forward_hook(lambda m, a, out, i=i: ran.append(i))
+                   for i in range(1, len(backbone._layer_list) + 1)]
+        try:
+            scores = await asyncio.gather(*(scorer.score(request(m), deadline=far()) for m in CONVERSATIONS[:4]))
+        finally:
+            for handle in handles:
+                handle.remove()
+            await scorer.close()
+        return scores, set(ran)
+
+    scores, ran = asyncio.run(main())
+    assert ran == {1}
+    offline = ProbeScorer.from_checkpoints({k: folders[k] for k in ("attn", "relope")}).score(CONVERSATIONS[:4])
+    for name, values in offline.items():  # offline scoring stops alike and agrees
+        assert [s.values[name] for s in scores] == pytest.approx(values, abs=1e-5)
