@@ -28,9 +28,9 @@ from torch.nn import functional as F
 __all__ = ["LatentRouterConfig", "LatentRouterModel", "LatentRouterOutput", "ModelPool", "LatentRouter", "choose"]
 
 
-@dataclass
+@dataclass(frozen=True)
 class LatentRouterConfig:
-    """What a LatentRouter *is* (saved in ``config.json``); defaults are documented in the README.
+    """What a LatentRouter *is* (saved in ``config.json``, so frozen); defaults are in the README.
 
     - ``input_dim``: width of the query feature vector the encoder produces.
     - ``num_models``: size of the training pool (one learned embedding per model).
@@ -231,9 +231,10 @@ def choose(
     return torch.where(tied, -cost, torch.full_like(cost, -math.inf)).argmax(dim=1)
 
 
-@dataclass
+@dataclass(frozen=True)
 class ModelPool:
-    """The candidate models a router was trained on, in embedding order (saved in ``config.json``).
+    """The candidate models a router was trained on, in embedding order (saved in ``config.json``,
+    so frozen). Lists given for the sequences (as ``config.json`` holds them) are kept as tuples.
 
     - ``names``: backend names.
     - ``mean_cost``: mean cost per request on the training split, in the data's units.
@@ -242,13 +243,16 @@ class ModelPool:
     - ``profiles``: one profile vector per model (``profile_fields`` names the entries).
     """
 
-    names: list[str]
-    mean_cost: list[float]
+    names: tuple[str, ...]
+    mean_cost: tuple[float, ...]
     cost_scale: float
-    profiles: list[list[float]]
-    profile_fields: list[str]
+    profiles: tuple[tuple[float, ...], ...]
+    profile_fields: tuple[str, ...]
 
     def __post_init__(self) -> None:
+        for name in ("names", "mean_cost", "profile_fields"):
+            object.__setattr__(self, name, tuple(getattr(self, name)))
+        object.__setattr__(self, "profiles", tuple(tuple(p) for p in self.profiles))
         m = len(self.names)
         if m < 1 or len(set(self.names)) != m:
             raise ValueError(f"`names` should be non-empty and unique, got {self.names!r}.")
@@ -266,8 +270,8 @@ class ModelPool:
             )
 
     @property
-    def cost_normalised(self) -> list[float]:
-        return [c / self.cost_scale for c in self.mean_cost]
+    def cost_normalised(self) -> tuple[float, ...]:
+        return tuple(c / self.cost_scale for c in self.mean_cost)
 
     def index(self, name: str) -> int:
         try:

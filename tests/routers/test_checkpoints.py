@@ -17,13 +17,17 @@ from routers.checkpoints import (
     BackboneIdentity,
     Threshold,
     load_backbone,
+    load_latent_router,
     load_probe,
     read_config,
+    save_latent_router,
     save_probe,
     store_threshold,
 )
+from routers.latent_router import LatentRouter, LatentRouterConfig, LatentRouterModel, ModelPool
 from routers.mlp import MLPConfig
 from routers.probes import PROBE_KINDS, LastTokenProbeConfig, build_probe
+from routers.query_encoders import EncoderSpec, build_encoder
 from tests.routers.test_probe_support import tiny_text_model
 
 
@@ -169,3 +173,26 @@ def test_latent_router_config_reads_pool_costs_and_older_layouts(tmp_path):
     (folder / "config.json").write_text(json.dumps({**legacy, "pool": {**legacy["pool"], "names": ["a", "a"]}}))
     with pytest.raises(CheckpointError, match="`pool.names` has duplicates"):
         read_config(folder)
+
+
+def test_a_latent_router_config_json_with_lists_loads_and_saves_back_the_same_bytes(tmp_path):
+    encoder = build_encoder(EncoderSpec("hashing", dim=16))
+    torch.manual_seed(0)
+    model = LatentRouterModel(LatentRouterConfig(encoder.dim, num_models=2, profile_dim=1, hidden_size=8, num_heads=2))
+    pool = ModelPool(names=["small", "large"], mean_cost=[0.5, 2.0], cost_scale=2.0, profiles=[[0.5], [0.9]],
+                     profile_fields=["accuracy"])
+    save_latent_router(LatentRouter(model, encoder, pool), tmp_path / "ck")
+    written = (tmp_path / "ck" / "config.json").read_bytes()
+    config = json.loads(written)
+    # the layout checkpoints have always had: JSON lists, these keys in this order
+    assert list(config["pool"].items()) == [
+        ("names", ["small", "large"]), ("mean_cost", [0.5, 2.0]), ("cost_scale", 2.0),
+        ("profiles", [[0.5], [0.9]]), ("profile_fields", ["accuracy"]),
+    ]  # fmt: skip
+    assert list(config["model"]) == [f.name for f in dataclasses.fields(LatentRouterConfig)]
+    (tmp_path / "ck" / "config.json").write_text(json.dumps(config))  # as any writer of lists would
+    loaded = load_latent_router(tmp_path / "ck")
+    assert loaded.pool == pool and loaded.pool.names == ("small", "large") and loaded.pool.profiles == ((0.5,), (0.9,))
+    assert loaded.model.config == model.config
+    save_latent_router(loaded, tmp_path / "again")
+    assert (tmp_path / "again" / "config.json").read_bytes() == written  # same sections, same weights_sha256

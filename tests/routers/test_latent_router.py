@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import dataclasses
+
 import pytest
 import torch
 
@@ -74,12 +76,25 @@ def test_empty_pool_is_an_error():
 
 def test_pool_validates_and_masks_by_name():
     pool = ModelPool(names=["a", "b"], mean_cost=[1.0, 2.0], cost_scale=2.0, profiles=[[0.1], [0.2]], profile_fields=["acc"])
-    assert pool.cost_normalised == [0.5, 1.0]
+    assert pool.cost_normalised == (0.5, 1.0)
     assert pool.mask(["b"]).tolist() == [False, True]
     with pytest.raises(KeyError, match="'c' is not in the router's pool"):
         pool.mask(["c"])
     with pytest.raises(ValueError, match="`names`"):
         ModelPool(names=["a", "a"], mean_cost=[1, 1], cost_scale=1.0, profiles=[[0], [0]], profile_fields=["x"])
+
+
+def test_saved_configs_are_frozen_and_hold_tuples():
+    cfg = LatentRouterConfig(input_dim=12, num_models=2, profile_dim=1)
+    pool = ModelPool(names=["a", "b"], mean_cost=[1.0, 2.0], cost_scale=2.0, profiles=[[0.1], [0.2]], profile_fields=["acc"])
+    with pytest.raises(dataclasses.FrozenInstanceError):
+        cfg.hidden_size = 128  # type: ignore[misc]
+    with pytest.raises(dataclasses.FrozenInstanceError):
+        pool.names = ("c", "d")  # type: ignore[misc]
+    assert pool.names == ("a", "b") and pool.mean_cost == (1.0, 2.0) and pool.profile_fields == ("acc",)
+    assert pool.profiles == ((0.1,), (0.2,))
+    assert pool == ModelPool(names=("a", "b"), mean_cost=(1.0, 2.0), cost_scale=2.0, profiles=((0.1,), (0.2,)),
+                             profile_fields=("acc",))
 
 
 def test_non_finite_predictions_raise_scorer_error():

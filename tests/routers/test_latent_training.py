@@ -84,7 +84,7 @@ def test_save_load_gives_identical_decisions(trained, tmp_path):
     save_latent_router(router, tmp_path / "ck", training={"train_data_hash": "abc"})
     config = json.loads((tmp_path / "ck" / "config.json").read_text())
     assert config["kind"] == "latent_router" and config["encoder"]["kind"] == "hashing"
-    assert config["pool"]["names"] == router.pool.names and config["training"]["train_data_hash"] == "abc"
+    assert config["pool"]["names"] == list(router.pool.names) and config["training"]["train_data_hash"] == "abc"
     assert config["training"]["validation"]["source"] == "held_out"  # no val given: 15% held out
     assert "truncation" not in config  # the hashing encoder reads no tokens
     saved = read_config(tmp_path / "ck")
