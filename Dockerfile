@@ -23,7 +23,7 @@ WORKDIR /src
 COPY pyproject.toml README.md ./
 COPY extproc ./extproc
 COPY routers ./routers
-COPY proto ./proto
+COPY switchyard ./switchyard
 
 FROM base AS sidecar
 RUN pip install . && rm -rf /src

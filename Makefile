@@ -24,9 +24,10 @@ test: $(STAMP)
 	$(VENV)/bin/lint-imports
 	$(PY) -m pytest -q -p no:cacheprovider
 
-# Regenerate proto/switchyard/v1/*_pb2*.py after editing a .proto (a test fails when they are stale).
+# Regenerate switchyard/ (the package generated from proto/) after editing a .proto (a test
+# fails when it is stale).
 proto: $(STAMP)
-	$(PY) -m proto.generate
+	$(PY) proto/generate.py
 
 bench: $(STAMP)
 	$(PY) bench/extproc_overhead.py

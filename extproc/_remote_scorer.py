@@ -2,7 +2,8 @@
 
 A policy's ``scorers.<name>.remote: {target, scorer}`` makes :func:`load_scorer` return a
 :class:`RemoteScorer`. Each ``score`` call is one unary ``switchyard.v1.ScorerService/Score``
-RPC (``proto/switchyard/v1/scorer.proto``) carrying the request's chat messages as JSON.
+RPC (``proto/switchyard/v1/scorer.proto``; generated code: ``switchyard.v1``) carrying the
+request's chat messages as JSON.
 
 How the calls behave:
 
@@ -47,7 +48,7 @@ import orjson
 from extproc._errors import ScorerError
 from extproc._request import RoutingRequest
 from extproc._scorers import Scorer, Scores, ScorerSpec
-from proto.switchyard.v1 import scorer_pb2, scorer_pb2_grpc
+from switchyard.v1 import scorer_pb2, scorer_pb2_grpc
 
 __all__ = ["RemoteScorer", "CHANNEL_OPTIONS"]
 

@@ -47,7 +47,7 @@ from extproc import (
     describe_scorer,
     load_scorer,
 )
-from proto.switchyard.v1 import scorer_pb2, scorer_pb2_grpc
+from switchyard.v1 import scorer_pb2, scorer_pb2_grpc
 
 __all__ = ["SERVICE_NAME", "SERVER_OPTIONS", "ScorerServer", "ScorerServicer", "serve_scorers"]
 

@@ -18,8 +18,8 @@ from grpc_health.v1 import health_pb2, health_pb2_grpc
 
 from extproc import ScorerError, load_scorer
 from extproc._remote_scorer import RemoteScorer, _channels
-from proto.switchyard.v1 import scorer_pb2, scorer_pb2_grpc
 from routers.serving.remote_server import SERVICE_NAME, ScorerServer
+from switchyard.v1 import scorer_pb2, scorer_pb2_grpc
 from tests.remote.dns_server import TYPE_A, dns_server
 from tests.remote.support import FakeScorer, describe, remote_spec, request, serving, spec
 

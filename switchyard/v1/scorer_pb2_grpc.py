@@ -3,7 +3,7 @@
 import grpc
 import warnings
 
-from proto.switchyard.v1 import scorer_pb2 as proto_dot_switchyard_dot_v1_dot_scorer__pb2
+from switchyard.v1 import scorer_pb2 as switchyard_dot_v1_dot_scorer__pb2
 
 GRPC_GENERATED_VERSION = '1.85.1'
 GRPC_VERSION = grpc.__version__
@@ -18,7 +18,7 @@ except ImportError:
 if _version_not_supported:
     raise RuntimeError(
         f'The grpc package installed is at version {GRPC_VERSION},'
-        + ' but the generated code in proto/switchyard/v1/scorer_pb2_grpc.py depends on'
+        + ' but the generated code in switchyard/v1/scorer_pb2_grpc.py depends on'
         + f' grpcio>={GRPC_GENERATED_VERSION}.'
         + f' Please upgrade your grpc module to grpcio>={GRPC_GENERATED_VERSION}'
         + f' or downgrade your generated code using grpcio-tools<={GRPC_VERSION}.'
@@ -37,13 +37,13 @@ class ScorerServiceStub:
         """
         self.Score = channel.unary_unary(
                 '/switchyard.v1.ScorerService/Score',
-                request_serializer=proto_dot_switchyard_dot_v1_dot_scorer__pb2.ScoreRequest.SerializeToString,
-                response_deserializer=proto_dot_switchyard_dot_v1_dot_scorer__pb2.ScoreResponse.FromString,
+                request_serializer=switchyard_dot_v1_dot_scorer__pb2.ScoreRequest.SerializeToString,
+                response_deserializer=switchyard_dot_v1_dot_scorer__pb2.ScoreResponse.FromString,
                 _registered_method=True)
         self.Describe = channel.unary_unary(
                 '/switchyard.v1.ScorerService/Describe',
-                request_serializer=proto_dot_switchyard_dot_v1_dot_scorer__pb2.DescribeRequest.SerializeToString,
-                response_deserializer=proto_dot_switchyard_dot_v1_dot_scorer__pb2.DescribeResponse.FromString,
+                request_serializer=switchyard_dot_v1_dot_scorer__pb2.DescribeRequest.SerializeToString,
+                response_deserializer=switchyard_dot_v1_dot_scorer__pb2.DescribeResponse.FromString,
                 _registered_method=True)
 
 
@@ -79,13 +79,13 @@ def add_ScorerServiceServicer_to_server(servicer, server):
     rpc_method_handlers = {
             'Score': grpc.unary_unary_rpc_method_handler(
                     servicer.Score,
-                    request_deserializer=proto_dot_switchyard_dot_v1_dot_scorer__pb2.ScoreRequest.FromString,
-                    response_serializer=proto_dot_switchyard_dot_v1_dot_scorer__pb2.ScoreResponse.SerializeToString,
+                    request_deserializer=switchyard_dot_v1_dot_scorer__pb2.ScoreRequest.FromString,
+                    response_serializer=switchyard_dot_v1_dot_scorer__pb2.ScoreResponse.SerializeToString,
             ),
             'Describe': grpc.unary_unary_rpc_method_handler(
                     servicer.Describe,
-                    request_deserializer=proto_dot_switchyard_dot_v1_dot_scorer__pb2.DescribeRequest.FromString,
-                    response_serializer=proto_dot_switchyard_dot_v1_dot_scorer__pb2.DescribeResponse.SerializeToString,
+                    request_deserializer=switchyard_dot_v1_dot_scorer__pb2.DescribeRequest.FromString,
+                    response_serializer=switchyard_dot_v1_dot_scorer__pb2.DescribeResponse.SerializeToString,
             ),
     }
     generic_handler = grpc.method_handlers_generic_handler(
@@ -114,8 +114,8 @@ class ScorerService:
             request,
             target,
             '/switchyard.v1.ScorerService/Score',
-            proto_dot_switchyard_dot_v1_dot_scorer__pb2.ScoreRequest.SerializeToString,
-            proto_dot_switchyard_dot_v1_dot_scorer__pb2.ScoreResponse.FromString,
+            switchyard_dot_v1_dot_scorer__pb2.ScoreRequest.SerializeToString,
+            switchyard_dot_v1_dot_scorer__pb2.ScoreResponse.FromString,
             options,
             channel_credentials,
             insecure,
@@ -141,8 +141,8 @@ class ScorerService:
             request,
             target,
             '/switchyard.v1.ScorerService/Describe',
-            proto_dot_switchyard_dot_v1_dot_scorer__pb2.DescribeRequest.SerializeToString,
-            proto_dot_switchyard_dot_v1_dot_scorer__pb2.DescribeResponse.FromString,
+            switchyard_dot_v1_dot_scorer__pb2.DescribeRequest.SerializeToString,
+            switchyard_dot_v1_dot_scorer__pb2.DescribeResponse.FromString,
             options,
             channel_credentials,
             insecure,

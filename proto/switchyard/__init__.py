@@ -1,1 +1,0 @@
-"""The ``switchyard`` protobuf package (generated code lives in its version folders)."""

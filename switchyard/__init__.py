@@ -1,0 +1,1 @@
+"""``switchyard``: generated from ``proto/switchyard/`` by ``make proto`` (``proto/generate.py``); do not edit."""
