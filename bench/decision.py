@@ -188,7 +188,8 @@ class EnvoyStack:
         self.children = [
             Child(f"switchyard-{name}", [sys.executable, "-m", "extproc", "--log-level", "warning", "serve",
                                         "--policy", str(policy), "--listen", f"127.0.0.1:{extproc}",
-                                        "--metrics-listen", f"127.0.0.1:{self.metrics}"], workdir / f"sw-{name}.log"),
+                                        "--drain-seconds", "0", "--metrics-listen", f"127.0.0.1:{self.metrics}"],
+                  workdir / f"sw-{name}.log"),
             Child(f"envoy-{name}", [envoy_binary(), "-c", str(config), "--log-level", "warn", "--base-id", str(admin),
                                     "--concurrency", "1"], workdir / f"envoy-{name}.log"),
         ]

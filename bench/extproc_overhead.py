@@ -101,7 +101,7 @@ def start(name: str, workdir: Path, concurrency: int, policy: Path = POLICY) -> 
         workers = "2" if name == "switchyard-2-workers" else "1"
         children.append(Child("switchyard", [sys.executable, "-m", "extproc", "--log-level", "warning", "serve",
                                              "--policy", str(policy), "--listen", f"127.0.0.1:{extproc}",
-                                             "--workers", workers], workdir / "switchyard.log"))
+                                             "--workers", workers, "--drain-seconds", "0"], workdir / "switchyard.log"))
     config = workdir / f"envoy-{name}.yaml"
     config.write_text(yaml.safe_dump(envoy_config(listen, admin, extproc, policy), sort_keys=False))
     envoy = Child("envoy", [envoy_binary(), "-c", str(config), "--log-level", "warn", "--base-id", str(admin),

@@ -179,8 +179,9 @@ class Stack:
         }
         self.switchyard = Child(
             "switchyard",
+            # No drain: nothing sits in front of this Envoy, and stop() ends every child at once.
             [sys.executable, "-m", "extproc", "serve", "--policy", str(self.policy.resolve()),
-             "--listen", f"127.0.0.1:{self.ports.extproc}", "--grace", "1"],
+             "--listen", f"127.0.0.1:{self.ports.extproc}", "--drain-seconds", "0", "--grace", "1"],
             self.workdir / "switchyard.log",
         )
         self.envoy_config = self.workdir / "envoy.yaml"

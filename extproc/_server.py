@@ -2,9 +2,17 @@
 
 ``serve`` runs one process, or ``workers`` processes sharing one port through
 ``SO_REUSEPORT`` so a multi-core pod is used: the kernel spreads Envoy's connections over
-them. SIGTERM / SIGINT stop accepting streams, mark the health service NOT_SERVING and
-let in-flight streams finish within the grace period. Each process re-reads the policy
-file every ``reload_interval`` seconds and on SIGHUP (see :class:`PolicyFile`).
+them. Each process re-reads the policy file every ``reload_interval`` seconds and on SIGHUP
+(see :class:`PolicyFile`).
+
+Shutdown, on SIGTERM / SIGINT::
+
+    signal ─► health NOT_SERVING (readiness fails, endpoints go)
+           ─► drain: new streams still accepted and routed for ``drain`` seconds, because
+              the Envoy in front learns of the shutdown no sooner and keeps sending
+              (a second SIGTERM / SIGINT ends the drain at once)
+           ─► server.stop(grace): new streams refused, open ones get ``grace`` seconds
+           ─► scorers closed, exit 0
 
 Telemetry (:mod:`extproc._telemetry_setup`) is set up in each serving process, after
 forking. ``metrics_listen`` serves Prometheus metrics: from the process itself, or with
@@ -53,9 +61,17 @@ def parse_listen(listen: str, option: str = "--listen") -> tuple[str, int]:
 
 
 async def serve_async(
-    policy: PolicyFile, listen: str, *, grace: float = 5.0, reuse_port: bool = False, reload_interval: float = 5.0
+    policy: PolicyFile,
+    listen: str,
+    *,
+    grace: float,
+    drain: float,
+    reuse_port: bool = False,
+    reload_interval: float = 5.0,
+    stop_signals: tuple[signal.Signals, ...] = (signal.SIGTERM, signal.SIGINT),
 ) -> None:
-    """Serve ``policy`` until SIGTERM/SIGINT, reloading it as it changes."""
+    """Serve ``policy`` until one of ``stop_signals``, reloading it as it changes; then drain
+    for ``drain`` seconds and stop with ``grace`` seconds for open streams (module docstring)."""
     host, port = parse_listen(listen)
     # Scorers load here, after any fork: their worker threads and devices belong to this process.
     await asyncio.to_thread(policy.load_scorers)
@@ -82,16 +98,31 @@ async def serve_async(
                                "pid": os.getpid()})
     print(f"switchyard: serving on {host}:{bound}", file=sys.stderr, flush=True)
 
-    stop, reload_now = asyncio.Event(), asyncio.Event()
+    stop, stop_now, reload_now = asyncio.Event(), asyncio.Event(), asyncio.Event()
+
+    def on_stop_signal() -> None:
+        if stop.is_set():
+            stop_now.set()  # the second signal: no more draining
+        stop.set()
+
     loop = asyncio.get_running_loop()
-    for sig in (signal.SIGTERM, signal.SIGINT):
-        loop.add_signal_handler(sig, stop.set)
+    for sig in stop_signals:
+        loop.add_signal_handler(sig, on_stop_signal)
     loop.add_signal_handler(signal.SIGHUP, reload_now.set)
     watcher = asyncio.create_task(policy.watch(reload_interval, reload_now))
     await stop.wait()
+    await health.enter_graceful_shutdown()  # every service NOT_SERVING, from now on
+    if drain > 0:
+        log.info("draining", extra={"drain_s": drain, "grace_s": grace, "pid": os.getpid()})
+        started = loop.time()
+        try:
+            await asyncio.wait_for(stop_now.wait(), timeout=drain)
+        except asyncio.TimeoutError:
+            pass
+        log.info("drain ended", extra={"drained_s": round(loop.time() - started, 3), "cut_short": stop_now.is_set(),
+                                       "pid": os.getpid()})
     watcher.cancel()
     log.info("stopping", extra={"grace_s": grace})
-    await health.enter_graceful_shutdown()
     await server.stop(grace)
     await policy.close()
 
@@ -112,13 +143,16 @@ def serve(
     policy_path: Path,
     listen: str,
     *,
+    grace: float,
+    drain: float,
     workers: int = 1,
-    grace: float = 5.0,
     reload_interval: float = 5.0,
     metrics_listen: str | None = None,
 ) -> int:
     """Run the server in this process, or in ``workers`` forked processes on one port.
 
+    ``drain``: seconds new streams are still served after SIGTERM/SIGINT, health NOT_SERVING
+    (0: refused at once); ``grace``: seconds open streams then get (the CLI holds both defaults).
     ``reload_interval``: seconds between checks of the policy file (0: only on SIGHUP).
     ``metrics_listen``: ``HOST:PORT`` of the Prometheus scrape endpoint (``None``: none,
     unless ``OTEL_METRICS_EXPORTER=prometheus``); OTLP export follows the ``OTEL_*`` variables.
@@ -135,7 +169,7 @@ def serve(
         try:
             if endpoint is not None:
                 endpoint.start()
-            asyncio.run(serve_async(policy, listen, grace=grace, reload_interval=reload_interval))
+            asyncio.run(serve_async(policy, listen, grace=grace, drain=drain, reload_interval=reload_interval))
         finally:
             if endpoint is not None:
                 endpoint.close()
@@ -162,6 +196,10 @@ def serve(
     for index in range(workers):
         pid = os.fork()
         if pid == 0:  # child: grpc has not been initialised in the parent, so forking is safe
+            # A terminal's Ctrl-C reaches every process of the group, and the parent forwards
+            # it too: workers ignore SIGINT and take the parent's SIGTERM, so one Ctrl-C counts
+            # once (a second signal would end the drain).
+            signal.signal(signal.SIGINT, signal.SIG_IGN)
             try:
                 if endpoint is not None:
                     endpoint.close()  # the parent's listening socket
@@ -174,7 +212,8 @@ def serve(
                     from extproc._metrics_http import answer_scrapes
 
                     answer_scrapes(channels[index][1], setup.registry)
-                asyncio.run(serve_async(policy, listen, grace=grace, reuse_port=True, reload_interval=reload_interval))
+                asyncio.run(serve_async(policy, listen, grace=grace, drain=drain, reuse_port=True,
+                                        reload_interval=reload_interval, stop_signals=(signal.SIGTERM,)))
                 setup.shutdown()
                 os._exit(0)
             except BaseException:  # noqa: BLE001 - report and exit the child, never return into the parent's code
@@ -187,9 +226,10 @@ def serve(
         endpoint.start()
 
     def forward(signum, _frame):
+        sent = signal.SIGTERM if signum == signal.SIGINT else signum  # workers ignore SIGINT
         for child in children:
             try:
-                os.kill(child, signum)
+                os.kill(child, sent)
             except ProcessLookupError:
                 pass
 

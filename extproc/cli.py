@@ -1,6 +1,7 @@
 """The ``switchyard`` command line (also ``python -m extproc``).
 
-    switchyard serve --policy PATH [--listen HOST:PORT] [--workers N] [--reload-interval S] [--metrics-listen HOST:PORT]
+    switchyard serve --policy PATH [--listen HOST:PORT] [--workers N] [--drain-seconds S] [--grace S]
+                     [--reload-interval S] [--metrics-listen HOST:PORT]
     switchyard policy check PATH... [--envoy CONFIG]
     switchyard envoy render --policy PATH --backend NAME=HOST:PORT ... [--tls NAME[=SNI]] [--out FILE]
     switchyard policy explain PATH --request BODY.json [--header NAME=VALUE ...]
@@ -19,6 +20,7 @@ from __future__ import annotations
 import argparse
 import asyncio
 import json
+import math
 import sys
 from pathlib import Path
 
@@ -31,6 +33,13 @@ from extproc._request import RoutingRequest, parse_json_body
 __all__ = ["main", "build_parser"]
 
 ROUTERS_COMMANDS = ("train", "eval", "calibrate", "scorer")
+
+#: ``serve --drain-seconds``: after SIGTERM/SIGINT the server keeps taking new streams this
+#: long, its health NOT_SERVING, so that Envoy and the load balancers in front stop sending
+#: to it before it refuses anything.
+DEFAULT_DRAIN_S = 5.0
+#: ``serve --grace``: once the drain is over, the seconds that streams still open get to finish.
+DEFAULT_GRACE_S = 5.0
 
 
 def build_parser(with_routers: bool = False) -> argparse.ArgumentParser:
@@ -46,7 +55,12 @@ def build_parser(with_routers: bool = False) -> argparse.ArgumentParser:
     serve.add_argument("--policy", type=Path, required=True, help="Policy YAML file.")
     serve.add_argument("--listen", default="127.0.0.1:50051", help="HOST:PORT to listen on (default 127.0.0.1:50051).")
     serve.add_argument("--workers", type=int, default=1, help="Processes sharing the port via SO_REUSEPORT (default 1).")
-    serve.add_argument("--grace", type=float, default=5.0, help="Seconds in-flight streams get on shutdown (default 5).")
+    serve.add_argument("--drain-seconds", type=float, default=DEFAULT_DRAIN_S, metavar="SECONDS",
+                       help="After SIGTERM/SIGINT, keep routing new requests this long while the health check says "
+                            "NOT_SERVING, so the proxy in front stops sending first; a second signal ends the drain "
+                            f"at once (default {DEFAULT_DRAIN_S:g}; 0: refuse new streams at once).")
+    serve.add_argument("--grace", type=float, default=DEFAULT_GRACE_S, metavar="SECONDS",
+                       help=f"Then, seconds in-flight streams get to finish (default {DEFAULT_GRACE_S:g}).")
     serve.add_argument("--reload-interval", type=float, default=5.0, metavar="SECONDS",
                        help="Re-read the policy file this often; a valid change takes effect, a bad one is "
                             "logged and ignored (default 5; 0: only on SIGHUP).")
@@ -91,8 +105,11 @@ def _serve(args: argparse.Namespace) -> int:
         raise SwitchyardError(f"--workers must be >= 1, got {args.workers}.")
     if args.reload_interval < 0:
         raise SwitchyardError(f"--reload-interval must be >= 0, got {args.reload_interval}.")
-    return serve(args.policy, args.listen, workers=args.workers, grace=args.grace, reload_interval=args.reload_interval,
-                 metrics_listen=args.metrics_listen)
+    for option, value in (("--drain-seconds", args.drain_seconds), ("--grace", args.grace)):
+        if not (math.isfinite(value) and value >= 0):
+            raise SwitchyardError(f"{option} must be a number of seconds >= 0, got {value}.")
+    return serve(args.policy, args.listen, workers=args.workers, grace=args.grace, drain=args.drain_seconds,
+                 reload_interval=args.reload_interval, metrics_listen=args.metrics_listen)
 
 
 def _check(args: argparse.Namespace) -> int:

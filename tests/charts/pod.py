@@ -3,8 +3,9 @@
 Each volume becomes a directory under ``root``: a ConfigMap's or Secret's data is written in
 the kubelet's atomic-writer layout (``KEY -> ..data/KEY``, ``..data -> ..<timestamp>``, and
 an update swaps ``..data`` with one rename), an emptyDir starts empty. Every mount path in a
-container's command and args is rewritten to its directory; ``switchyard`` and ``envoy``
-become the binaries of this environment. Nothing else of the manifest is changed.
+container's command and args (and in its preStop hook's command) is rewritten to its
+directory; ``switchyard`` and ``envoy`` become the binaries of this environment. Nothing
+else of the manifest is changed.
 """
 
 from __future__ import annotations
@@ -92,14 +93,26 @@ class LocalPod:
     def argv(self, name: str) -> list[str]:
         """The container's command + args, mount paths rewritten, binaries resolved."""
         container = self.container(name)
+        return self._local([*container.get("command", []), *container.get("args", [])])
+
+    def _local(self, argv: list[Any]) -> list[str]:
         mounts = dict(self.mounts())
         # One pass: a mount path where a path starts (after start, "=" or ":"), up to a "/" or the end.
         pattern = re.compile(r"(?<![^=:])(" + "|".join(re.escape(m) for m in mounts) + r")(?=/|$)")
-        argv = [pattern.sub(lambda match: str(mounts[match.group(1)]), str(arg))
-                for arg in [*container.get("command", []), *container.get("args", [])]]
+        argv = [pattern.sub(lambda match: str(mounts[match.group(1)]), str(arg)) for arg in argv]
         binaries = {"switchyard": str(Path(sys.executable).parent / "switchyard"), "envoy": envoy_binary()}
         argv[0] = binaries.get(argv[0], argv[0])
         return argv
+
+    def pre_stop(self, name: str) -> subprocess.Popen | None:
+        """Start the container's preStop hook (an ``exec`` command) as a local process, as the
+        kubelet runs it when the pod stops; ``None`` when the container has none."""
+        hook = (self.container(name).get("lifecycle") or {}).get("preStop")
+        if hook is None:
+            return None
+        assert list(hook) == ["exec"], f"only exec hooks run here: {hook}"
+        return subprocess.Popen(self._local(hook["exec"]["command"]), cwd=self.root, stdin=subprocess.DEVNULL,
+                                stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
 
     def run(self, name: str, timeout: float = 60) -> subprocess.CompletedProcess:
         """Run a (init) container to completion."""

@@ -167,6 +167,59 @@ def test_probes_and_ports():
         "http": "http", "metrics": "metrics", "envoy-stats": "envoy-probes"}
 
 
+def test_shutdown_order():
+    """Envoy's preStop hook drains it (POST to the admin address the init container renders),
+    then waits envoy.drainSeconds; switchyard has no hook, so its drain starts with the pod's
+    shutdown and is longer; the kubelet's grace period covers switchyard's drain + grace."""
+    values = yaml.safe_load((CHART / "values.yaml").read_text())
+    envoy_drain, drain, grace = (values["envoy"]["drainSeconds"], values["switchyard"]["drainSeconds"],
+                                 values["switchyard"]["graceSeconds"])
+    spec = find(render(), "Deployment")["spec"]["template"]["spec"]
+    envoy, switchyard = spec["containers"]
+    render_args = spec["initContainers"][0]["args"]
+    assert render_args[render_args.index("--admin") + 1] == "127.0.0.1:9901"
+    shell, flag, script = envoy["lifecycle"]["preStop"]["exec"]["command"]
+    assert (shell, flag) == ("/bin/bash", "-c")  # the Envoy image has bash, no curl or wget
+    assert "'POST /drain_listeners?graceful&skip_exit HTTP/1.1\\r\\n" in script
+    assert "3<>/dev/tcp/127.0.0.1/9901" in script
+    assert script.rstrip().splitlines()[-1] == f"sleep {envoy_drain}"
+    checked = subprocess.run(["bash", "-n", "-c", script], capture_output=True, text=True)
+    assert checked.returncode == 0, checked.stderr
+    args = envoy["args"]
+    assert args[args.index("--drain-strategy") + 1] == "immediate"
+    assert int(args[args.index("--drain-time-s") + 1]) == spec["terminationGracePeriodSeconds"]  # never ends first
+    assert "lifecycle" not in switchyard  # SIGTERM at once: NOT_SERVING as the pod's shutdown starts
+    serve = switchyard["args"]
+    assert float(serve[serve.index("--drain-seconds") + 1]) == drain
+    assert float(serve[serve.index("--grace") + 1]) == grace
+    assert envoy_drain < drain and drain + grace < spec["terminationGracePeriodSeconds"]
+
+
+@pytest.mark.parametrize(
+    "values",
+    [
+        {"envoy": {"drainSeconds": 0}, "switchyard": {"drainSeconds": 0}},
+        {"envoy": {"drainSeconds": 50}, "switchyard": {"drainSeconds": 55.5, "graceSeconds": 10},
+         "terminationGracePeriodSeconds": 70},
+    ],
+    ids=["no-drain", "long-drain"],
+)
+def test_shutdown_values_render_a_valid_pod(values):
+    import kubernetes_validate
+
+    deployment = find(render(values), "Deployment")
+    kubernetes_validate.validate(deployment, KUBE_VERSION, strict=True)
+    spec = deployment["spec"]["template"]["spec"]
+    envoy, switchyard = spec["containers"]
+    assert spec["terminationGracePeriodSeconds"] == values.get("terminationGracePeriodSeconds", 35)
+    serve = switchyard["args"]
+    assert serve[serve.index("--drain-seconds") + 1] == f"{values['switchyard']['drainSeconds']:g}"
+    if values["envoy"]["drainSeconds"] == 0:
+        assert "lifecycle" not in envoy  # Envoy exits on SIGTERM, as switchyard refuses at once
+    else:
+        assert envoy["lifecycle"]["preStop"]["exec"]["command"][2].rstrip().endswith("sleep 50")
+
+
 def test_policy_is_a_directory_mount_that_switchyard_reloads():
     deployment = find(render({"switchyard": {"reloadInterval": 2}}), "Deployment")
     switchyard = deployment["spec"]["template"]["spec"]["containers"][1]
@@ -276,13 +329,35 @@ def test_service_monitor_scrapes_both_metrics_ports():
         ({"backends": {"large": {"host": "h", "port": 1, "credential": {"secretName": "s"}}}}, "key"),
         ({"switchyard": {"logLevel": "verbose"}}, "logLevel"),
         ({"scorer": {"enabled": True, "gpu": 1}}, "gpu"),
+        ({"switchyard": {"drainSeconds": -1}}, "drainSeconds"),
+        ({"envoy": {"drainSeconds": 1.5}}, "drainSeconds"),
+        ({"terminationGracePeriodSeconds": 0}, "terminationGracePeriodSeconds"),
     ],
-    ids=["top-level", "envoy", "tls", "port-type", "port-missing", "credential-key", "enum", "scorer"],
+    ids=["top-level", "envoy", "tls", "port-type", "port-missing", "credential-key", "enum", "scorer",
+         "drain-negative", "envoy-drain-integer", "termination-zero"],
 )
 def test_values_typo_fails(values, where):
     import helm_python
 
     with pytest.raises(helm_python.HelmValuesError, match=re.escape(where)):
+        render(values)
+
+
+@pytest.mark.parametrize(
+    ("values", "message"),
+    [
+        ({"envoy": {"drainSeconds": 30}},  # switchyard's 25 would end before Envoy stops taking requests
+         "switchyard.drainSeconds (25) must be more than envoy.drainSeconds (30)"),
+        ({"envoy": {"drainSeconds": 25}}, "switchyard.drainSeconds (25) must be more than envoy.drainSeconds (25)"),
+        ({"switchyard": {"graceSeconds": 10}},  # 25 + 10 is not below 35: the kubelet could SIGKILL it
+         "terminationGracePeriodSeconds (35) must be more than switchyard.drainSeconds + switchyard.graceSeconds (25 + 10)"),
+    ],
+    ids=["drain-shorter-than-envoy", "drain-equal-to-envoy", "termination-too-short"],
+)
+def test_shutdown_that_would_fail_requests_fails(values, message):
+    import helm_python
+
+    with pytest.raises(helm_python.HelmError, match=re.escape(message)):
         render(values)
 
 

@@ -5,16 +5,21 @@ and Secret data are written where the containers mount them (kubelet layout, see
 tests/charts/pod.py); the init container renders Envoy's config; Envoy and switchyard start
 with their own command and args. Requests then route as the policy says, the provider key
 reaches its backend and no other, and an edited policy ConfigMap and a rotated Secret take
-effect without a restart.
+effect without a restart. A second pod is stopped the way the kubelet stops one (Envoy's
+preStop hook, SIGTERMs) while requests keep coming, and none of them fails.
 """
 
 from __future__ import annotations
 
+import contextlib
 import http.client
 import json
+import signal
 import sys
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
+from pathlib import Path
+from typing import Any
 
 import pytest
 
@@ -49,9 +54,10 @@ def _wait(what: str, ready: Callable[[], bool], children: list[Child], timeout: 
         time.sleep(0.05)
 
 
-@pytest.fixture(scope="module")
-def pod(tmp_path_factory):
-    root = tmp_path_factory.mktemp("pod")
+@contextlib.contextmanager
+def running_pod(root: Path, envoy: dict[str, Any], switchyard: dict[str, Any], **values: Any) -> Iterator[LocalPod]:
+    """The chart's pod, rendered with ``values`` (and ``envoy``/``switchyard`` values) on free
+    ports and loopback backends, its containers started; every process stopped at the end."""
     backend_ports = {"small": free_port(), "large": free_port()}
     values = {
         "backends": {
@@ -60,8 +66,9 @@ def pod(tmp_path_factory):
                       "credential": {"secretName": "provider", "key": "api-key", "header": "authorization",
                                      "prefix": "Bearer "}},
         },
-        "envoy": {"port": free_port(), "probePort": free_port(), "adminPort": free_port()},
-        "switchyard": {"port": free_port(), "reloadInterval": 0.2, "metrics": {"enabled": True, "port": free_port()}},
+        "envoy": {"port": free_port(), "probePort": free_port(), "adminPort": free_port(), **envoy},
+        "switchyard": {"port": free_port(), "metrics": {"enabled": True, "port": free_port()}, **switchyard},
+        **values,
     }
     manifests = render(values)
     local = LocalPod(find(manifests, "Deployment"), manifests, root, secrets={"provider": {"api-key": "sk-provider-1"}})
@@ -85,6 +92,15 @@ def pod(tmp_path_factory):
     finally:
         for child in reversed(children):
             child.stop()
+
+
+@pytest.fixture(scope="module")
+def pod(tmp_path_factory):
+    # No drains: this pod is stopped at the end of the module, all at once
+    # (test_stopping_the_pod_loses_no_request runs a pod with drains of its own).
+    with running_pod(tmp_path_factory.mktemp("pod"), envoy={"drainSeconds": 0},
+                     switchyard={"reloadInterval": 0.2, "drainSeconds": 0}) as local:
+        yield local
 
 
 def test_requests_route_as_the_policy_says(pod):
@@ -147,3 +163,45 @@ def test_a_rotated_secret_is_used_without_a_restart(pod):
         time.sleep(0.1)
     assert received == {"authorization": "Bearer sk-provider-2"}
     assert pod.children["envoy"].process.pid == pid
+
+
+# -- stopping the pod ------------------------------------------------------------------------------
+ENVOY_DRAIN_S, DRAIN_S, GRACE_S, TERMINATION_S = 1, 4, 1, 10  # short, in the order the chart demands
+
+
+def test_stopping_the_pod_loses_no_request(tmp_path):
+    """The kubelet stops a pod by running each container's preStop hook, then sending it
+    SIGTERM: Envoy drains during its hook, switchyard (no hook) gets SIGTERM at once and
+    drains longer. Requests sent all the while are routed; the pod is gone within the
+    termination grace period, every process exiting 0."""
+    with running_pod(tmp_path, envoy={"drainSeconds": ENVOY_DRAIN_S},
+                     switchyard={"drainSeconds": DRAIN_S, "graceSeconds": GRACE_S},
+                     terminationGracePeriodSeconds=TERMINATION_S) as pod:
+        envoy, switchyard = pod.children["envoy"], pod.children["switchyard"]
+        stopping = time.monotonic()
+        assert pod.pre_stop("switchyard") is None
+        hook = pod.pre_stop("envoy")
+        switchyard.process.send_signal(signal.SIGTERM)
+        replies = []
+        while hook.poll() is None:  # clients that still reach this pod while the endpoints catch up
+            assert time.monotonic() - stopping < TERMINATION_S, "the preStop hook did not return"
+            replies.append(_post(pod.listen, chat("Prove the theorem.")))
+        output = hook.stdout.read()
+        assert hook.returncode == 0 and output == "", output
+        assert switchyard.running, "switchyard's drain outlasts Envoy's"
+        assert not grpc_serving(pod.port("switchyard", "grpc")), "NOT_SERVING: the pod is not ready any more"
+        assert envoy.running, "Envoy runs until its SIGTERM"
+        assert replies
+        for status, headers, _ in replies:
+            assert (status, headers.get("x-demo-backend"), headers.get("x-switchyard-backend")) == (200, "large", "large")
+        # Envoy drains: its answers ask clients to reconnect (to another pod, once the endpoints know)
+        assert any(headers.get("connection") == "close" for _, headers, _ in replies)
+
+        envoy.process.send_signal(signal.SIGTERM)  # the hook has returned
+        assert envoy.process.wait(10) == 0
+        assert switchyard.process.wait(DRAIN_S + GRACE_S + 10) == 0
+        assert time.monotonic() - stopping < TERMINATION_S  # before the kubelet's SIGKILL
+        events = [json.loads(line) for line in switchyard.log.read_text().splitlines() if line.startswith("{")]
+        drain = [e for e in events if e["event"] in ("draining", "drain ended")]
+        assert [(e["event"], e.get("drain_s"), e.get("cut_short")) for e in drain] == [
+            ("draining", DRAIN_S, None), ("drain ended", None, False)]

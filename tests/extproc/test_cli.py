@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import os
+import signal
 import socket
 import subprocess
 import sys
@@ -72,6 +73,16 @@ def _free_port() -> int:
         return sock.getsockname()[1]
 
 
+def _health(port: int) -> int | None:
+    """The ext_proc service's health status, or None when the server refuses the call."""
+    try:
+        with grpc.insecure_channel(f"127.0.0.1:{port}") as channel:
+            return health_pb2_grpc.HealthStub(channel).Check(
+                health_pb2.HealthCheckRequest(service="envoy.service.ext_proc.v3.ExternalProcessor"), timeout=1).status
+    except grpc.RpcError:
+        return None
+
+
 def _wait_serving(port: int, deadline: float = 20.0) -> None:
     end = time.monotonic() + deadline
     while time.monotonic() < end:
@@ -91,7 +102,7 @@ def test_serve_reports_healthy_and_stops_cleanly_on_sigterm(workers):
     port = _free_port()
     proc = subprocess.Popen(
         [sys.executable, "-m", "extproc", "serve", "--policy", str(POLICIES / "default.yaml"),
-         "--listen", f"127.0.0.1:{port}", "--workers", str(workers), "--grace", "1"],
+         "--listen", f"127.0.0.1:{port}", "--workers", str(workers), "--grace", "1", "--drain-seconds", "0"],
         cwd=REPO, stderr=subprocess.PIPE, text=True,
     )
     try:
@@ -105,6 +116,52 @@ def test_serve_reports_healthy_and_stops_cleanly_on_sigterm(workers):
     finally:
         if proc.poll() is None:
             proc.kill()
+
+
+@pytest.mark.parametrize(("workers", "how"), [(1, "sigterm"), (2, "sigterm"), (1, "ctrl-c"), (2, "ctrl-c")])
+def test_serve_drains_until_the_drain_ends_or_a_second_signal(workers, how):
+    """After the first signal every worker answers NOT_SERVING and keeps taking calls; the
+    second one ends the drain at once. A terminal's Ctrl-C (SIGINT to the whole process
+    group, parent and workers) counts once."""
+    port = _free_port()
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "extproc", "serve", "--policy", str(POLICIES / "default.yaml"),
+         "--listen", f"127.0.0.1:{port}", "--workers", str(workers), "--grace", "1", "--drain-seconds", "120"],
+        cwd=REPO, stderr=subprocess.PIPE, text=True, start_new_session=True,
+    )
+
+    def stop_signal() -> None:
+        if how == "ctrl-c":
+            os.killpg(proc.pid, signal.SIGINT)
+        else:
+            proc.send_signal(signal.SIGTERM)
+
+    try:
+        _wait_serving(port)
+        stop_signal()
+        deadline = time.monotonic() + 10
+        while _health(port) != health_pb2.HealthCheckResponse.NOT_SERVING:
+            assert time.monotonic() < deadline and proc.poll() is None, "never turned NOT_SERVING"
+            time.sleep(0.05)
+        time.sleep(0.5)
+        # Each new connection may reach another worker (SO_REUSEPORT): all drain, none refuses.
+        assert [_health(port) for _ in range(4 * workers)] == [health_pb2.HealthCheckResponse.NOT_SERVING] * 4 * workers
+        assert proc.poll() is None, "still draining"
+        stop_signal()
+        assert proc.wait(timeout=20) == 0  # far sooner than the 120 s drain
+    finally:
+        if proc.poll() is None:
+            os.killpg(proc.pid, signal.SIGKILL)
+    events = [json.loads(line) for line in proc.stderr.read().splitlines() if line.startswith("{")]
+    drains = [(e["event"], e.get("drain_s"), e.get("cut_short")) for e in events if "drain" in e["event"]]
+    assert sorted(drains) == sorted([("draining", 120, None), ("drain ended", None, True)] * workers)
+
+
+@pytest.mark.parametrize("option", ["--drain-seconds", "--grace"])
+@pytest.mark.parametrize("value", ["-1", "nan", "inf"])
+def test_serve_refuses_a_bad_number_of_seconds(option, value, capsys):
+    assert main(["serve", "--policy", str(POLICIES / "default.yaml"), option, value]) == 1
+    assert f"switchyard: {option} must be a number of seconds >= 0, got {float(value)}." in capsys.readouterr().err
 
 
 def test_serve_refuses_a_bad_policy(tmp_path):

@@ -140,7 +140,7 @@ def test_the_server_reloads_on_its_interval_and_on_sighup(tmp_path):
     log = open(tmp_path / "serve.log", "w+")
     proc = subprocess.Popen(
         [sys.executable, "-m", "extproc", "serve", "--policy", str(path), "--listen", f"127.0.0.1:{port}",
-         "--reload-interval", "0.2", "--grace", "1"], cwd=REPO, stderr=log)
+         "--reload-interval", "0.2", "--grace", "1", "--drain-seconds", "0"], cwd=REPO, stderr=log)
     try:
         _wait_serving(port)
         assert _routed_backend(port) == "small"
@@ -161,7 +161,7 @@ def test_the_server_reloads_on_its_interval_and_on_sighup(tmp_path):
     path.write_text(POLICY % "integral")
     proc = subprocess.Popen(
         [sys.executable, "-m", "extproc", "serve", "--policy", str(path), "--listen", f"127.0.0.1:{port}",
-         "--reload-interval", "0", "--grace", "1"], cwd=REPO, stderr=subprocess.DEVNULL)
+         "--reload-interval", "0", "--grace", "1", "--drain-seconds", "0"], cwd=REPO, stderr=subprocess.DEVNULL)
     try:
         _wait_serving(port)
         path.write_text(POLICY % "prove")

@@ -302,7 +302,8 @@ class Edge:
                   workdir / f"backend-{name}.log") for name in ("small", "large")
         ]
         self.switchyard = Child("switchyard", [sys.executable, "-m", "extproc", "serve", "--policy", str(self.policy),
-                                               "--listen", f"127.0.0.1:{extproc}", "--reload-interval", "0.2"],
+                                               "--listen", f"127.0.0.1:{extproc}", "--reload-interval", "0.2",
+                                               "--drain-seconds", "0"],
                                 workdir / "switchyard.log")
         self.envoy = Child("envoy", [envoy_binary(), "-c", str(workdir / "envoy.yaml"), "--log-level", "warn",
                                      "--disable-hot-restart", "--concurrency", "1"], workdir / "envoy.log")

@@ -9,6 +9,8 @@ The rules these tests hold:
   ``kill -9`` or SIGTERM leaves it to finish, its body or stream whole;
 - a request switchyard cannot route gets Envoy's 5xx ``router_unavailable`` and reaches no
   backend (fail closed); once switchyard is back, requests route again by themselves;
+- after SIGTERM, switchyard says NOT_SERVING but routes new requests for ``--drain-seconds``
+  (a second SIGTERM ends that at once), then stops and exits 0;
 - a broken policy file never replaces the running policy.
 """
 
@@ -23,7 +25,7 @@ import signal
 import socket
 import threading
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from pathlib import Path
 
 import grpc
@@ -32,11 +34,13 @@ from grpc_health.v1 import health_pb2, health_pb2_grpc
 
 from demo.backend import ECHO_CHARS
 from extproc import PolicyEngine, RoutingRequest, load_policy
+from extproc._server import EXT_PROC_SERVICE
 from tests.integration.harness import DEFAULT_POLICY, Gateway, Response, chat
 
 CODE = "Please refactor this python function so it streams rows from the database."
 CHAT = "hi, how are you today?"
 GRACE_S = 2  # switchyard's --grace here (the harness default is 1 s)
+DRAIN_S = 2  # switchyard's --drain-seconds in the drain tests (0 elsewhere, as in the harness)
 SLOW_MS = 3000  # a plain completion's wait at the backend: longer than the grace period
 EVENT_MS = 250  # an SSE stream's pause between events: about 3 s for a stream
 
@@ -54,6 +58,7 @@ def gw(policy_file, tmp_path_factory) -> Iterator[Gateway]:
     gateway = Gateway(policy_file, tmp_path_factory.mktemp("faults-gateway"))
     argv = gateway.stack.switchyard.argv
     argv[argv.index("--grace") + 1] = str(GRACE_S)
+    argv[argv.index("--drain-seconds") + 1] = "0"  # refuse new streams at once, unless a test asks for a drain
     gateway.start()
     try:
         yield gateway
@@ -72,6 +77,25 @@ def switchyard_running(gw) -> Iterator[None]:
 def restart(gw: Gateway) -> None:
     gw.stack.switchyard.start()
     gw.stack.wait_switchyard(time.monotonic() + 20)
+
+
+def serve_with_drain(gw: Gateway, seconds: float) -> None:
+    """switchyard serving with ``--drain-seconds seconds`` (restarted when that changes it)."""
+    argv = gw.stack.switchyard.argv
+    flag = argv.index("--drain-seconds") + 1
+    if argv[flag] == f"{seconds:g}" and gw.stack.switchyard.running:
+        return
+    argv[flag] = f"{seconds:g}"
+    if gw.stack.switchyard.running:
+        kill_9(gw)  # nothing is in flight here
+    restart(gw)
+
+
+@pytest.fixture
+def drain(gw) -> Iterator[Callable[[float], None]]:
+    """``drain(seconds)`` restarts switchyard with that ``--drain-seconds``; 0 again afterwards."""
+    yield lambda seconds: serve_with_drain(gw, seconds)
+    serve_with_drain(gw, 0)
 
 
 def kill_9(gw: Gateway) -> None:
@@ -232,26 +256,33 @@ def test_kill_9_leaves_requests_in_flight_whole(gw):
 
 
 # -- SIGTERM ----------------------------------------------------------------------------------
-def _refusing_streams(port: int) -> bool:
-    """True once switchyard's gRPC server no longer accepts calls (it is stopping)."""
+def _health(port: int, service: str = "") -> int | None:
+    """switchyard's health status for ``service``, or None once it refuses calls (it is stopping)."""
     with grpc.insecure_channel(f"127.0.0.1:{port}") as channel:
         try:
-            health_pb2_grpc.HealthStub(channel).Check(health_pb2.HealthCheckRequest(service=""), timeout=1)
+            return health_pb2_grpc.HealthStub(channel).Check(health_pb2.HealthCheckRequest(service=service), timeout=1).status
         except grpc.RpcError:
-            return True
-    return False
+            return None
 
 
-def test_sigterm_finishes_in_flight_requests_and_refuses_new_ones(gw):
+def _drain_events(gw: Gateway) -> list[dict]:
+    """switchyard's log lines about its drain, oldest first."""
+    events = [json.loads(line) for line in gw.stack.switchyard.log.read_text(errors="replace").splitlines()
+              if line.startswith("{")]
+    return [e for e in events if e["event"] in ("draining", "drain ended")]
+
+
+def test_sigterm_with_no_drain_finishes_in_flight_requests_and_refuses_new_ones(gw, drain):
+    drain(0)  # --drain-seconds 0: switchyard refuses new streams as soon as it gets SIGTERM
     in_flight = start_in_flight(gw)
     body = json.dumps(chat(CODE)).encode()
     in_time, too_late = Upload(gw, body), Upload(gw, body)
 
     gw.stack.switchyard.process.send_signal(signal.SIGTERM)
-    wait_for(lambda: _refusing_streams(gw.stack.ports.extproc), "switchyard to stop accepting streams", gw)
+    wait_for(lambda: _health(gw.stack.ports.extproc) is None, "switchyard to stop accepting streams", gw)
     assert gw.stack.switchyard.running, "the uploads' streams keep switchyard in its grace period"
     before = gw.backend_requests()
-    for text in (CHAT, CODE):  # new requests while it drains: Envoy's 500, not routed
+    for text in (CHAT, CODE):  # new requests while it stops: Envoy's 500, not routed
         reply = gw.post(chat(text))
         assert reply.status == 500, reply
         assert_fail_closed(reply)
@@ -269,6 +300,43 @@ def test_sigterm_finishes_in_flight_requests_and_refuses_new_ones(gw):
 
     finish_in_flight(*in_flight)  # routed before SIGTERM: whole, though switchyard has exited
     assert gw.backend_requests() == {k: v + 1 if k == "large" else v for k, v in before.items()}
+    assert_fail_closed(gw.post(chat(CHAT)))
+
+
+def test_sigterm_drains_routing_new_requests_then_exits_0(gw, drain):
+    drain(DRAIN_S)
+    process, port = gw.stack.switchyard.process, gw.stack.ports.extproc
+    process.send_signal(signal.SIGTERM)
+    signalled = time.monotonic()
+    wait_for(lambda: _health(port) == health_pb2.HealthCheckResponse.NOT_SERVING, "health NOT_SERVING", gw)
+    assert _health(port, EXT_PROC_SERVICE) == health_pb2.HealthCheckResponse.NOT_SERVING
+
+    before = gw.backend_requests()
+    for text, backend in ((CODE, "large"), (CHAT, "small"), (CODE, "large"), (CHAT, "small")):
+        assert_whole_completion(gw.post(chat(text)), backend, text)  # new requests while it drains: routed
+    assert gw.backend_requests() == {k: v + 2 for k, v in before.items()}
+    assert process.poll() is None and _health(port) == health_pb2.HealthCheckResponse.NOT_SERVING, "still draining"
+
+    assert process.wait(DRAIN_S + GRACE_S + 10) == 0
+    assert time.monotonic() - signalled > DRAIN_S * 0.8  # the drain lasted, and then it stopped by itself
+    assert [(e["event"], e.get("drain_s"), e.get("cut_short")) for e in _drain_events(gw)[-2:]] == [
+        ("draining", DRAIN_S, None), ("drain ended", None, False)]
+    assert_fail_closed(gw.post(chat(CHAT)))  # once it has exited: Envoy's 500, nothing routed
+
+
+def test_a_second_sigterm_ends_the_drain_at_once(gw, drain):
+    long_drain = 120
+    drain(long_drain)
+    process, port = gw.stack.switchyard.process, gw.stack.ports.extproc
+    process.send_signal(signal.SIGTERM)
+    wait_for(lambda: _health(port) == health_pb2.HealthCheckResponse.NOT_SERVING, "health NOT_SERVING", gw)
+    assert_whole_completion(gw.post(chat(CODE)), "large", CODE)  # draining
+    assert process.poll() is None
+
+    process.send_signal(signal.SIGTERM)
+    assert process.wait(GRACE_S + 10) == 0  # far sooner than the drain's 120 s
+    assert [(e["event"], e.get("drain_s"), e.get("cut_short")) for e in _drain_events(gw)[-2:]] == [
+        ("draining", long_drain, None), ("drain ended", None, True)]
     assert_fail_closed(gw.post(chat(CHAT)))
 
 
