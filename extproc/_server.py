@@ -66,8 +66,8 @@ async def serve_async(
     *,
     grace: float,
     drain: float,
+    reload_interval: float,
     reuse_port: bool = False,
-    reload_interval: float = 5.0,
     stop_signals: tuple[signal.Signals, ...] = (signal.SIGTERM, signal.SIGINT),
 ) -> None:
     """Serve ``policy`` until one of ``stop_signals``, reloading it as it changes; then drain
@@ -145,8 +145,8 @@ def serve(
     *,
     grace: float,
     drain: float,
+    reload_interval: float,
     workers: int = 1,
-    reload_interval: float = 5.0,
     metrics_listen: str | None = None,
 ) -> int:
     """Run the server in this process, or in ``workers`` forked processes on one port.

@@ -40,6 +40,8 @@ ROUTERS_COMMANDS = ("train", "eval", "calibrate", "scorer")
 DEFAULT_DRAIN_S = 5.0
 #: ``serve --grace``: once the drain is over, the seconds that streams still open get to finish.
 DEFAULT_GRACE_S = 5.0
+#: ``serve --reload-interval``: seconds between checks of the policy file (0: only on SIGHUP).
+DEFAULT_RELOAD_INTERVAL_S = 5.0
 
 
 def build_parser(with_routers: bool = False) -> argparse.ArgumentParser:
@@ -61,9 +63,9 @@ def build_parser(with_routers: bool = False) -> argparse.ArgumentParser:
                             f"at once (default {DEFAULT_DRAIN_S:g}; 0: refuse new streams at once).")
     serve.add_argument("--grace", type=float, default=DEFAULT_GRACE_S, metavar="SECONDS",
                        help=f"Then, seconds in-flight streams get to finish (default {DEFAULT_GRACE_S:g}).")
-    serve.add_argument("--reload-interval", type=float, default=5.0, metavar="SECONDS",
+    serve.add_argument("--reload-interval", type=float, default=DEFAULT_RELOAD_INTERVAL_S, metavar="SECONDS",
                        help="Re-read the policy file this often; a valid change takes effect, a bad one is "
-                            "logged and ignored (default 5; 0: only on SIGHUP).")
+                            f"logged and ignored (default {DEFAULT_RELOAD_INTERVAL_S:g}; 0: only on SIGHUP).")
     serve.add_argument("--metrics-listen", metavar="HOST:PORT", default=None,
                        help="Serve Prometheus metrics at http://HOST:PORT/metrics (default: off). With --workers N "
                             "the parent process serves every worker's series, labelled worker=\"<i>\". OTLP export "
