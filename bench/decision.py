@@ -130,6 +130,32 @@ def sustained(rows: Sequence[dict[str, Any]], p99_ms: float) -> float:
     return max(ok, default=0.0)
 
 
+def batching_ceiling(checkpoint: Path, device: str, chats: Sequence[list[dict[str, Any]]],
+                     sizes: Sequence[int] = (1, 4, 32), rounds: int = 3) -> dict[str, Any]:
+    """The serving forward's cost per request when 64 requests run in batches of each size
+    (best of ``rounds``), measured in this process; the most capacity batching can gain is
+    the batch-1 cost over the largest batch's."""
+    from extproc import BatchConfig, ScorerSpec, load_scorer
+
+    scorer = load_scorer(ScorerSpec(name="ceiling", kind="probe", checkpoints=(("p", str(checkpoint)),),
+                                    device=device, batch=BatchConfig(max_size=max(sizes), max_wait_ms=0.0)))
+    group, items = scorer.group, [list(c) for c in chats[:64]]
+    cost = group.cost
+    per_request = {}
+    for n in sizes:
+        best = math.inf
+        for _ in range(rounds):
+            started = time.perf_counter()
+            for i in range(0, len(items), n):
+                list(group._forward(items[i:i + n]))
+            best = min(best, time.perf_counter() - started)
+        per_request[n] = round(1000 * best / len(items), 2)
+    asyncio.run(scorer.close())
+    return {"ms_per_request": {str(n): ms for n, ms in per_request.items()},
+            "most_capacity_gain": round(per_request[min(sizes)] / per_request[max(sizes)], 2),
+            "forward_cost": {"fixed_ms": round(cost.fixed * 1e3, 3), "per_token_us": round(cost.per_token * 1e6, 3)}}
+
+
 def _probe_checkpoint(backbone_path: str, layer: int, out: Path) -> Path:
     import torch
 
@@ -282,6 +308,9 @@ def main(argv: Sequence[str] | None = None) -> int:
     deadline_ms = args.deadline_ms or (500.0 if args.through == "envoy" else 1000.0)
     with tempfile.TemporaryDirectory() as tmp, contextlib.ExitStack() as stack:
         ckpt = _probe_checkpoint(backbone, args.layer, Path(tmp) / "probe")
+        ceiling = batching_ceiling(ckpt, args.device, chats)
+        print(f"serving forwards in process: {ceiling['ms_per_request']} ms a request by batch size "
+              f"(batching can gain at most {ceiling['most_capacity_gain']}x here)", flush=True)
         if args.through == "envoy":
             os.environ["OMP_NUM_THREADS"] = str(args.threads)  # switchyard serve's torch threads
             stacks = {}
@@ -352,6 +381,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         "results": rows,
         "sustained_rate": best,
         "sustained_ratio": round(best["batched"] / best["single"], 2) if best["single"] else None,
+        "batching_ceiling": ceiling,
     }
     out = Path(args.out or f"bench/results/decision{'' if args.through == 'envoy' else '_inprocess'}.json")
     out.parent.mkdir(parents=True, exist_ok=True)
