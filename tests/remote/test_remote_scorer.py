@@ -191,19 +191,25 @@ def test_a_deadline_already_passed_makes_no_call():
     run(main())
 
 
+async def _values_until_both_called(target: str, one: FakeScorer, two: FakeScorer) -> set[float]:
+    """Score through ``target`` until both scorers got 3 calls (at most 200); the values seen."""
+    remote = RemoteScorer(remote_spec(target))
+    seen: set[float] = set()
+    try:
+        for _ in range(200):  # both connections become ready within a few calls
+            seen.add((await remote.score(request(), deadline=soon())).values["p"])
+            if len(seen) == 2 and one.calls >= 3 and two.calls >= 3:
+                break
+    finally:
+        await remote.close()
+    return seen
+
+
 def test_round_robin_over_every_address_of_the_target():
     async def main():
         one, two = FakeScorer(spec(), value=0.1), FakeScorer(spec(), value=0.2)
         async with serving({"probe": one}) as a, serving({"probe": two}) as b:
-            remote = RemoteScorer(remote_spec(f"ipv4:127.0.0.1:{a.port},127.0.0.1:{b.port}"))
-            try:
-                seen = set()
-                for _ in range(200):  # both connections become ready within a few calls
-                    seen.add((await remote.score(request(), deadline=soon())).values["p"])
-                    if seen == {0.1, 0.2} and one.calls >= 3 and two.calls >= 3:
-                        break
-            finally:
-                await remote.close()
+            seen = await _values_until_both_called(f"ipv4:127.0.0.1:{a.port},127.0.0.1:{b.port}", one, two)
         assert seen == {0.1, 0.2}
         assert one.calls >= 3 and two.calls >= 3
 
@@ -230,15 +236,7 @@ def test_round_robin_over_every_address_a_dns_name_returns():
         one, two = FakeScorer(spec(), value=0.1), FakeScorer(spec(), value=0.2)
         async with serving({"probe": one}) as a, serving({"probe": two}, f"127.0.0.2:{a.port}"), \
                 dns_server({"scorer.test": ["127.0.0.1", "127.0.0.2"]}) as dns:
-            remote = RemoteScorer(remote_spec(f"dns://127.0.0.1:{dns.port}/scorer.test:{a.port}"))
-            try:
-                seen = set()
-                for _ in range(200):  # both connections become ready within a few calls
-                    seen.add((await remote.score(request(), deadline=soon())).values["p"])
-                    if seen == {0.1, 0.2} and one.calls >= 3 and two.calls >= 3:
-                        break
-            finally:
-                await remote.close()
+            seen = await _values_until_both_called(f"dns://127.0.0.1:{dns.port}/scorer.test:{a.port}", one, two)
         assert ("scorer.test", TYPE_A) in dns.queries  # resolved by this server, not by some other path
         assert seen == {0.1, 0.2}
         assert one.calls >= 3 and two.calls >= 3
