@@ -133,8 +133,9 @@ def main(argv: list[str] | None = None) -> int:
     args = parser.parse_args(argv)
     if args.tiny:
         args.layer, args.words, args.rates, args.rate, args.duration = 2, "8,64", "5,20", 10.0, 2.0
+    name = "gpu_check_tiny.json" if args.tiny else "gpu_check.json"  # a tiny run never replaces a GPU result
     out = Path(args.out) if args.out else (
-        Path(os.environ["OUT"]) / "gpu_check.json" if os.environ.get("OUT") else ROOT / "bench/results/gpu_check.json")
+        Path(os.environ["OUT"]) / name if os.environ.get("OUT") else ROOT / "bench/results" / name)
     check = Check(out, args.budget_s)
     words = tuple(int(w) for w in args.words.split(","))
     rates = [float(r) for r in args.rates.split(",")]

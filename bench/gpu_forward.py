@@ -96,7 +96,7 @@ def main() -> int:
                    "raw_tflops": round(2 * 3.7e9 * tokens / (raw / 1000) / 1e12, 1) if not tiny else None}
             print(json.dumps(row), flush=True)
             rows.append(row)
-    out = Path(os.environ.get("OUT", ROOT / "bench" / "results")) / "gpu_forward.json"
+    out = Path(os.environ.get("OUT", ROOT / "bench" / "results")) / ("gpu_forward_tiny.json" if tiny else "gpu_forward.json")
     out.parent.mkdir(parents=True, exist_ok=True)
     out.write_text(json.dumps({"bench": "gpu_forward", "device": device, "rows": rows}, indent=1))
     return 0

@@ -33,7 +33,8 @@ def main() -> int:
     from routers.probe_scorer import ProbeScorer
     from routers.serving.prefill import BackboneKey, PrefillGroup, ProbeMember
 
-    model, backbone, probes, tok = random_probe_stack("--tiny" in sys.argv)
+    tiny = "--tiny" in sys.argv
+    model, backbone, probes, tok = random_probe_stack(tiny)
     device = backbone.device.type
     sync = torch.cuda.synchronize if device == "cuda" else (lambda: None)
     group = PrefillGroup(backbone, BackboneKey.of(backbone.source, device, None), BatchConfig(1, 0.0), ImageLimits(), "p")
@@ -129,7 +130,7 @@ def main() -> int:
     text = io.StringIO()
     pstats.Stats(profile, stream=text).sort_stats("tottime").print_stats(25)
     print(text.getvalue()[:6000])
-    dest = Path(os.environ.get("OUT", ROOT / "bench" / "results")) / "gpu_profile.json"
+    dest = Path(os.environ.get("OUT", ROOT / "bench" / "results")) / ("gpu_profile_tiny.json" if tiny else "gpu_profile.json")
     dest.parent.mkdir(parents=True, exist_ok=True)
     dest.write_text(json.dumps({"bench": "gpu_profile", "device": device, "ms": out, "profile": text.getvalue()[:20000]},
                                indent=1))
