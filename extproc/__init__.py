@@ -42,6 +42,7 @@ _EXPORTS: dict[str, str] = {
     "BatchConfig": "extproc._scorers",
     "ImageLimits": "extproc._scorers",
     "RemoteConfig": "extproc._scorers",
+    "RemoteTls": "extproc._scorers",
     "Scorer": "extproc._scorers",
     "ScorerDescription": "extproc._scorers",
     "ScorerLoader": "extproc._scorers",

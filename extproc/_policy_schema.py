@@ -169,6 +169,38 @@ _scorer_common = {
                     "(balanced over every address the name returns).",
                 ),
                 "scorer": Key(Str(min_length=1), "The scorer's name in the remote config. Default: this scorer's name.", None),
+                "tls": Key(
+                    Obj(
+                        title="tls",
+                        keys={
+                            "ca": Key(
+                                Str(min_length=1),
+                                "PEM file (relative to the policy file) of the CA that signed the scorer service's "
+                                "certificate (`scorer serve --tls-cert`).",
+                            ),
+                            "cert": Key(
+                                Str(min_length=1),
+                                "PEM file of this client's certificate, for mutual TLS (a server started with "
+                                "`--tls-client-ca` refuses clients without one). Set together with `key`.",
+                                None,
+                            ),
+                            "key": Key(
+                                Str(min_length=1),
+                                "PEM file of the private key of `cert`. Set together with `cert`.",
+                                None,
+                            ),
+                            "server_name": Key(
+                                Str(min_length=1),
+                                "The name the server's certificate must carry. Default: the target's host name "
+                                "(set it when the target is an IP address or another name).",
+                                None,
+                            ),
+                        },
+                    ),
+                    "Call the scorer service over TLS (mutual TLS with `cert` and `key`). The files are read "
+                    "when the channel is created; a TLS failure makes the request take `fallback`. Not set: plaintext.",
+                    None,
+                ),
             },
         ),
         "Score over gRPC instead of in process; the checkpoints then live on the scorer service.",
@@ -409,6 +441,9 @@ def markdown_reference() -> str:
                 continue  # the same nested keys as for `probe`
             assert isinstance(nested, Obj)
             lines += _table(nested, f"{key}.")
+            for inner, spec in nested.keys.items():  # a section inside the section: `remote.tls`
+                if isinstance(spec.schema, Obj):
+                    lines += _table(spec.schema, f"{key}.{inner}.")
     lines += ["", "#### `signals.<name>` by `kind`"]
     for kind, obj in SIGNAL_KINDS.items():
         lines += ["", f"**`{kind}`** — {obj.doc}", "", *head]

@@ -7,9 +7,15 @@ request's chat messages as JSON.
 
 How the calls behave:
 
-- **One channel per target**, created on first use on the running event loop and shared by
-  every :class:`RemoteScorer` of that target on that loop (two scorer names served by one
-  fleet share connections). The last scorer to close closes it.
+- **One channel per target and TLS settings**, created on first use on the running event
+  loop and shared by every :class:`RemoteScorer` of that target and ``tls`` on that loop
+  (two scorer names served by one fleet share connections). The last scorer to close
+  closes it.
+- **TLS** (``remote.tls``): the channel verifies the server's certificate against ``ca``
+  (under ``server_name`` when set) and presents ``cert``/``key`` for mutual TLS. The PEM
+  files are read when the channel is created; an unreadable file there, or a failed
+  handshake (wrong CA, a server that refuses the client), is a :class:`ScorerError` like
+  any unreachable server, so the policy takes its fallback. Without ``tls``: plaintext.
 - **Deadline**: the time left until the request's scoring deadline is the gRPC timeout, so
   the server sees it (``context.time_remaining()``) and stops working on a request nobody
   waits for. A deadline already passed fails without a call.
@@ -47,7 +53,7 @@ import orjson
 
 from extproc._errors import ScorerError
 from extproc._request import RoutingRequest
-from extproc._scorers import Scorer, Scores, ScorerSpec
+from extproc._scorers import RemoteTls, Scorer, Scores, ScorerSpec
 from switchyard.v1 import scorer_pb2, scorer_pb2_grpc
 
 __all__ = ["RemoteScorer", "CHANNEL_OPTIONS"]
@@ -77,28 +83,57 @@ class _Channel:
     users: int = 0
 
 
+#: What one shared channel is for: the target and its TLS settings (None: plaintext).
+ChannelKey = tuple[str, RemoteTls | None]
+
 # A grpc.aio channel belongs to the event loop it was created on: one table per loop.
-_channels: weakref.WeakKeyDictionary[asyncio.AbstractEventLoop, dict[str, _Channel]] = weakref.WeakKeyDictionary()
+_channels: weakref.WeakKeyDictionary[asyncio.AbstractEventLoop, dict[ChannelKey, _Channel]] = weakref.WeakKeyDictionary()
 
 
-def _acquire(target: str) -> tuple[asyncio.AbstractEventLoop, _Channel]:
+def _read_pem(name: str, field: str, path: str | None) -> bytes | None:
+    if path is None:
+        return None
+    try:
+        with open(path, "rb") as file:
+            return file.read()
+    except OSError as exc:
+        raise ScorerError(
+            f"Remote scorer {name!r}: cannot read `remote.tls.{field}` file {path!r}: {exc.strerror or exc}."
+        ) from exc
+
+
+def _new_channel(name: str, target: str, tls: RemoteTls | None) -> grpc.aio.Channel:
+    if tls is None:
+        return grpc.aio.insecure_channel(target, options=CHANNEL_OPTIONS)
+    credentials = grpc.ssl_channel_credentials(
+        root_certificates=_read_pem(name, "ca", tls.ca),
+        private_key=_read_pem(name, "key", tls.key),
+        certificate_chain=_read_pem(name, "cert", tls.cert),
+    )
+    options = CHANNEL_OPTIONS
+    if tls.server_name is not None:
+        options += (("grpc.ssl_target_name_override", tls.server_name),)
+    return grpc.aio.secure_channel(target, credentials, options=options)
+
+
+def _acquire(name: str, key: ChannelKey) -> tuple[asyncio.AbstractEventLoop, _Channel]:
     loop = asyncio.get_running_loop()
     table = _channels.setdefault(loop, {})
-    shared = table.get(target)
+    shared = table.get(key)
     if shared is None:
-        channel = grpc.aio.insecure_channel(target, options=CHANNEL_OPTIONS)
-        shared = table[target] = _Channel(channel, scorer_pb2_grpc.ScorerServiceStub(channel))
+        channel = _new_channel(name, *key)
+        shared = table[key] = _Channel(channel, scorer_pb2_grpc.ScorerServiceStub(channel))
     shared.users += 1
     return loop, shared
 
 
-async def _release(loop: asyncio.AbstractEventLoop, target: str, shared: _Channel) -> None:
+async def _release(loop: asyncio.AbstractEventLoop, key: ChannelKey, shared: _Channel) -> None:
     shared.users -= 1
     if shared.users > 0:
         return
     table = _channels.get(loop, {})
-    if table.get(target) is shared:
-        del table[target]
+    if table.get(key) is shared:
+        del table[key]
     if loop is asyncio.get_running_loop():
         await shared.channel.close()
 
@@ -115,23 +150,25 @@ class RemoteScorer(Scorer):
             raise ScorerError(f"Scorer {spec.name!r} has no `remote` section; it cannot be served remotely.")
         self.spec = spec
         self.target = spec.remote.target
+        self._key: ChannelKey = (spec.remote.target, spec.remote.tls)
         #: The scorer's name on the server (``remote.scorer``, default this scorer's name).
         self.remote_name = spec.remote.scorer or spec.name
         self._held: tuple[asyncio.AbstractEventLoop, _Channel] | None = None
         self._closed = False
 
     def __repr__(self) -> str:
-        return f"RemoteScorer({self.spec.name!r}, target={self.target!r}, scorer={self.remote_name!r})"
+        tls = "" if self._key[1] is None else ", tls=True"
+        return f"RemoteScorer({self.spec.name!r}, target={self.target!r}, scorer={self.remote_name!r}{tls})"
 
     async def _stub(self) -> scorer_pb2_grpc.ScorerServiceStub:
         if self._closed:
             raise ScorerError(f"Cannot score with remote scorer {self.spec.name!r}, as it has been closed.")
         loop = asyncio.get_running_loop()
         if self._held is not None and self._held[0] is not loop:  # used from a new event loop
-            await _release(self._held[0], self.target, self._held[1])
+            await _release(self._held[0], self._key, self._held[1])
             self._held = None
         if self._held is None:
-            self._held = _acquire(self.target)
+            self._held = _acquire(self.spec.name, self._key)
         return self._held[1].stub
 
     async def score(
@@ -185,4 +222,4 @@ class RemoteScorer(Scorer):
         self._closed = True
         if self._held is not None:
             held, self._held = self._held, None
-            await _release(held[0], self.target, held[1])
+            await _release(held[0], self._key, held[1])

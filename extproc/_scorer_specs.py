@@ -9,13 +9,14 @@ is reported at the key it comes from, so ``policy check`` prints ``file:line:col
 from __future__ import annotations
 
 import hashlib
+import re
 from collections.abc import Callable, Mapping
 from pathlib import Path
 from typing import Any
 
 from extproc._errors import CheckpointError, ScorerError
 from extproc._scorer_loading import describe_scorer
-from extproc._scorers import BatchConfig, ImageLimits, RemoteConfig, ScorerDescription, ScorerSpec
+from extproc._scorers import BatchConfig, ImageLimits, RemoteConfig, RemoteTls, ScorerDescription, ScorerSpec
 
 __all__ = ["build_scorer_specs", "check_score_signal", "check_utility_route", "checkpoint_fingerprint"]
 
@@ -47,11 +48,53 @@ def _folder(base_dir: Path, raw: str, key: tuple, report: Report) -> str | None:
     return str(path)
 
 
+#: What each ``remote.tls`` file must hold: a PEM block whose BEGIN line ends so.
+_PEM_KINDS = {"ca": ("certificate", b"CERTIFICATE-----"), "cert": ("certificate", b"CERTIFICATE-----"),
+              "key": ("private key", b"PRIVATE KEY-----")}
+
+
+def _pem_file(base_dir: Path, raw: str, key: tuple, report: Report) -> str | None:
+    """The absolute path of a readable PEM file of the kind ``key[-1]`` needs, or None (the
+    problem reported)."""
+    path = (base_dir / raw).resolve()
+    what = f"`{'.'.join(key)}` file {str(path)!r}"
+    try:
+        head = path.read_bytes()[:1 << 16]
+    except FileNotFoundError:
+        report(key, f"{what} does not exist.")
+        return None
+    except OSError as exc:
+        report(key, f"{what} cannot be read: {exc.strerror or exc}.")
+        return None
+    kind, ending = _PEM_KINDS[key[-1]]
+    if re.search(rb"^-----BEGIN [A-Z0-9 ]*" + re.escape(ending), head, re.MULTILINE) is None:
+        report(key, f"{what} holds no PEM {kind} (no `-----BEGIN ...{ending.decode()}` line).")
+        return None
+    return str(path)
+
+
+def _remote(name: str, raw: dict[str, Any] | None, base_dir: Path, report: Report) -> RemoteConfig | None:
+    """``scorers.<name>.remote`` as a :class:`RemoteConfig`; a TLS file problem is reported (the
+    policy is then rejected) and the config still built, so what refers to the scorer is checked."""
+    if not raw:
+        return None
+    tls = None
+    if raw["tls"] is not None:
+        at = ("scorers", name, "remote", "tls")
+        files = {field: (_pem_file(base_dir, raw["tls"][field], at + (field,), report) or raw["tls"][field])
+                 for field in ("ca", "cert", "key") if raw["tls"][field] is not None}
+        try:
+            tls = RemoteTls(server_name=raw["tls"]["server_name"], **files)
+        except ValueError as exc:
+            report(at, f"`scorers.{name}.remote.tls`: {exc}")
+    return RemoteConfig(raw["target"], raw["scorer"], tls)
+
+
 def _spec(name: str, config: dict[str, Any], base_dir: Path, report: Report,
           backends: Mapping[str, Any] | None) -> ScorerSpec | None:
     at = ("scorers", name)
     kind = config["kind"]
-    remote = RemoteConfig(config["remote"]["target"], config["remote"]["scorer"]) if config["remote"] else None
+    remote = _remote(name, config["remote"], base_dir, report)
     checkpoints: tuple[tuple[str, str], ...] = ()
     checkpoint = None
     if kind == "probe":

@@ -34,6 +34,7 @@ __all__ = [
     "BatchConfig",
     "ImageLimits",
     "RemoteConfig",
+    "RemoteTls",
     "ScorerSpec",
     "Scores",
     "Scorer",
@@ -75,16 +76,38 @@ class ImageLimits:
 
 
 @dataclass(frozen=True)
+class RemoteTls:
+    """TLS of a remote scorer's channel (``scorers.<name>.remote.tls``).
+
+    Absolute paths of PEM files, read when the channel is created: ``ca`` verifies the
+    server's certificate; ``cert`` + ``key`` (both or neither) are this client's certificate
+    and key for mutual TLS; ``server_name`` (None: the target's host) is the name the
+    server's certificate must carry.
+    """
+
+    ca: str
+    cert: str | None = None
+    key: str | None = None
+    server_name: str | None = None
+
+    def __post_init__(self) -> None:
+        if (self.cert is None) != (self.key is None):
+            given, missing = ("cert", "key") if self.cert is not None else ("key", "cert")
+            raise ValueError(f"`tls.{given}` is set but `tls.{missing}` is not; mutual TLS needs both.")
+
+
+@dataclass(frozen=True)
 class RemoteConfig:
     """A scorer served by ``switchyard scorer serve`` elsewhere.
 
     ``target`` is a gRPC target (``dns:///scorer.ns.svc.cluster.local:50061`` balances over
     every address the name returns); ``scorer`` is the scorer's name in the remote config
-    (default: the same name as here).
+    (default: the same name as here); ``tls`` None: a plaintext channel.
     """
 
     target: str
     scorer: str | None = None
+    tls: RemoteTls | None = None
 
 
 @dataclass(frozen=True)

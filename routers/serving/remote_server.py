@@ -11,6 +11,11 @@ Lifecycle::
         ─► health SERVING ─► ... SIGTERM / SIGINT ─► health NOT_SERVING
         ─► server.stop(grace): in-flight calls finish, new ones are refused ─► scorers closed
 
+TLS (``scorer serve --tls-cert --tls-key [--tls-client-ca]``, :class:`ServerTls`): the
+scorer service and the health service answer on one port with one set of credentials; with
+a client CA, only clients presenting a certificate it signed get past the handshake. Without
+``tls`` the port is plaintext.
+
 Per call: the scorer named in the request scores its ``messages`` with the caller's gRPC
 deadline (``context.time_remaining()``) as its deadline (the scorer's ``deadline_ms`` when
 the call has none). Errors answer with a status code and a sentence (see ``scorer.proto``):
@@ -28,8 +33,9 @@ import signal
 import sys
 import time
 from collections.abc import Callable, Mapping
+from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, ClassVar
 
 import grpc
 import orjson
@@ -49,7 +55,7 @@ from extproc import (
 )
 from switchyard.v1 import scorer_pb2, scorer_pb2_grpc
 
-__all__ = ["SERVICE_NAME", "SERVER_OPTIONS", "ScorerServer", "ScorerServicer", "serve_scorers"]
+__all__ = ["SERVICE_NAME", "SERVER_OPTIONS", "ScorerServer", "ScorerServicer", "ServerTls", "serve_scorers"]
 
 log = logging.getLogger("switchyard.scorer_server")
 
@@ -70,6 +76,54 @@ SERVER_OPTIONS: tuple[tuple[str, int], ...] = (
     ("grpc.keepalive_permit_without_calls", 1),
     ("grpc.so_reuseport", 0),
 )
+
+
+@dataclass(frozen=True)
+class ServerTls:
+    """The server's TLS: PEM files of its certificate (chain) and key, and optionally the CA
+    whose clients it accepts (set: clients must present a certificate it signed: mutual TLS).
+    Errors name the ``scorer serve`` flag of the file (:attr:`FLAGS`)."""
+
+    cert: Path
+    key: Path
+    client_ca: Path | None = None
+
+    #: field -> the ``scorer serve`` flag that sets it, for messages (``routers.scorer_cli`` declares them).
+    FLAGS: ClassVar[dict[str, str]] = {"cert": "--tls-cert", "key": "--tls-key", "client_ca": "--tls-client-ca"}
+
+    @classmethod
+    def from_flags(cls, cert: Path | None, key: Path | None, client_ca: Path | None) -> ServerTls | None:
+        """The TLS the flags ask for (None: plaintext); :class:`SwitchyardError` for a partial set."""
+        flags = cls.FLAGS
+        if cert is None and key is None:
+            if client_ca is not None:
+                raise SwitchyardError(f"{flags['client_ca']} needs {flags['cert']} and {flags['key']}: "
+                                      f"mutual TLS runs over TLS.")
+            return None
+        if cert is None or key is None:
+            given, missing = ("cert", "key") if cert is not None else ("key", "cert")
+            raise SwitchyardError(f"{flags[given]} is set but {flags[missing]} is not; TLS needs both.")
+        return cls(cert, key, client_ca)
+
+    def credentials(self) -> grpc.ServerCredentials:
+        """Server credentials from the files, read now; :class:`SwitchyardError` when one cannot be read."""
+        def read(field: str) -> bytes:
+            path = getattr(self, field)
+            try:
+                data = Path(path).read_bytes()
+            except OSError as exc:
+                raise SwitchyardError(
+                    f"{self.FLAGS[field]} file {str(path)!r} cannot be read: {exc.strerror or exc}."
+                ) from exc
+            if b"-----BEGIN " not in data:
+                raise SwitchyardError(f"{self.FLAGS[field]} file {str(path)!r} is not a PEM file (no `-----BEGIN` line).")
+            return data
+
+        client_ca = read("client_ca") if self.client_ca is not None else None
+        return grpc.ssl_server_credentials(
+            [(read("key"), read("cert"))], root_certificates=client_ca, require_client_auth=client_ca is not None
+        )
+
 
 Loader = Callable[[ScorerSpec], Scorer]
 Describer = Callable[[ScorerSpec], ScorerDescription]
@@ -170,10 +224,12 @@ class ScorerServer:
 
     ``loader`` / ``describer`` default to :func:`extproc.load_scorer` /
     :func:`extproc.describe_scorer` (the in-process runtimes); tests inject their own.
+    ``tls`` None: a plaintext port.
     """
 
     def __init__(self, specs: Mapping[str, ScorerSpec], listen: str, *, grace: float = 5.0,
-                 loader: Loader = load_scorer, describer: Describer = describe_scorer) -> None:
+                 loader: Loader = load_scorer, describer: Describer = describe_scorer,
+                 tls: ServerTls | None = None) -> None:
         for name, spec in specs.items():
             if spec.remote is not None:
                 raise SwitchyardError(
@@ -181,6 +237,7 @@ class ScorerServer:
                 )
         self.listen = listen
         self.grace = grace
+        self.tls = tls
         self.port = 0
         self.servicer = ScorerServicer(specs)
         self.health = HealthServicer()
@@ -190,13 +247,17 @@ class ScorerServer:
 
     async def start(self) -> int:
         """Bind ``listen`` and answer (health NOT_SERVING, Score UNAVAILABLE until :meth:`load`)."""
+        credentials = self.tls.credentials() if self.tls is not None else None  # a bad file: nothing listens
         server = grpc.aio.server(options=SERVER_OPTIONS)
         scorer_pb2_grpc.add_ScorerServiceServicer_to_server(self.servicer, server)
         health_pb2_grpc.add_HealthServicer_to_server(self.health, server)
         for service in ("", SERVICE_NAME):
             await self.health.set(service, health_pb2.HealthCheckResponse.NOT_SERVING)
         try:
-            self.port = server.add_insecure_port(self.listen)
+            if credentials is None:
+                self.port = server.add_insecure_port(self.listen)
+            else:
+                self.port = server.add_secure_port(self.listen, credentials)
         except RuntimeError as exc:
             raise SwitchyardError(f"Cannot listen on {self.listen!r} (expected HOST:PORT): {exc}.") from exc
         await server.start()
@@ -242,8 +303,9 @@ async def _serve_async(server: ScorerServer) -> None:
     try:
         port = await server.start()
         host = server.listen.rpartition(":")[0]
+        tls = "off" if server.tls is None else "mutual" if server.tls.client_ca is not None else "on"
         log.info("listening", extra={"listen": f"{host}:{port}", "scorers": list(server.servicer.specs),
-                                     "pid": os.getpid()})
+                                     "tls": tls, "pid": os.getpid()})
         loading = asyncio.create_task(server.load(), name="load scorers")
         stopping = asyncio.create_task(stop.wait(), name="wait for SIGTERM")
         await asyncio.wait({loading, stopping}, return_when=asyncio.FIRST_COMPLETED)
@@ -259,8 +321,9 @@ async def _serve_async(server: ScorerServer) -> None:
         await server.stop()
 
 
-def serve_scorers(config: Path, listen: str, *, grace: float = 5.0) -> int:
-    """Serve the scorers of ``config`` on ``listen`` until SIGTERM / SIGINT (blocking).
+def serve_scorers(config: Path, listen: str, *, grace: float = 5.0, tls: ServerTls | None = None) -> int:
+    """Serve the scorers of ``config`` on ``listen`` (over ``tls`` when given) until SIGTERM /
+    SIGINT (blocking).
 
     A bad config raises :class:`~extproc.PolicyError` before anything listens; a scorer
     that fails to load raises after the port was bound, and the server stops."""
@@ -271,5 +334,5 @@ def serve_scorers(config: Path, listen: str, *, grace: float = 5.0) -> int:
     specs = read_scorer_specs(config)
     if not specs:
         raise SwitchyardError(f"{config} defines no scorers; nothing to serve.")
-    asyncio.run(_serve_async(ScorerServer(specs, listen, grace=grace)))
+    asyncio.run(_serve_async(ScorerServer(specs, listen, grace=grace, tls=tls)))
     return 0

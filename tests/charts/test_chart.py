@@ -62,7 +62,7 @@ VALUE_SETS: dict[str, dict[str, Any]] = {
         "backends": {"pool-chat": {"host": "chat.llm.svc", "port": 8000}, "code": {"host": "code.llm.svc", "port": 8000}},
     },
     "remote-scorer": {
-        "scorer": {"enabled": True, "config": SCORERS, "replicas": 2,
+        "scorer": {"enabled": True, "config": SCORERS, "replicas": 2, "tls": {"secretName": "scorer-tls"},
                    "checkpoints": {"existingClaim": "probe-checkpoints"},
                    "nodeSelector": {"nvidia.com/gpu.present": "true"},
                    "tolerations": [{"key": "nvidia.com/gpu", "operator": "Exists", "effect": "NoSchedule"}]},
@@ -76,7 +76,8 @@ VALUE_SETS: dict[str, dict[str, Any]] = {
     },
 }
 # The data of Secrets and external ConfigMaps the value sets name (made outside the chart).
-SECRETS = {"openai": {"api-key": "sk-openai"}, "small-key": {"token": "t-small"}, "large-key": {"api-key": "k-large"}}
+SECRETS = {"openai": {"api-key": "sk-openai"}, "small-key": {"token": "t-small"}, "large-key": {"api-key": "k-large"},
+           "scorer-tls": {"tls.crt": "-", "tls.key": "-", "ca.crt": "-"}}
 CONFIG_MAPS = {"team-policy": {"routing.yaml": EXISTING_POLICY}}
 
 
@@ -264,21 +265,65 @@ def test_remote_scorer():
     assert service["spec"]["selector"] == scorer["spec"]["selector"]["matchLabels"]
     spec = scorer["spec"]["template"]["spec"]
     container = spec["containers"][0]
+    tls = "/etc/switchyard/scorer-tls"
     assert container["command"] + container["args"] == [
-        "switchyard", "scorer", "serve", "--config", "/etc/switchyard/scorers.yaml", "--listen", "0.0.0.0:50061"]
+        "switchyard", "scorer", "serve", "--config", "/etc/switchyard/scorers.yaml", "--listen", "0.0.0.0:50061",
+        "--tls-cert", f"{tls}/tls.crt", "--tls-key", f"{tls}/tls.key", "--tls-client-ca", f"{tls}/ca.crt"]
     assert container["resources"]["limits"]["nvidia.com/gpu"] == 1
-    assert container["readinessProbe"]["grpc"] == {"port": 50061}
+    assert {"name": "scorer-tls", "mountPath": tls, "readOnly": True} in container["volumeMounts"]
+    assert "exec" in container["readinessProbe"]  # the kubelet's gRPC probe cannot do TLS
     assert spec["nodeSelector"] == values["scorer"]["nodeSelector"]
     assert spec["tolerations"] == values["scorer"]["tolerations"]
     volumes = {v["name"]: v for v in spec["volumes"]}
     assert volumes["checkpoints"]["persistentVolumeClaim"] == {"claimName": "probe-checkpoints", "readOnly": True}
+    assert volumes["scorer-tls"]["secret"] == {"secretName": "scorer-tls"}
+    sidecar = find(manifests, "Deployment", FULLNAME)["spec"]["template"]["spec"]
+    switchyard = next(c for c in sidecar["containers"] if c["name"] == "switchyard")
+    assert {"name": "scorer-tls", "mountPath": tls, "readOnly": True} in switchyard["volumeMounts"]
+    assert {"name": "scorer-tls", "secret": {"secretName": "scorer-tls"}} in sidecar["volumes"]
     config = find(manifests, "ConfigMap", f"{FULLNAME}-scorer-config")
     assert config["data"]["scorers.yaml"] == SCORERS
     assert scorer["spec"]["replicas"] == 2
 
 
+def test_the_tls_scorer_probe_asks_health_over_mutual_tls(tmp_path):
+    """Run the scorer pod's probe command against a real mutual-TLS scorer server, with the
+    Secret's files laid out as the pod mounts them."""
+    import asyncio
+    import shutil
+    import sys
+
+    from routers.serving.remote_server import ServerTls
+    from tests.remote.certs import SERVER_NAME, make_certs
+    from tests.remote.support import FakeScorer, serving, spec
+
+    certs = make_certs(tmp_path)
+    mounted = tmp_path / "scorer-tls"
+    mounted.mkdir()
+    for source, name in ((certs.ca, "ca.crt"), (certs.server_cert, "tls.crt"), (certs.server_key, "tls.key")):
+        shutil.copy(source, mounted / name)
+    scorer = find(render(VALUE_SETS["remote-scorer"]), "Deployment", f"{FULLNAME}-scorer")
+    probe = scorer["spec"]["template"]["spec"]["containers"][0]["readinessProbe"]["exec"]["command"]
+    assert probe[:2] == ["python", "-c"]
+    service_name = f"{FULLNAME}-scorer.{NAMESPACE}.svc.cluster.local"
+    assert f'"{service_name}"' in probe[2]
+
+    async def run_probe() -> int:
+        server_tls = ServerTls(certs.server_cert, certs.server_key, client_ca=certs.ca)
+        async with serving({"probe": FakeScorer(spec())}, tls=server_tls) as server:
+            code = probe[2].replace("/etc/switchyard/scorer-tls", str(mounted)).replace(
+                "127.0.0.1:50061", f"127.0.0.1:{server.port}").replace(service_name, SERVER_NAME)
+            process = await asyncio.create_subprocess_exec(sys.executable, "-c", code)
+            return await asyncio.wait_for(process.wait(), 30)
+
+    assert asyncio.run(run_probe()) == 0
+
+
 def test_scorer_checkpoints_from_an_image():
-    spec = find(render(VALUE_SETS["hpa-servicemonitor-networkpolicy"]), "Deployment", f"{FULLNAME}-scorer")["spec"]["template"]["spec"]
+    manifests = render(VALUE_SETS["hpa-servicemonitor-networkpolicy"])
+    plaintext = find(manifests, "Deployment", f"{FULLNAME}-scorer")["spec"]["template"]["spec"]["containers"][0]
+    assert plaintext["readinessProbe"]["grpc"] == {"port": 50061} and "--tls-cert" not in plaintext["args"]
+    spec = find(manifests, "Deployment", f"{FULLNAME}-scorer")["spec"]["template"]["spec"]
     init = spec["initContainers"][0]
     assert init["image"] == "registry.example/probes:1"
     assert init["command"] == ["cp", "-a", "/checkpoints/.", "/mnt/checkpoints/"]

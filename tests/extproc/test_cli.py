@@ -202,7 +202,8 @@ def test_exported_names():
          "conversation_text", "image_urls", "last_user_text", "load_policy", "message_text", "parse_json_body",
          "parse_policy",
          # learned scorers: the interface routers implements
-         "BatchConfig", "ImageLimits", "RemoteConfig", "Scorer", "ScorerDescription", "ScorerFailure", "ScorerLoader",
+         "BatchConfig", "ImageLimits", "RemoteConfig", "RemoteTls", "Scorer", "ScorerDescription", "ScorerFailure",
+         "ScorerLoader",
          "ScorerSpec", "Scores", "describe_scorer", "load_scorer", "read_scorer_specs"]
     )
     assert all(hasattr(extproc, name) for name in extproc.__all__)

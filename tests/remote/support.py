@@ -14,8 +14,8 @@ import time
 from collections.abc import AsyncIterator
 from pathlib import Path
 
-from extproc import RemoteConfig, RoutingRequest, Scorer, ScorerDescription, ScorerError, ScorerSpec, Scores
-from routers.serving.remote_server import ScorerServer
+from extproc import RemoteConfig, RemoteTls, RoutingRequest, Scorer, ScorerDescription, ScorerError, ScorerSpec, Scores
+from routers.serving.remote_server import ScorerServer, ServerTls
 
 __all__ = ["FakeScorer", "spec", "remote_spec", "serving", "ServerProcess", "request"]
 
@@ -27,8 +27,8 @@ def spec(name: str = "probe", deadline_ms: float = 80.0) -> ScorerSpec:
     return ScorerSpec(name=name, kind="probe", checkpoints=(("p", "/nonexistent"),), deadline_ms=deadline_ms)
 
 
-def remote_spec(target: str, name: str = "probe", scorer: str | None = None) -> ScorerSpec:
-    return ScorerSpec(name=name, kind="probe", remote=RemoteConfig(target=target, scorer=scorer))
+def remote_spec(target: str, name: str = "probe", scorer: str | None = None, tls: RemoteTls | None = None) -> ScorerSpec:
+    return ScorerSpec(name=name, kind="probe", remote=RemoteConfig(target=target, scorer=scorer, tls=tls))
 
 
 def request(text: str = "hello") -> RoutingRequest:
@@ -76,10 +76,11 @@ def describe(spec: ScorerSpec) -> ScorerDescription:
 
 @contextlib.asynccontextmanager
 async def serving(scorers: dict[str, FakeScorer], listen: str = "127.0.0.1:0",
-                  grace: float = 1.0) -> AsyncIterator[ScorerServer]:
-    """The real scorer server on ``listen`` serving ``scorers`` (loaded through its loader hook)."""
+                  grace: float = 1.0, tls: ServerTls | None = None) -> AsyncIterator[ScorerServer]:
+    """The real scorer server on ``listen`` (over ``tls`` when given) serving ``scorers``
+    (loaded through its loader hook)."""
     server = ScorerServer({name: s.spec for name, s in scorers.items()}, listen, grace=grace,
-                          loader=lambda spec: scorers[spec.name], describer=describe)
+                          loader=lambda spec: scorers[spec.name], describer=describe, tls=tls)
     await server.start()
     try:
         await server.load()

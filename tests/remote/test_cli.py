@@ -15,7 +15,7 @@ import grpc
 import pytest
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 
-from extproc import RemoteConfig, RoutingRequest, ScorerSpec, load_scorer, read_scorer_specs
+from extproc import RemoteConfig, RemoteTls, RoutingRequest, ScorerError, ScorerSpec, load_scorer, read_scorer_specs
 from extproc.cli import main
 from tests.remote.support import REPO
 
@@ -49,9 +49,9 @@ def checkpoint(tmp_path_factory):
     return out
 
 
-def _start(config, listen="127.0.0.1:0"):
+def _start(config, listen="127.0.0.1:0", *flags: str):
     proc = subprocess.Popen(
-        [sys.executable, "-m", "extproc", "scorer", "serve", "--config", str(config), "--listen", listen],
+        [sys.executable, "-m", "extproc", "scorer", "serve", "--config", str(config), "--listen", listen, *flags],
         cwd=REPO, stderr=subprocess.PIPE, stdout=subprocess.DEVNULL, text=True,
         env={**os.environ, "PYTHONPATH": str(REPO), "HF_HUB_OFFLINE": "1"},
     )
@@ -97,6 +97,49 @@ def test_serve_answers_health_and_scores_as_in_process(checkpoint, tmp_path):
             assert 0.0 < got.values["small_ok"] < 1.0 and got.batch_size >= 1
         assert len({round(s.values["small_ok"], 6) for s in far}) > 1  # the requests are told apart
 
+        proc.send_signal(signal.SIGTERM)
+        assert proc.wait(timeout=30) == 0
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+            proc.wait()
+        proc.stderr.close()
+
+
+def test_serve_with_tls_flags_answers_health_and_scores_over_mutual_tls(checkpoint, tmp_path):
+    from tests.remote.certs import SERVER_NAME, make_certs
+
+    certs = make_certs(tmp_path)
+    config = tmp_path / "scorers.yaml"
+    config.write_text(f"scorers:\n  probe:\n    kind: probe\n    checkpoints: {{small_ok: {checkpoint}}}\n")
+    proc, port = _start(config, "127.0.0.1:0", "--tls-cert", str(certs.server_cert), "--tls-key",
+                        str(certs.server_key), "--tls-client-ca", str(certs.ca))
+    try:
+        tls = RemoteTls(ca=str(certs.ca), cert=str(certs.client_cert), key=str(certs.client_key),
+                        server_name=SERVER_NAME)
+
+        async def check():
+            credentials = grpc.ssl_channel_credentials(certs.ca.read_bytes(), certs.client_key.read_bytes(),
+                                                       certs.client_cert.read_bytes())
+            async with grpc.aio.secure_channel(f"127.0.0.1:{port}", credentials,
+                                               options=[("grpc.ssl_target_name_override", SERVER_NAME)]) as channel:
+                health = await health_pb2_grpc.HealthStub(channel).Check(health_pb2.HealthCheckRequest(), timeout=10)
+            remote = load_scorer(ScorerSpec(name="probe", kind="probe",
+                                            remote=RemoteConfig(target=f"127.0.0.1:{port}", tls=tls)))
+            plain = load_scorer(ScorerSpec(name="probe", kind="probe", remote=RemoteConfig(target=f"127.0.0.1:{port}")))
+            request = RoutingRequest.from_json({"messages": [{"role": "user", "content": "what is two plus two"}]})
+            try:
+                scores = await remote.score(request, deadline=time.monotonic() + 10)
+                with pytest.raises(ScorerError):
+                    await plain.score(request, deadline=time.monotonic() + 10)
+            finally:
+                await remote.close()
+                await plain.close()
+            return health.status, scores
+
+        status, scores = asyncio.run(check())
+        assert status == health_pb2.HealthCheckResponse.SERVING
+        assert 0.0 < scores.values["small_ok"] < 1.0
         proc.send_signal(signal.SIGTERM)
         assert proc.wait(timeout=30) == 0
     finally:

@@ -252,12 +252,12 @@ def test_scorers_of_one_target_share_one_channel_until_the_last_closes():
             await a.score(request(), deadline=soon())
             await b.score(request(), deadline=soon())
             table = _channels[asyncio.get_running_loop()]
-            assert table[target].users == 2
+            assert table[(target, None)].users == 2
             await a.close()
-            assert table[target].users == 1
+            assert table[(target, None)].users == 1
             assert (await b.score(request(), deadline=soon())).values["p"] == 0.25
             await b.close()
-            assert target not in table
+            assert (target, None) not in table
             with pytest.raises(ScorerError, match="has been closed"):
                 await a.score(request(), deadline=soon())
 

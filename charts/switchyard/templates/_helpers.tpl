@@ -109,3 +109,37 @@ large: {host: large-model.llm.svc.cluster.local, port: 8000}
 - --out
 - /etc/envoy/envoy.yaml
 {{- end -}}
+
+{{/*
+Where the scorer TLS Secret (scorer.tls.secretName: tls.crt, tls.key, ca.crt) is mounted, in
+the scorer pods and in the switchyard container (a policy's `remote.tls` names these files).
+*/}}
+{{- define "switchyard.scorerTlsDir" -}}
+/etc/switchyard/scorer-tls
+{{- end }}
+
+{{/*
+The scorer's probe action. Plaintext: the kubelet's gRPC probe. TLS: the kubelet's gRPC probe
+cannot do TLS, so the pod asks its own health service over mutual TLS with the mounted files
+(status 1 is SERVING), naming the Service as the certificate's name.
+*/}}
+{{- define "switchyard.scorerProbe" -}}
+{{- $s := .Values.scorer -}}
+{{- if $s.tls.secretName -}}
+{{- $dir := include "switchyard.scorerTlsDir" . -}}
+{{- $name := printf "%s.%s.svc.cluster.local" (include "switchyard.scorerName" .) .Release.Namespace -}}
+exec:
+  command:
+  - python
+  - -c
+  - >-
+    import grpc, sys; from grpc_health.v1 import health_pb2 as h, health_pb2_grpc as g;
+    r = lambda f: open("{{ $dir }}/" + f, "rb").read();
+    c = grpc.secure_channel("127.0.0.1:{{ $s.port }}",
+    grpc.ssl_channel_credentials(r("ca.crt"), r("tls.key"), r("tls.crt")), options=[("grpc.ssl_target_name_override", "{{ $name }}")]);
+    sys.exit(g.HealthStub(c).Check(h.HealthCheckRequest(), timeout=4).status != 1)
+timeoutSeconds: 5
+{{- else -}}
+grpc: {port: {{ $s.port }}}
+{{- end }}
+{{- end }}
