@@ -4,6 +4,7 @@ trained here on a tiny model, scored remotely exactly as in process; bad configs
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import os
 import re
 import signal
@@ -66,14 +67,29 @@ def _start(config, listen="127.0.0.1:0", *flags: str):
     raise AssertionError(f"scorer serve exited {proc.returncode} without serving:\n{''.join(lines)}")
 
 
+@contextlib.contextmanager
+def _serving(config, *flags: str):
+    """``scorer serve`` on a free port: ``(process, port)``; SIGTERM when the block ends (the
+    exit code is the test's to check), killed if it is still running after that."""
+    proc, port = _start(config, "127.0.0.1:0", *flags)
+    try:
+        yield proc, port
+        proc.send_signal(signal.SIGTERM)
+        proc.wait(timeout=30)
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+            proc.wait()
+        proc.stderr.close()
+
+
 def test_serve_answers_health_and_scores_as_in_process(checkpoint, tmp_path):
     config = tmp_path / "scorers.yaml"
     config.write_text(f"scorers:\n  probe:\n    kind: probe\n    checkpoints: {{small_ok: {checkpoint}}}\n"
                       f"    batch: {{max_size: 8, max_wait_ms: 2}}\n")
     requests = [RoutingRequest.from_json({"messages": [{"role": "user", "content": text}]})
                 for text in ("what is two plus two", "write a proof of the four colour theorem", "hi")]
-    proc, port = _start(config)
-    try:
+    with _serving(config) as (proc, port):
         local_spec = read_scorer_specs(config)["probe"]
         remote_spec = ScorerSpec(name="probe", kind="probe", remote=RemoteConfig(target=f"127.0.0.1:{port}"))
 
@@ -97,13 +113,7 @@ def test_serve_answers_health_and_scores_as_in_process(checkpoint, tmp_path):
             assert 0.0 < got.values["small_ok"] < 1.0 and got.batch_size >= 1
         assert len({round(s.values["small_ok"], 6) for s in far}) > 1  # the requests are told apart
 
-        proc.send_signal(signal.SIGTERM)
-        assert proc.wait(timeout=30) == 0
-    finally:
-        if proc.poll() is None:
-            proc.kill()
-            proc.wait()
-        proc.stderr.close()
+    assert proc.returncode == 0  # stopped by SIGTERM: a clean exit
 
 
 def test_serve_with_tls_flags_answers_health_and_scores_over_mutual_tls(checkpoint, tmp_path):
@@ -112,9 +122,8 @@ def test_serve_with_tls_flags_answers_health_and_scores_over_mutual_tls(checkpoi
     certs = make_certs(tmp_path)
     config = tmp_path / "scorers.yaml"
     config.write_text(f"scorers:\n  probe:\n    kind: probe\n    checkpoints: {{small_ok: {checkpoint}}}\n")
-    proc, port = _start(config, "127.0.0.1:0", "--tls-cert", str(certs.server_cert), "--tls-key",
-                        str(certs.server_key), "--tls-client-ca", str(certs.ca))
-    try:
+    with _serving(config, "--tls-cert", str(certs.server_cert), "--tls-key", str(certs.server_key),
+                  "--tls-client-ca", str(certs.ca)) as (proc, port):
         tls = RemoteTls(ca=str(certs.ca), cert=str(certs.client_cert), key=str(certs.client_key),
                         server_name=SERVER_NAME)
 
@@ -140,10 +149,4 @@ def test_serve_with_tls_flags_answers_health_and_scores_over_mutual_tls(checkpoi
         status, scores = asyncio.run(check())
         assert status == health_pb2.HealthCheckResponse.SERVING
         assert 0.0 < scores.values["small_ok"] < 1.0
-        proc.send_signal(signal.SIGTERM)
-        assert proc.wait(timeout=30) == 0
-    finally:
-        if proc.poll() is None:
-            proc.kill()
-            proc.wait()
-        proc.stderr.close()
+    assert proc.returncode == 0  # stopped by SIGTERM: a clean exit
