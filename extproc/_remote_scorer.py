@@ -16,6 +16,9 @@ How the calls behave:
   files are read when the channel is created; an unreadable file there, or a failed
   handshake (wrong CA, a server that refuses the client), is a :class:`ScorerError` like
   any unreachable server, so the policy takes its fallback. Without ``tls``: plaintext.
+  Every :data:`TLS_RECHECK_S` a channel in use compares its files with what it read; when
+  one changed (a renewed certificate), new calls get a new channel that reads them, and the
+  old one closes when its last call is done: no restart.
 - **Deadline**: the time left until the request's scoring deadline is the gRPC timeout, so
   the server sees it (``context.time_remaining()``) and stops working on a request nobody
   waits for. A deadline already passed fails without a call.
@@ -40,6 +43,7 @@ How the calls behave:
 from __future__ import annotations
 
 import asyncio
+import hashlib
 import json
 import logging
 import math
@@ -76,11 +80,18 @@ CHANNEL_OPTIONS: tuple[tuple[str, int | str], ...] = (
 )
 
 
+#: Seconds between two looks of a TLS channel at its PEM files (see the module docstring).
+TLS_RECHECK_S = 10.0
+
+
 @dataclass
 class _Channel:
     channel: grpc.aio.Channel
     stub: scorer_pb2_grpc.ScorerServiceStub
     users: int = 0
+    files: bytes = b""  # digest of the TLS files it was made from (b"": plaintext)
+    checked: float = 0.0  # time.monotonic() of the last look at them
+    renewed: bool = False  # a file changed: new calls take a new channel
 
 
 #: What one shared channel is for: the target and its TLS settings (None: plaintext).
@@ -116,13 +127,44 @@ def _new_channel(name: str, target: str, tls: RemoteTls | None) -> grpc.aio.Chan
     return grpc.aio.secure_channel(target, credentials, options=options)
 
 
+def _files_digest(tls: RemoteTls | None) -> bytes:
+    """What the TLS files hold now (a file that cannot be read counts as its own state)."""
+    if tls is None:
+        return b""
+    digest = hashlib.sha256()
+    for path in (tls.ca, tls.cert, tls.key):
+        if path is None:
+            digest.update(b"none")
+            continue
+        try:
+            with open(path, "rb") as file:
+                digest.update(hashlib.sha256(file.read()).digest())
+        except OSError:
+            digest.update(b"unreadable")
+    return digest.digest()
+
+
+def _renewed(shared: _Channel, tls: RemoteTls | None) -> bool:
+    """Whether ``shared``'s TLS files changed since it read them (looked at every
+    :data:`TLS_RECHECK_S`)."""
+    if tls is None or shared.renewed:
+        return shared.renewed
+    now = time.monotonic()
+    if now - shared.checked >= TLS_RECHECK_S:
+        shared.checked = now
+        shared.renewed = _files_digest(tls) != shared.files
+    return shared.renewed
+
+
 def _acquire(name: str, key: ChannelKey) -> tuple[asyncio.AbstractEventLoop, _Channel]:
     loop = asyncio.get_running_loop()
     table = _channels.setdefault(loop, {})
     shared = table.get(key)
-    if shared is None:
+    if shared is None or _renewed(shared, key[1]):
+        files = _files_digest(key[1])  # before reading them: a change in between is seen next time
         channel = _new_channel(name, *key)
-        shared = table[key] = _Channel(channel, scorer_pb2_grpc.ScorerServiceStub(channel))
+        shared = table[key] = _Channel(channel, scorer_pb2_grpc.ScorerServiceStub(channel), files=files,
+                                       checked=time.monotonic())
     shared.users += 1
     return loop, shared
 
@@ -164,7 +206,10 @@ class RemoteScorer(Scorer):
         if self._closed:
             raise ScorerError(f"Cannot score with remote scorer {self.spec.name!r}, as it has been closed.")
         loop = asyncio.get_running_loop()
-        if self._held is not None and self._held[0] is not loop:  # used from a new event loop
+        if self._held is not None and (
+            self._held[0] is not loop  # used from a new event loop
+            or _renewed(self._held[1], self._key[1])  # its TLS files changed
+        ):
             await _release(self._held[0], self._key, self._held[1])
             self._held = None
         if self._held is None:

@@ -106,7 +106,29 @@ class ServerTls:
         return cls(cert, key, client_ca)
 
     def credentials(self) -> grpc.ServerCredentials:
-        """Server credentials from the files, read now; :class:`SwitchyardError` when one cannot be read."""
+        """Server credentials from the files, read now (:class:`SwitchyardError` when one cannot
+        be read), and read again for each new connection: once a file changed (a renewed
+        certificate, a rotated Secret), new connections get it, with no restart. A changed
+        file that cannot be used yet (half written) keeps the last good ones, with a warning."""
+        initial, files = self._configuration()
+        last = {"files": files}
+
+        def fetch() -> grpc.ServerCertificateConfiguration | None:
+            try:
+                configuration, files = self._configuration()
+            except SwitchyardError as exc:
+                log.warning("scorer TLS files cannot be used; keeping the last good ones", extra={"error": str(exc)})
+                return None
+            if files == last["files"]:
+                return None
+            last["files"] = files
+            log.info("scorer TLS files changed; new connections use them")
+            return configuration
+
+        return grpc.dynamic_ssl_server_credentials(initial, fetch, require_client_authentication=self.client_ca is not None)
+
+    def _configuration(self) -> tuple[grpc.ServerCertificateConfiguration, tuple[bytes, ...]]:
+        """The certificate configuration from the files as they are now, and their contents."""
         def read(field: str) -> bytes:
             path = getattr(self, field)
             try:
@@ -119,10 +141,10 @@ class ServerTls:
                 raise SwitchyardError(f"{self.FLAGS[field]} file {str(path)!r} is not a PEM file (no `-----BEGIN` line).")
             return data
 
+        key, cert = read("key"), read("cert")
         client_ca = read("client_ca") if self.client_ca is not None else None
-        return grpc.ssl_server_credentials(
-            [(read("key"), read("cert"))], root_certificates=client_ca, require_client_auth=client_ca is not None
-        )
+        configuration = grpc.ssl_server_certificate_configuration([(key, cert)], root_certificates=client_ca)
+        return configuration, (key, cert, client_ca or b"")
 
 
 Loader = Callable[[ScorerSpec], Scorer]

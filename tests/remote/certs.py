@@ -75,3 +75,13 @@ def make_certs(folder: Path) -> Certs:
         _sign(folder, name, kind, ca)
     return Certs(ca=folder / "ca.crt", other_ca=folder / "other_ca.crt", server_cert=folder / "server.crt",
                  server_key=folder / "server.key", client_cert=folder / "client.crt", client_key=folder / "client.key")
+
+
+def renewed_server(certs: Certs, folder: Path) -> tuple[Path, Path]:
+    """A second server certificate and key for :data:`SERVER_NAME`, signed by the *other* CA
+    (a renewal under a new CA), written into ``folder``: ``(cert, key)``."""
+    folder.mkdir(parents=True, exist_ok=True)
+    (folder / "req.cnf").write_text(_REQ_CONFIG)
+    _request(folder, "renewed", SERVER_NAME)
+    _sign(folder, "renewed", "server", str(certs.other_ca.with_suffix("")))
+    return folder / "renewed.crt", folder / "renewed.key"

@@ -15,7 +15,7 @@ from extproc._reload import PolicyFile
 from extproc._remote_scorer import RemoteScorer, _channels
 from extproc.cli import main
 from routers.serving.remote_server import ServerTls
-from tests.remote.certs import SERVER_NAME, Certs, make_certs
+from tests.remote.certs import SERVER_NAME, Certs, make_certs, renewed_server
 from tests.remote.support import FakeScorer, remote_spec, request, serving, spec
 
 
@@ -188,3 +188,56 @@ def test_server_tls_flags_come_in_sets_and_bad_files_name_the_flag(certs, tmp_pa
         ServerTls.from_flags(None, None, certs.ca)
     with pytest.raises(Exception, match=r"--tls-key file '.*nope.key' cannot be read"):
         ServerTls(certs.server_cert, tmp_path / "nope.key").credentials()
+
+
+def test_a_renewed_ca_file_is_read_without_a_restart(certs, tmp_path, monkeypatch):
+    # the sidecar's CA file first holds the wrong CA (calls fail: fallback); once it is
+    # replaced (a renewed Secret), the next look at the files brings a new channel that scores
+    import extproc._remote_scorer as remote_scorer
+
+    monkeypatch.setattr(remote_scorer, "TLS_RECHECK_S", 0.0)
+    ca = tmp_path / "ca.crt"
+    ca.write_bytes(certs.other_ca.read_bytes())
+
+    async def main_():
+        async with serving({"probe": FakeScorer(spec())}, tls=ServerTls(certs.server_cert, certs.server_key)) as server:
+            scorer = RemoteScorer(remote_spec(f"127.0.0.1:{server.port}", tls=client_tls(certs, ca=ca)))
+            try:
+                with pytest.raises(ScorerError, match="UNAVAILABLE"):
+                    await scorer.score(request(), deadline=soon())
+                first = scorer._held[1]
+                ca.write_bytes(certs.ca.read_bytes())
+                scores = await scorer.score(request(), deadline=soon())
+                second = scorer._held[1]
+                again = await scorer.score(request(), deadline=soon())  # unchanged files: same channel
+                return scores, again, first, second, scorer._held[1]
+            finally:
+                await scorer.close()
+
+    scores, again, first, second, third = run(main_())
+    assert scores.values["p"] == 0.25 and again.values["p"] == 0.25
+    assert second is not first and third is second
+    assert first.users == 0  # the old channel was let go (and closed)
+
+
+def test_renewed_server_files_serve_new_connections_without_a_restart(certs, tmp_path):
+    cert, key = tmp_path / "server.crt", tmp_path / "server.key"
+    cert.write_bytes(certs.server_cert.read_bytes())
+    key.write_bytes(certs.server_key.read_bytes())
+    renewed_cert, renewed_key = renewed_server(certs, tmp_path / "renewal")
+
+    async def main_():
+        async with serving({"probe": FakeScorer(spec())}, tls=ServerTls(cert, key)) as server:
+            target = f"127.0.0.1:{server.port}"
+            before = await _score(target, client_tls(certs))
+            with pytest.raises(ScorerError, match="UNAVAILABLE"):  # not yet signed by the other CA
+                await _score(target, client_tls(certs, ca=certs.other_ca))
+            key.write_bytes(renewed_key.read_bytes())  # the Secret is renewed under the other CA
+            cert.write_bytes(renewed_cert.read_bytes())
+            after = await _score(target, client_tls(certs, ca=certs.other_ca))  # a new connection
+            with pytest.raises(ScorerError, match="UNAVAILABLE"):  # the old certificate is gone
+                await _score(target, client_tls(certs))
+            return before, after
+
+    before, after = run(main_())
+    assert before.values["p"] == after.values["p"] == 0.25
