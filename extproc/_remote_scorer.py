@@ -51,6 +51,7 @@ import time
 import weakref
 from collections.abc import Collection, Mapping
 from dataclasses import dataclass
+from pathlib import Path
 
 import grpc
 import orjson
@@ -101,58 +102,52 @@ ChannelKey = tuple[str, RemoteTls | None]
 _channels: weakref.WeakKeyDictionary[asyncio.AbstractEventLoop, dict[ChannelKey, _Channel]] = weakref.WeakKeyDictionary()
 
 
-def _read_pem(name: str, field: str, path: str | None) -> bytes | None:
-    if path is None:
-        return None
-    try:
-        with open(path, "rb") as file:
-            return file.read()
-    except OSError as exc:
-        raise ScorerError(
-            f"Remote scorer {name!r}: cannot read `remote.tls.{field}` file {path!r}: {exc.strerror or exc}."
-        ) from exc
-
-
-def _new_channel(name: str, target: str, tls: RemoteTls | None) -> grpc.aio.Channel:
-    if tls is None:
-        return grpc.aio.insecure_channel(target, options=CHANNEL_OPTIONS)
-    credentials = grpc.ssl_channel_credentials(
-        root_certificates=_read_pem(name, "ca", tls.ca),
-        private_key=_read_pem(name, "key", tls.key),
-        certificate_chain=_read_pem(name, "cert", tls.cert),
-    )
-    options = CHANNEL_OPTIONS
-    if tls.server_name is not None:
-        options += (("grpc.ssl_target_name_override", tls.server_name),)
-    return grpc.aio.secure_channel(target, credentials, options=options)
-
-
-def _files_digest(tls: RemoteTls | None) -> bytes:
-    """What the TLS files hold now (a file that cannot be read counts as its own state)."""
-    if tls is None:
-        return b""
-    digest = hashlib.sha256()
-    for path in (tls.ca, tls.cert, tls.key):
-        if path is None:
-            digest.update(b"none")
-            continue
+def _tls_files(name: str, tls: RemoteTls) -> tuple[bytes | None, bytes | None, bytes | None]:
+    """What the ``ca``, ``cert`` and ``key`` files hold now; :class:`ScorerError` naming the
+    one that cannot be read."""
+    files = []
+    for field in ("ca", "cert", "key"):
+        path = getattr(tls, field)
         try:
-            with open(path, "rb") as file:
-                digest.update(hashlib.sha256(file.read()).digest())
-        except OSError:
-            digest.update(b"unreadable")
+            files.append(None if path is None else Path(path).read_bytes())
+        except OSError as exc:
+            raise ScorerError(
+                f"Remote scorer {name!r}: cannot read `remote.tls.{field}` file {path!r}: {exc.strerror or exc}."
+            ) from exc
+    return files[0], files[1], files[2]
+
+
+def _digest(files: tuple[bytes | None, ...]) -> bytes:
+    digest = hashlib.sha256()
+    for content in files:
+        digest.update(b"none" if content is None else hashlib.sha256(content).digest())
     return digest.digest()
 
 
-def _renewed(shared: _Channel, tls: RemoteTls | None) -> bool:
+def _new_channel(name: str, target: str, tls: RemoteTls | None) -> tuple[grpc.aio.Channel, bytes]:
+    """A channel to ``target``, and the digest of the TLS files it was made from (b"": plaintext)."""
+    if tls is None:
+        return grpc.aio.insecure_channel(target, options=CHANNEL_OPTIONS), b""
+    ca, cert, key = files = _tls_files(name, tls)
+    credentials = grpc.ssl_channel_credentials(root_certificates=ca, private_key=key, certificate_chain=cert)
+    options = CHANNEL_OPTIONS
+    if tls.server_name is not None:
+        options += (("grpc.ssl_target_name_override", tls.server_name),)
+    return grpc.aio.secure_channel(target, credentials, options=options), _digest(files)
+
+
+def _renewed(shared: _Channel, name: str, tls: RemoteTls | None) -> bool:
     """Whether ``shared``'s TLS files changed since it read them (looked at every
-    :data:`TLS_RECHECK_S`)."""
+    :data:`TLS_RECHECK_S`; a file that cannot be read counts as changed)."""
     if tls is None or shared.renewed:
         return shared.renewed
     now = time.monotonic()
     if now - shared.checked >= TLS_RECHECK_S:
         shared.checked = now
-        shared.renewed = _files_digest(tls) != shared.files
+        try:
+            shared.renewed = _digest(_tls_files(name, tls)) != shared.files
+        except ScorerError:
+            shared.renewed = True
     return shared.renewed
 
 
@@ -160,9 +155,8 @@ def _acquire(name: str, key: ChannelKey) -> tuple[asyncio.AbstractEventLoop, _Ch
     loop = asyncio.get_running_loop()
     table = _channels.setdefault(loop, {})
     shared = table.get(key)
-    if shared is None or _renewed(shared, key[1]):
-        files = _files_digest(key[1])  # before reading them: a change in between is seen next time
-        channel = _new_channel(name, *key)
+    if shared is None or _renewed(shared, name, key[1]):
+        channel, files = _new_channel(name, *key)
         shared = table[key] = _Channel(channel, scorer_pb2_grpc.ScorerServiceStub(channel), files=files,
                                        checked=time.monotonic())
     shared.users += 1
@@ -208,7 +202,7 @@ class RemoteScorer(Scorer):
         loop = asyncio.get_running_loop()
         if self._held is not None and (
             self._held[0] is not loop  # used from a new event loop
-            or _renewed(self._held[1], self._key[1])  # its TLS files changed
+            or _renewed(self._held[1], self.spec.name, self._key[1])  # its TLS files changed
         ):
             await _release(self._held[0], self._key, self._held[1])
             self._held = None
