@@ -17,6 +17,7 @@ import torch
 
 from extproc import CheckpointError, ScorerError
 from routers.forward_cost import ForwardCost, plan_chunks
+from routers.probes._base import output_layers
 
 __all__ = ["ProbeScorer"]
 
@@ -52,8 +53,7 @@ class ProbeScorer:
         # deepest layer's feed-forward block to the last token
         self.last_only = self.layers
         # and a layer no probe reads the output of need not run at all
-        self.input_only = sorted({p.layer for p in self.probes.values()} - {
-            p.layer for p in self.probes.values() if p.reads_output})
+        self.input_only = sorted(set(self.layers) - output_layers(self.probes.values()))
 
     @classmethod
     def from_checkpoints(

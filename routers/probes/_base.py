@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from collections.abc import Iterable
 from dataclasses import asdict, dataclass, field, fields
 from typing import Any, ClassVar
 
@@ -12,7 +13,7 @@ from torch.nn import functional as F
 from routers.backbone import BackboneStates
 from routers.mlp import MLPConfig
 
-__all__ = ["Probe", "ProbeConfigMixin", "FrozenProbeConfig", "check_int", "reads_output"]
+__all__ = ["Probe", "ProbeConfigMixin", "FrozenProbeConfig", "check_int", "output_layers", "reads_output"]
 
 
 def check_int(value: Any, name: str, low: int = 1) -> None:
@@ -70,6 +71,12 @@ def reads_output(needs: str) -> bool:
     """Whether a probe that ``needs`` these states reads its layer's output (``"last"``), or
     only what enters the layer (``"tokens"``, ``"layer"``)."""
     return needs == "last"
+
+
+def output_layers(probes: Iterable[Probe]) -> frozenset[int]:
+    """The layers whose output some of ``probes`` read; of the other layers they read, only
+    what enters the layer is needed, so the backbone need not run it."""
+    return frozenset(probe.layer for probe in probes if probe.reads_output)
 
 
 class Probe(nn.Module):

@@ -33,8 +33,8 @@ from dataclasses import dataclass
 from typing import Any
 
 from extproc import BatchConfig, ImageLimits, RoutingRequest, ScorerError
-from routers.serving.batcher import MicroBatcher
 from routers.forward_cost import plan_chunks
+from routers.serving.batcher import MicroBatcher
 from routers.serving.images import has_images, with_loaded_images
 
 __all__ = ["BATCH_SIZE", "BackboneKey", "PrefillGroup", "ProbeMember", "PooledMember", "acquire_group", "release_group"]
@@ -66,6 +66,8 @@ class ProbeMember:
     """A set of named probes (one scorer's outputs) read from one prefill."""
 
     def __init__(self, probes: Mapping[str, Any]) -> None:
+        from routers.probes._base import output_layers  # imports torch: only once probes are loaded
+
         self.key = f"probes-{next(_ids)}"
         self.probes = {name: probe.eval() for name, probe in probes.items()}
         self.layers = frozenset(probe.layer for probe in self.probes.values())
@@ -73,7 +75,7 @@ class ProbeMember:
         # full output, so the deepest layer's feed-forward may run on the last token only,
         # and a layer no probe reads the output of need not run at all
         self.full_layers: frozenset[int] = frozenset()
-        self.output_layers = frozenset(probe.layer for probe in self.probes.values() if probe.reads_output)
+        self.output_layers = output_layers(self.probes.values())
 
     def compute(self, out: Any, rows: int) -> list[Any]:
         import torch
