@@ -8,7 +8,14 @@ import torch
 
 from extproc import CheckpointError, ScorerError
 from routers.backbone import BackboneConfig, TruncatedBackbone
-from tests.routers.test_probe_support import data_url, minilm_dir, tiny_text_model, tiny_vl_model, vl_processor
+from tests.routers.test_probe_support import (
+    data_url,
+    layers_run,
+    minilm_dir,
+    tiny_text_model,
+    tiny_vl_model,
+    vl_processor,
+)
 
 CONVERSATIONS = [
     [{"role": "user", "content": "hello world"}],
@@ -156,15 +163,9 @@ def test_last_only_cuts_the_deepest_feed_forward_to_the_last_token(text_dir):
 
 
 def _layers_run(backbone, fn):
-    """Which layers' forwards ran during ``fn()``."""
-    ran = []
-    handles = [backbone.layer_module(i).register_forward_hook(lambda m, a, out, i=i: ran.append(i))
-               for i in range(1, len(backbone._layer_list) + 1)]
-    try:
+    """``fn()``, and which layers ran during it."""
+    with layers_run(backbone) as ran:
         return fn(), ran
-    finally:
-        for handle in handles:
-            handle.remove()
 
 
 @pytest.mark.parametrize("path", ["text", "minilm"])

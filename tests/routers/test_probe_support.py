@@ -7,6 +7,7 @@ chat template and the Qwen2-VL vision tokens added, so no download is ever neede
 from __future__ import annotations
 
 import base64
+import contextlib
 import functools
 import io
 import json
@@ -211,3 +212,16 @@ def labelled(rows: list[dict]):
     from routers.data import parse_labelled
 
     return parse_labelled([json.dumps(r) for r in rows])
+
+
+@contextlib.contextmanager
+def layers_run(backbone):
+    """The numbers of ``backbone``'s layers that run while the block runs, in order."""
+    ran: list[int] = []
+    handles = [backbone.layer_module(i).register_forward_hook(lambda m, a, out, i=i: ran.append(i))
+               for i in range(1, len(backbone._layer_list) + 1)]
+    try:
+        yield ran
+    finally:
+        for handle in handles:
+            handle.remove()

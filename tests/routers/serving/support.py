@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import contextlib
+import threading
 import time
 from pathlib import Path
 
@@ -86,3 +88,20 @@ def latent_spec(folder: Path, name: str = "utility", **kw) -> ScorerSpec:
     kw.setdefault("batch", BatchConfig(max_size=16, max_wait_ms=20))
     backends = tuple((model, model) for model in POOL)
     return ScorerSpec(name=name, kind="latent_router", checkpoint=str(folder), backends=backends, **kw)
+
+
+@contextlib.contextmanager
+def forward_threads(backbone):
+    """The thread of each ``backbone.states`` call (one per forward) while the block runs."""
+    threads: list[int] = []
+    original = backbone.states
+
+    def states(*args, **kwargs):
+        threads.append(threading.get_ident())
+        return original(*args, **kwargs)
+
+    backbone.states = states
+    try:
+        yield threads
+    finally:
+        del backbone.states

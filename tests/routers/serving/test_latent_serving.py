@@ -4,7 +4,6 @@ and one shared backbone prefill with the probes."""
 from __future__ import annotations
 
 import asyncio
-import threading
 
 import pytest
 import torch
@@ -17,6 +16,7 @@ from tests.routers.serving.support import (
     CONVERSATIONS,
     POOL,
     far,
+    forward_threads,
     latent_checkpoint,
     latent_spec,
     probe_checkpoints,
@@ -111,22 +111,13 @@ def test_a_backbone_encoder_shares_the_probes_backbone_and_prefill(model_dir, tm
     async def main():
         probe = await asyncio.to_thread(load_scorer, probe_spec(folders, batch=BatchConfig(max_size=8, max_wait_ms=50)))
         latent = await asyncio.to_thread(load_scorer, latent_spec(ckpt, batch=BatchConfig(max_size=8, max_wait_ms=50)))
-        backbone = probe.group.backbone
-        calls = []
-        original = backbone.states
-
-        def states(*args, **kwargs):
-            calls.append(threading.get_ident())
-            return original(*args, **kwargs)
-
-        backbone.states = states
         try:
-            out = await asyncio.gather(*(both(probe, latent, m) for m in CONVERSATIONS[:8]))
-            # asked at the same time, the two scorers still share one prefill
-            req = request(CONVERSATIONS[9])
-            await asyncio.gather(probe.score(req, deadline=far()), latent.score(req, deadline=far()))
+            with forward_threads(probe.group.backbone) as calls:
+                out = await asyncio.gather(*(both(probe, latent, m) for m in CONVERSATIONS[:8]))
+                # asked at the same time, the two scorers still share one prefill
+                req = request(CONVERSATIONS[9])
+                await asyncio.gather(probe.score(req, deadline=far()), latent.score(req, deadline=far()))
         finally:
-            del backbone.states
             await probe.close()
             await latent.close()
         return probe, latent, out, calls

@@ -16,8 +16,8 @@ import torch
 from extproc import BatchConfig, CheckpointError, ScorerError, describe_scorer, load_scorer
 from routers.probe_scorer import ProbeScorer
 from routers.forward_cost import ForwardCost
-from tests.routers.serving.support import CONVERSATIONS, far, probe_checkpoints, probe_spec, request
-from tests.routers.test_probe_support import tiny_text_model
+from tests.routers.serving.support import CONVERSATIONS, far, forward_threads, probe_checkpoints, probe_spec, request
+from tests.routers.test_probe_support import layers_run, tiny_text_model
 
 
 @pytest.fixture(scope="module")
@@ -66,19 +66,10 @@ def test_64_concurrent_requests_each_get_their_own_score_equal_to_scoring_alone(
 def test_the_forward_runs_off_the_event_loop_once_per_batch(folders):
     async def main():
         scorer = await asyncio.to_thread(load_scorer, probe_spec(folders, batch=BatchConfig(max_size=64, max_wait_ms=50)))
-        backbone = scorer.group.backbone
-        calls = []
-        original = backbone.states
-
-        def states(*args, **kwargs):
-            calls.append(threading.get_ident())
-            return original(*args, **kwargs)
-
-        backbone.states = states
         try:
-            scores = await asyncio.gather(*(scorer.score(request(m), deadline=far()) for m in CONVERSATIONS[:8]))
+            with forward_threads(scorer.group.backbone) as calls:
+                scores = await asyncio.gather(*(scorer.score(request(m), deadline=far()) for m in CONVERSATIONS[:8]))
         finally:
-            del backbone.states
             await scorer.close()
         return threading.get_ident(), calls, scores, scorer
 
@@ -224,15 +215,10 @@ def test_probes_reading_only_what_enters_their_layer_never_run_it(folders):
     # the Attention Probe and ReLope on layer 2 read its input: layer 2 and later never run
     async def main():
         scorer = await asyncio.to_thread(load_scorer, probe_spec({k: folders[k] for k in ("attn", "relope")}, "inputs"))
-        backbone = scorer.group.backbone
-        ran = []
-        handles = [backbone.layer_module(i).register_forward_hook(lambda m, a, out, i=i: ran.append(i))
-                   for i in range(1, len(backbone._layer_list) + 1)]
         try:
-            scores = await asyncio.gather(*(scorer.score(request(m), deadline=far()) for m in CONVERSATIONS[:4]))
+            with layers_run(scorer.group.backbone) as ran:
+                scores = await asyncio.gather(*(scorer.score(request(m), deadline=far()) for m in CONVERSATIONS[:4]))
         finally:
-            for handle in handles:
-                handle.remove()
             await scorer.close()
         return scores, set(ran)
 
