@@ -12,17 +12,26 @@ CHART = Path(__file__).resolve().parents[2] / "charts" / "switchyard"
 RELEASE, NAMESPACE = "gw", "llm"
 
 
-def render(values: dict[str, Any] | None = None) -> list[dict[str, Any]]:
-    """Every manifest the chart renders for ``values`` (NOTES.txt left out), as dicts."""
+def _render_files(values: dict[str, Any] | None) -> dict[str, str]:
     import helm_python
 
-    rendered = helm_python.Chart.load(CHART).render(values or {}, name=RELEASE, namespace=NAMESPACE, is_install=True)
+    return helm_python.Chart.load(CHART).render(values or {}, name=RELEASE, namespace=NAMESPACE, is_install=True)
+
+
+def render(values: dict[str, Any] | None = None) -> list[dict[str, Any]]:
+    """Every manifest the chart renders for ``values`` (NOTES.txt left out), as dicts."""
+    rendered = _render_files(values)
     manifests = []
     for name, text in sorted(rendered.items()):
         if name.endswith("NOTES.txt"):
             continue
         manifests += [doc for doc in yaml.safe_load_all(text) if doc]
     return manifests
+
+
+def notes(values: dict[str, Any] | None = None) -> str:
+    """The NOTES.txt that ``helm install`` prints for ``values``."""
+    return next(text for name, text in _render_files(values).items() if name.endswith("NOTES.txt"))
 
 
 def find(manifests: list[dict[str, Any]], kind: str, name: str | None = None) -> dict[str, Any]:

@@ -4,15 +4,21 @@ Each volume becomes a directory under ``root``: a ConfigMap's or Secret's data i
 the kubelet's atomic-writer layout (``KEY -> ..data/KEY``, ``..data -> ..<timestamp>``, and
 an update swaps ``..data`` with one rename), an emptyDir starts empty. Every mount path in a
 container's command and args (and in its preStop hook's command) is rewritten to its
-directory; ``switchyard`` and ``envoy`` become the binaries of this environment. Nothing
-else of the manifest is changed.
+directory; ``switchyard``, ``envoy`` and ``python`` become the binaries of this environment.
+Nothing else of the manifest is changed.
+
+The pod's address is :data:`POD_IP`, where the kubelet's probes and other pods connect: a
+server bound to 0.0.0.0 answers there, one bound to the pod's loopback (127.0.0.1) does not,
+as in a real pod.
 """
 
 from __future__ import annotations
 
+import http.client
 import os
 import re
 import shutil
+import socket
 import subprocess
 import sys
 import time
@@ -21,7 +27,23 @@ from typing import Any
 
 from demo.stack import Child, envoy_binary
 
-__all__ = ["LocalPod", "atomic_write"]
+__all__ = ["POD_IP", "LocalPod", "atomic_write", "reachable"]
+
+#: The pod's own address, as seen from outside it. Linux routes all of 127.0.0.0/8 to the
+#: loopback interface, but a socket bound to 127.0.0.1 answers only there: so here, as from
+#: outside a real pod, 127.0.0.2 reaches what listens on 0.0.0.0 and nothing on 127.0.0.1.
+POD_IP = "127.0.0.2"
+#: Seconds a probe's command may take here (a busy test machine starts Python slowly).
+PROBE_TIMEOUT_S = 30
+
+
+def reachable(host: str, port: int) -> bool:
+    """True when a TCP connection to ``host:port`` opens."""
+    try:
+        socket.create_connection((host, port), timeout=2).close()
+        return True
+    except OSError:
+        return False
 
 
 def atomic_write(directory: Path, data: dict[str, str]) -> None:
@@ -100,7 +122,8 @@ class LocalPod:
         # One pass: a mount path where a path starts (after start, "=" or ":"), up to a "/" or the end.
         pattern = re.compile(r"(?<![^=:])(" + "|".join(re.escape(m) for m in mounts) + r")(?=/|$)")
         argv = [pattern.sub(lambda match: str(mounts[match.group(1)]), str(arg)) for arg in argv]
-        binaries = {"switchyard": str(Path(sys.executable).parent / "switchyard"), "envoy": envoy_binary()}
+        binaries = {"switchyard": str(Path(sys.executable).parent / "switchyard"), "envoy": envoy_binary(),
+                    "python": sys.executable}
         argv[0] = binaries.get(argv[0], argv[0])
         return argv
 
@@ -121,7 +144,48 @@ class LocalPod:
     def start(self, name: str) -> Child:
         return Child(name, self.argv(name), self.root / f"{name}.log").start()
 
+    def probe(self, name: str, kind: str = "readinessProbe") -> bool:
+        """Run the container's probe once, as the kubelet does: an ``exec`` command inside the
+        container (here: a local process), or ``httpGet`` / ``grpc`` / ``tcpSocket`` to the
+        pod's address (:data:`POD_IP`). True when it succeeds."""
+        probe = self.container(name)[kind]
+        if "exec" in probe:
+            try:
+                done = subprocess.run(self._local(probe["exec"]["command"]), capture_output=True, cwd=self.root,
+                                      timeout=PROBE_TIMEOUT_S)
+            except subprocess.TimeoutExpired:
+                return False
+            return done.returncode == 0
+        if "httpGet" in probe:
+            get = probe["httpGet"]
+            conn = http.client.HTTPConnection(POD_IP, self.port(name, get["port"]), timeout=2)
+            try:
+                conn.request("GET", get["path"])
+                return 200 <= conn.getresponse().status < 400
+            except OSError:
+                return False
+            finally:
+                conn.close()
+        if "grpc" in probe:
+            return _grpc_serving(f"{POD_IP}:{probe['grpc']['port']}", probe["grpc"].get("service", ""))
+        if "tcpSocket" in probe:
+            return reachable(POD_IP, self.port(name, probe["tcpSocket"]["port"]))
+        raise AssertionError(f"probe kind not supported here: {probe}")
+
     def port(self, container: str, name_or_number: str | int) -> int:
         if isinstance(name_or_number, int):
             return name_or_number
         return next(p["containerPort"] for p in self.container(container)["ports"] if p["name"] == name_or_number)
+
+
+def _grpc_serving(target: str, service: str) -> bool:
+    """The kubelet's gRPC probe: the health service at ``target`` says SERVING."""
+    import grpc
+    from grpc_health.v1 import health_pb2, health_pb2_grpc
+
+    with grpc.insecure_channel(target) as channel:
+        try:
+            reply = health_pb2_grpc.HealthStub(channel).Check(health_pb2.HealthCheckRequest(service=service), timeout=2)
+        except grpc.RpcError:
+            return False
+    return reply.status == health_pb2.HealthCheckResponse.SERVING

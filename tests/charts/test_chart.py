@@ -1,6 +1,6 @@
-"""The Helm chart, rendered by the Helm library for the defaults and five value sets: lint,
+"""The Helm chart, rendered by the Helm library for the defaults and six value sets: lint,
 Kubernetes schemas, the Envoy config each pod would render (validated by Envoy), security,
-probes, the optional parts, and values typos failing."""
+probes, what the network can reach, the optional parts, and values typos failing."""
 
 from __future__ import annotations
 
@@ -14,7 +14,7 @@ import yaml
 
 from demo.stack import envoy_binary
 from extproc._policy import load_policy
-from tests.charts.conftest import CHART, NAMESPACE, RELEASE, find, kinds, render
+from tests.charts.conftest import CHART, NAMESPACE, RELEASE, find, kinds, notes, render
 from tests.charts.pod import LocalPod
 
 REPO = CHART.parents[1]
@@ -66,6 +66,10 @@ VALUE_SETS: dict[str, dict[str, Any]] = {
                    "checkpoints": {"existingClaim": "probe-checkpoints"},
                    "nodeSelector": {"nvidia.com/gpu.present": "true"},
                    "tolerations": [{"key": "nvidia.com/gpu", "operator": "Exists", "effect": "NoSchedule"}]},
+    },
+    "no-networkpolicy-no-metrics": {
+        "networkPolicy": {"enabled": False},
+        "switchyard": {"metrics": {"enabled": False}},
     },
     "hpa-servicemonitor-networkpolicy": {
         "autoscaling": {"enabled": True, "minReplicas": 3, "maxReplicas": 12},
@@ -145,8 +149,9 @@ def test_pods_are_locked_down(rendered):
 def test_defaults():
     manifests = render()
     assert kinds(manifests) == [
-        ("ConfigMap", f"{FULLNAME}-policy"), ("Deployment", FULLNAME), ("PodDisruptionBudget", FULLNAME),
-        ("Service", FULLNAME), ("ServiceAccount", FULLNAME),
+        ("ConfigMap", f"{FULLNAME}-policy"), ("Deployment", FULLNAME), ("NetworkPolicy", FULLNAME),
+        ("PodDisruptionBudget", FULLNAME), ("Service", FULLNAME), ("Service", f"{FULLNAME}-metrics"),
+        ("ServiceAccount", FULLNAME),
     ]
     policy = find(manifests, "ConfigMap")["data"]["policy.yaml"]
     assert policy == (REPO / "policies" / "default.yaml").read_text()  # the chart ships the default policy
@@ -160,12 +165,97 @@ def test_probes_and_ports():
     deployment = find(render(), "Deployment")
     envoy, switchyard = deployment["spec"]["template"]["spec"]["containers"]
     assert envoy["readinessProbe"]["httpGet"] == {"path": "/ready", "port": "envoy-probes"}
-    assert switchyard["readinessProbe"]["grpc"] == {"port": 50051}
-    assert switchyard["livenessProbe"]["grpc"] == {"port": 50051}
+    for kind in ("readinessProbe", "livenessProbe"):  # ext_proc is on loopback: asked from inside (tests/charts/test_pod.py runs it)
+        command = switchyard[kind]["exec"]["command"]
+        assert command[:2] == ["python", "-c"] and 'grpc.insecure_channel("127.0.0.1:50051")' in command[2]
     assert "--disable-hot-restart" in envoy["args"]  # no shared memory: read-only root works
-    service = find(render(), "Service")
-    assert {p["name"]: p["targetPort"] for p in service["spec"]["ports"]} == {
-        "http": "http", "metrics": "metrics", "envoy-stats": "envoy-probes"}
+
+
+def _listen_addresses(deployment: dict[str, Any]) -> dict[str, str]:
+    """Every address a gateway pod's processes listen on, by flag."""
+    spec = deployment["spec"]["template"]["spec"]
+    render_args, serve = spec["initContainers"][0]["args"], spec["containers"][1]["args"]
+    flags = {f"envoy {flag}": render_args[render_args.index(flag) + 1] for flag in ("--listen", "--ready", "--admin")}
+    flags["serve --listen"] = serve[serve.index("--listen") + 1]
+    if "--metrics-listen" in serve:
+        flags["serve --metrics-listen"] = serve[serve.index("--metrics-listen") + 1]
+    return flags
+
+
+def test_ext_proc_listens_on_loopback_where_envoy_looks_for_it(tmp_path):
+    """serve --listen and the ext_proc cluster of the Envoy config the init container writes
+    are one address, on the pod's loopback; a changed switchyard.port moves both."""
+    for port in (50051, 6000):
+        manifests = render({"switchyard": {"port": port}})
+        pod = LocalPod(find(manifests, "Deployment"), manifests, tmp_path / str(port))
+        serve = pod.container("switchyard")["args"]
+        assert serve[serve.index("--listen") + 1] == f"127.0.0.1:{port}"
+        done = pod.run("envoy-config")
+        assert done.returncode == 0, done.stderr
+        config = yaml.safe_load((pod.volumes["envoy-config"] / "envoy.yaml").read_text())
+        hcm = config["static_resources"]["listeners"][0]["filter_chains"][0]["filters"][0]["typed_config"]
+        ext_proc = next(f for f in hcm["http_filters"] if f["name"] == "envoy.filters.http.ext_proc")
+        cluster_name = ext_proc["typed_config"]["grpc_service"]["envoy_grpc"]["cluster_name"]
+        cluster = next(c for c in config["static_resources"]["clusters"] if c["name"] == cluster_name)
+        [endpoint] = [e["endpoint"]["address"]["socket_address"]
+                      for group in cluster["load_assignment"]["endpoints"] for e in group["lb_endpoints"]]
+        assert endpoint == {"address": "127.0.0.1", "port_value": port}
+
+
+@pytest.mark.parametrize("service_type", ["ClusterIP", "LoadBalancer"])
+def test_only_envoys_listener_and_the_metrics_ports_leave_the_pod(service_type):
+    """What the pod listens on beyond loopback is exactly its declared ports (Envoy's listener,
+    its probe port, switchyard's metrics); the clients' Service carries Envoy's listener only
+    (a LoadBalancer never publishes the metrics), the headless metrics Service the rest."""
+    manifests = render({"service": {"type": service_type}})
+    deployment = find(manifests, "Deployment")
+    declared = {p["name"]: p["containerPort"] for c in deployment["spec"]["template"]["spec"]["containers"]
+                for p in c.get("ports", [])}
+    assert declared == {"http": 8080, "envoy-probes": 8081, "metrics": 9464}
+    addresses = _listen_addresses(deployment)
+    wide = {flag: int(a.rsplit(":", 1)[1]) for flag, a in addresses.items() if not a.startswith("127.0.0.1:")}
+    assert wide == {"envoy --listen": 8080, "envoy --ready": 8081, "serve --metrics-listen": 9464}
+    assert (addresses["serve --listen"], addresses["envoy --admin"]) == ("127.0.0.1:50051", "127.0.0.1:9901")
+    clients = find(manifests, "Service", FULLNAME)
+    assert clients["spec"]["type"] == service_type
+    assert clients["spec"]["ports"] == [{"name": "http", "port": 80, "targetPort": "http", "protocol": "TCP"}]
+    metrics = find(manifests, "Service", f"{FULLNAME}-metrics")
+    assert metrics["spec"]["clusterIP"] == "None" and "type" not in metrics["spec"]
+    assert {p["name"]: p["targetPort"] for p in metrics["spec"]["ports"]} == {
+        "metrics": "metrics", "envoy-stats": "envoy-probes"}
+    assert metrics["spec"]["selector"] == deployment["spec"]["selector"]["matchLabels"]
+
+
+PROMETHEUS = [{"namespaceSelector": {}, "podSelector": {"matchLabels": {"app.kubernetes.io/name": "prometheus"}}}]
+
+
+@pytest.mark.parametrize(
+    ("values", "clients", "scrapers"),
+    [
+        ({}, None, PROMETHEUS),
+        ({"networkPolicy": {"ingressFrom": [{"namespaceSelector": {"matchLabels": {"team": "apps"}}}],
+                            "metricsFrom": [{"namespaceSelector": {"matchLabels": {"name": "monitoring"}}}]}},
+         [{"namespaceSelector": {"matchLabels": {"team": "apps"}}}],
+         [{"namespaceSelector": {"matchLabels": {"name": "monitoring"}}}]),
+        ({"networkPolicy": {"metricsFrom": []}}, None, None),
+    ],
+    ids=["defaults", "selectors", "metrics-open"],
+)
+def test_network_policy_lets_in_exactly_envoys_clients_and_the_scrape(values, clients, scrapers):
+    """On by default: Envoy's listener from networkPolicy.ingressFrom (default any), the metrics
+    ports from networkPolicy.metricsFrom (default: Prometheus pods), nothing else; every port it
+    names is one the pod declares, and the pod declares no other."""
+    manifests = render(values)
+    policy = find(manifests, "NetworkPolicy", FULLNAME)["spec"]
+    deployment = find(manifests, "Deployment")
+    assert policy["podSelector"]["matchLabels"] == deployment["spec"]["selector"]["matchLabels"]
+    assert policy["policyTypes"] == ["Ingress"]
+    envoy_rule = {"ports": [{"port": "http", "protocol": "TCP"}]}
+    metrics_rule = {"ports": [{"port": "metrics", "protocol": "TCP"}, {"port": "envoy-probes", "protocol": "TCP"}]}
+    assert policy["ingress"] == [envoy_rule | ({"from": clients} if clients else {}),
+                                 metrics_rule | ({"from": scrapers} if scrapers else {})]
+    declared = {p["name"] for c in deployment["spec"]["template"]["spec"]["containers"] for p in c.get("ports", [])}
+    assert {p["port"] for rule in policy["ingress"] for p in rule["ports"]} == declared
 
 
 def test_shutdown_order():
@@ -319,6 +409,31 @@ def test_the_tls_scorer_probe_asks_health_over_mutual_tls(tmp_path):
     assert asyncio.run(run_probe()) == 0
 
 
+def test_a_plaintext_scorer_takes_only_the_gateway_pods():
+    """The scorer's defaults serve plaintext gRPC: the NetworkPolicy (on by default) lets only
+    this release's gateway pods reach its port, and the install notes say how to turn on TLS."""
+    values = {"scorer": {"enabled": True, "config": SCORERS, "checkpoints": {"existingClaim": "probes"}}}
+    manifests = render(values)
+    scorer = find(manifests, "Deployment", f"{FULLNAME}-scorer")
+    assert "--tls-cert" not in scorer["spec"]["template"]["spec"]["containers"][0]["args"]
+    policy = find(manifests, "NetworkPolicy", f"{FULLNAME}-scorer")["spec"]
+    assert policy["podSelector"]["matchLabels"] == scorer["spec"]["selector"]["matchLabels"]
+    gateway = find(manifests, "Deployment", FULLNAME)["spec"]["selector"]["matchLabels"]
+    assert policy["ingress"] == [{"ports": [{"port": "grpc", "protocol": "TCP"}],
+                                  "from": [{"podSelector": {"matchLabels": gateway}}]}]
+    text = notes(values)
+    assert "plaintext gRPC, to this release's gateway pods only" in text and "scorer.tls.secretName" in text
+    tls = notes(values | {"scorer": values["scorer"] | {"tls": {"secretName": "scorer-tls"}}})
+    assert "plaintext" not in tls and "/etc/switchyard/scorer-tls/ca.crt" in tls
+
+
+def test_install_notes_say_what_the_network_reaches():
+    assert "ext_proc listens on the pod's loopback only (127.0.0.1:50051)" in notes()
+    assert f"Scrape through Service {FULLNAME}-metrics" in notes()
+    assert "networkPolicy.enabled is false: every pod can reach the metrics ports" in notes(
+        VALUE_SETS["no-networkpolicy-no-metrics"])
+
+
 def test_scorer_checkpoints_from_an_image():
     manifests = render(VALUE_SETS["hpa-servicemonitor-networkpolicy"])
     plaintext = find(manifests, "Deployment", f"{FULLNAME}-scorer")["spec"]["template"]["spec"]["containers"][0]
@@ -352,10 +467,12 @@ def test_hpa_service_monitor_network_policy_and_dashboard():
 
 def test_service_monitor_scrapes_both_metrics_ports():
     manifests = render(VALUE_SETS["hpa-servicemonitor-networkpolicy"])
-    monitor, service = find(manifests, "ServiceMonitor"), find(manifests, "Service", FULLNAME)
+    monitor, service = find(manifests, "ServiceMonitor"), find(manifests, "Service", f"{FULLNAME}-metrics")
     assert monitor["apiVersion"] == "monitoring.coreos.com/v1"
     assert monitor["metadata"]["labels"]["release"] == "prometheus"
-    assert monitor["spec"]["selector"]["matchLabels"].items() <= service["metadata"]["labels"].items()
+    selected = [m["metadata"]["name"] for m in manifests if m["kind"] == "Service"
+                and monitor["spec"]["selector"]["matchLabels"].items() <= m["metadata"]["labels"].items()]
+    assert selected == [service["metadata"]["name"]]  # the metrics Service, not the clients' one
     ports = {p["name"] for p in service["spec"]["ports"]}
     assert {(e["port"], e["path"]) for e in monitor["spec"]["endpoints"]} == {
         ("metrics", "/metrics"), ("envoy-stats", "/stats/prometheus")}
@@ -377,9 +494,10 @@ def test_service_monitor_scrapes_both_metrics_ports():
         ({"switchyard": {"drainSeconds": -1}}, "drainSeconds"),
         ({"envoy": {"drainSeconds": 1.5}}, "drainSeconds"),
         ({"terminationGracePeriodSeconds": 0}, "terminationGracePeriodSeconds"),
+        ({"networkPolicy": {"metricsFrom": [{"podSelecter": {}}]}}, "podSelecter"),
     ],
     ids=["top-level", "envoy", "tls", "port-type", "port-missing", "credential-key", "enum", "scorer",
-         "drain-negative", "envoy-drain-integer", "termination-zero"],
+         "drain-negative", "envoy-drain-integer", "termination-zero", "network-peer"],
 )
 def test_values_typo_fails(values, where):
     import helm_python

@@ -6,7 +6,9 @@ tests/charts/pod.py); the init container renders Envoy's config; Envoy and switc
 with their own command and args. Requests then route as the policy says, the provider key
 reaches its backend and no other, and an edited policy ConfigMap and a rotated Secret take
 effect without a restart. A second pod is stopped the way the kubelet stops one (Envoy's
-preStop hook, SIGTERMs) while requests keep coming, and none of them fails.
+preStop hook, SIGTERMs) while requests keep coming, and none of them fails. From the pod's
+address (tests/charts/pod.py's POD_IP) only Envoy's listener and the metrics ports answer;
+ext_proc and Envoy's admin endpoint are on the pod's loopback, and the probes still pass.
 """
 
 from __future__ import annotations
@@ -25,7 +27,7 @@ import pytest
 
 from demo.stack import Child, free_port, grpc_serving, http_ok
 from tests.charts.conftest import find, render
-from tests.charts.pod import LocalPod, atomic_write
+from tests.charts.pod import POD_IP, LocalPod, atomic_write, reachable
 from tests.integration.harness import REPO, chat
 
 pytestmark = pytest.mark.envoy
@@ -81,11 +83,9 @@ def running_pod(root: Path, envoy: dict[str, Any], switchyard: dict[str, Any], *
         children += [local.start("switchyard"), local.start("envoy")]
         for name, port in backend_ports.items():
             _wait(f"backend {name}", lambda p=port: http_ok(p, "/health"), children)
-        # the containers' own probes: gRPC health for switchyard, GET /ready for Envoy
-        switchyard, envoy = local.container("switchyard"), local.container("envoy")
-        _wait("switchyard", lambda: grpc_serving(switchyard["readinessProbe"]["grpc"]["port"]), children)
-        probe = envoy["readinessProbe"]["httpGet"]
-        _wait("envoy", lambda: http_ok(local.port("envoy", probe["port"]), probe["path"]), children)
+        # the containers' own readiness probes, run as the kubelet runs them
+        _wait("switchyard", lambda: local.probe("switchyard"), children)
+        _wait("envoy", lambda: local.probe("envoy"), children)
         local.children = {c.name: c for c in children}
         local.listen = local.port("envoy", "http")
         yield local
@@ -125,6 +125,30 @@ def test_the_probe_port_serves_readiness_and_envoy_metrics_only(pod):
     probes = pod.port("envoy", "envoy-probes")
     assert http_ok(probes, "/ready") and http_ok(probes, "/stats/prometheus")
     assert not http_ok(probes, "/config_dump")  # the rest of the admin endpoint stays on loopback
+
+
+def _address(args: list[str], flag: str) -> tuple[str, int]:
+    host, port = args[args.index(flag) + 1].rsplit(":", 1)
+    return host, int(port)
+
+
+def test_from_the_pod_address_only_envoy_and_the_metrics_ports_answer(pod):
+    """What a client, a scraper or another pod can reach: Envoy's listener, its probe port and
+    switchyard's metrics. ext_proc and Envoy's admin endpoint answer on loopback only, and the
+    probes (switchyard's runs inside its container) still pass."""
+    declared = {p["name"]: p["containerPort"] for c in pod.spec["containers"] for p in c.get("ports", [])}
+    assert set(declared) == {"http", "envoy-probes", "metrics"}
+    for name, port in declared.items():
+        assert reachable(POD_IP, port), name
+    extproc = _address(pod.argv("switchyard"), "--listen")
+    admin = _address(pod.argv("envoy-config"), "--admin")
+    assert extproc[0] == admin[0] == "127.0.0.1"
+    for name, (_, port) in {"ext_proc": extproc, "admin": admin}.items():
+        assert reachable("127.0.0.1", port) and not reachable(POD_IP, port), name
+    assert grpc_serving(extproc[1])  # Envoy, beside it, reaches it over loopback
+    for container in ("switchyard", "envoy"):
+        for kind in ("readinessProbe", "livenessProbe"):
+            assert pod.probe(container, kind), (container, kind)
 
 
 def test_switchyard_metrics_are_served(pod):
@@ -189,7 +213,7 @@ def test_stopping_the_pod_loses_no_request(tmp_path):
         output = hook.stdout.read()
         assert hook.returncode == 0 and output == "", output
         assert switchyard.running, "switchyard's drain outlasts Envoy's"
-        assert not grpc_serving(pod.port("switchyard", "grpc")), "NOT_SERVING: the pod is not ready any more"
+        assert not pod.probe("switchyard"), "NOT_SERVING: the pod is not ready any more"
         assert envoy.running, "Envoy runs until its SIGTERM"
         assert replies
         for status, headers, _ in replies:

@@ -12,11 +12,22 @@
 {{- end -}}
 {{- end -}}
 
-{{- define "switchyard.labels" -}}
+{{- define "switchyard.metaLabels" -}}
 helm.sh/chart: {{ printf "%s-%s" .Chart.Name .Chart.Version | replace "+" "_" }}
 app.kubernetes.io/managed-by: {{ .Release.Service }}
 app.kubernetes.io/version: {{ .Chart.AppVersion | quote }}
+{{- end -}}
+
+{{- define "switchyard.labels" -}}
+{{ include "switchyard.metaLabels" . }}
 {{ include "switchyard.selectorLabels" . }}
+{{- end -}}
+
+{{/* The metrics Service's own labels (the ServiceMonitor selects it by them); it selects the gateway pods. */}}
+{{- define "switchyard.metricsLabels" -}}
+app.kubernetes.io/name: {{ include "switchyard.name" . }}
+app.kubernetes.io/instance: {{ .Release.Name }}
+app.kubernetes.io/component: metrics
 {{- end -}}
 
 {{- define "switchyard.selectorLabels" -}}
@@ -35,6 +46,11 @@ app.kubernetes.io/component: scorer
 {{- printf "%s-scorer" (include "switchyard.fullname" .) | trunc 63 | trimSuffix "-" -}}
 {{- end -}}
 
+{{/* The headless Service of the scrape targets. */}}
+{{- define "switchyard.metricsName" -}}
+{{- printf "%s-metrics" (include "switchyard.fullname" .) | trunc 63 | trimSuffix "-" -}}
+{{- end -}}
+
 {{- define "switchyard.serviceAccountName" -}}
 {{- if .Values.serviceAccount.create -}}
 {{- default (include "switchyard.fullname" .) .Values.serviceAccount.name -}}
@@ -49,6 +65,15 @@ app.kubernetes.io/component: scorer
 
 {{- define "switchyard.policyConfigMap" -}}
 {{- default (printf "%s-policy" (include "switchyard.fullname" .)) .Values.policy.existingConfigMap -}}
+{{- end -}}
+
+{{/*
+Where switchyard serves ext_proc, and where Envoy's ext_proc cluster points: the pod's loopback,
+since Envoy is in the same pod. The one declaration `serve --listen`, `envoy render --extproc`
+and switchyard's probes use; nothing outside the pod can reach it (no containerPort names it).
+*/}}
+{{- define "switchyard.extprocAddress" -}}
+127.0.0.1:{{ .Values.switchyard.port }}
 {{- end -}}
 
 {{/* Where the policy ConfigMap is mounted, as a directory (the kubelet swaps it in place). */}}
@@ -83,7 +108,7 @@ large: {host: large-model.llm.svc.cluster.local, port: 8000}
 - --admin
 - 127.0.0.1:{{ .Values.envoy.adminPort }}
 - --extproc
-- 127.0.0.1:{{ .Values.switchyard.port }}
+- {{ include "switchyard.extprocAddress" . }}
 - --ca-file
 - {{ .Values.caFile }}
 {{- range $name := keys $backends | sortAlpha }}
@@ -119,26 +144,44 @@ the scorer pods and in the switchyard container (a policy's `remote.tls` names t
 {{- end }}
 
 {{/*
-The scorer's probe action. Plaintext: the kubelet's gRPC probe. TLS: the kubelet's gRPC probe
-cannot do TLS, so the pod asks its own health service over mutual TLS with the mounted files
-(status 1 is SERVING), naming the Service as the certificate's name.
+A probe that runs inside the container: it asks the gRPC health service at `target` (status 1 is
+SERVING). For a server the kubelet cannot reach (switchyard on loopback) or cannot speak to
+(the scorer over mutual TLS). Takes a dict: target, and for mutual TLS `tlsDir` (ca.crt,
+tls.crt, tls.key) and `serverName` (the certificate's name).
 */}}
-{{- define "switchyard.scorerProbe" -}}
-{{- $s := .Values.scorer -}}
-{{- if $s.tls.secretName -}}
-{{- $dir := include "switchyard.scorerTlsDir" . -}}
-{{- $name := printf "%s.%s.svc.cluster.local" (include "switchyard.scorerName" .) .Release.Namespace -}}
+{{- define "switchyard.grpcHealthExec" -}}
 exec:
   command:
   - python
   - -c
   - >-
     import grpc, sys; from grpc_health.v1 import health_pb2 as h, health_pb2_grpc as g;
-    r = lambda f: open("{{ $dir }}/" + f, "rb").read();
-    c = grpc.secure_channel("127.0.0.1:{{ $s.port }}",
-    grpc.ssl_channel_credentials(r("ca.crt"), r("tls.key"), r("tls.crt")), options=[("grpc.ssl_target_name_override", "{{ $name }}")]);
+    {{- if .tlsDir }}
+    r = lambda f: open("{{ .tlsDir }}/" + f, "rb").read();
+    c = grpc.secure_channel("{{ .target }}",
+    grpc.ssl_channel_credentials(r("ca.crt"), r("tls.key"), r("tls.crt")), options=[("grpc.ssl_target_name_override", "{{ .serverName }}")]);
+    {{- else }}
+    c = grpc.insecure_channel("{{ .target }}");
+    {{- end }}
     sys.exit(g.HealthStub(c).Check(h.HealthCheckRequest(), timeout=4).status != 1)
 timeoutSeconds: 5
+{{- end }}
+
+{{/* switchyard's probe action: its health over the pod's loopback, from inside the container. */}}
+{{- define "switchyard.probe" -}}
+{{- include "switchyard.grpcHealthExec" (dict "target" (include "switchyard.extprocAddress" .)) }}
+{{- end }}
+
+{{/*
+The scorer's probe action. Plaintext: the kubelet's gRPC probe. TLS: the kubelet's gRPC probe
+cannot do TLS, so the pod asks its own health service over mutual TLS with the mounted files,
+naming the Service as the certificate's name.
+*/}}
+{{- define "switchyard.scorerProbe" -}}
+{{- $s := .Values.scorer -}}
+{{- if $s.tls.secretName -}}
+{{- include "switchyard.grpcHealthExec" (dict "target" (printf "127.0.0.1:%v" $s.port) "tlsDir" (include "switchyard.scorerTlsDir" .)
+      "serverName" (printf "%s.%s.svc.cluster.local" (include "switchyard.scorerName" .) .Release.Namespace)) }}
 {{- else -}}
 grpc: {port: {{ $s.port }}}
 {{- end }}
