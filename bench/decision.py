@@ -13,6 +13,17 @@ sizes achieved, and failures (deadline misses, overload). A mode *sustains* a ra
 its p99 is within ``--p99-ms`` and under 1% of requests fail; the summary gives each
 mode's highest sustained rate and their ratio. Rates alternate the mode that runs first.
 
+Two ratios answer whether batching pays, side by side in the same run:
+
+- ``below_saturation``: at each rate both modes sustain, the batched p50 over the one at a
+  time p50 (the batcher should cost no latency when there is no queue: within 10%);
+- ``capacity``: each mode's scored answers per second with ``--clients`` callers each
+  sending its next request as soon as the last is answered (``--capacity-seconds``), their
+  ratio, and that ratio over the batching ceiling this run measures in process (before and
+  after the load runs, the fastest of both)
+  (``ratio_vs_ceiling``; ``extra_vs_ceiling`` compares the gains over one at a time:
+  (ratio − 1) / (ceiling − 1)).
+
 By default (``--through envoy``) the requests go as HTTP through a real Envoy and
 ``switchyard serve`` with a policy whose one rule needs the probe (routes answer with
 ``direct_response``, so no backend costs anything): latency is then the client's, the batch
@@ -47,7 +58,7 @@ from typing import Any
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-__all__ = ["open_loop", "prompts", "percentile", "sustained"]
+__all__ = ["capacity", "ceiling_summary", "closed_loop", "open_loop", "prompts", "percentile", "sustained", "p50_ratios"]
 
 WORDS = ("the model routes each request to a backend based on how hard it looks while the "
          "probe reads hidden states of the small model and predicts whether it will answer "
@@ -73,10 +84,12 @@ def percentile(values: Sequence[float], q: float) -> float:
 
 
 async def open_loop(
-    score: Callable[[int, float], Awaitable[Any]], rate: float, duration: float, deadline_s: float, seed: int = 0
+    score: Callable[[int, float], Awaitable[Any]], rate: float, duration: float, deadline_s: float, seed: int = 0,
+    raw: bool = False,
 ) -> dict[str, Any]:
     """Poisson arrivals at ``rate``/s for ``duration`` s; ``score(i, deadline)`` returns
-    :class:`extproc.Scores` or raises. Latency counts from the scheduled arrival."""
+    :class:`extproc.Scores` or raises. Latency counts from the scheduled arrival. With
+    ``raw`` the row also keeps its ``_latencies`` and ``_batches`` (for :func:`merged`)."""
     rng = random.Random(seed)
     loop = asyncio.get_running_loop()
     latencies: list[float] = []
@@ -109,7 +122,21 @@ async def open_loop(
         tasks.append(loop.create_task(one(i, arrival)))
         i += 1
     await asyncio.gather(*tasks)
-    n = len(tasks)
+    row = _row(rate, len(tasks), latencies, batches, failures)
+    if raw:
+        row.update(_latencies=latencies, _batches=batches)
+    return row
+
+
+def merged(parts: Sequence[dict[str, Any]]) -> dict[str, Any]:
+    """One row from :func:`open_loop` ``raw`` rows of one rate (run in turns with the other mode)."""
+    latencies = [ms for part in parts for ms in part["_latencies"]]
+    batches: Counter = sum((part["_batches"] for part in parts), Counter())
+    failures: Counter = sum((Counter(part["failures"]) for part in parts), Counter())
+    return _row(parts[0]["rate"], sum(part["requests"] for part in parts), latencies, batches, failures)
+
+
+def _row(rate: float, n: int, latencies: list[float], batches: Counter, failures: Counter) -> dict[str, Any]:
     done = len(latencies)
     return {
         "rate": rate,
@@ -130,17 +157,66 @@ def sustained(rows: Sequence[dict[str, Any]], p99_ms: float) -> float:
     return max(ok, default=0.0)
 
 
+async def closed_loop(score: Callable[[int, float], Awaitable[Any]], clients: int, duration: float,
+                      deadline_s: float) -> dict[str, Any]:
+    """``clients`` callers, each sending its next request as soon as its last is answered,
+    for ``duration`` s: scored answers per second is the mode's capacity. A failed request
+    (a refusal is instant) is followed by a pause, so a refusing scorer is not flooded."""
+    stop = time.monotonic() + duration
+    scored = failed = 0
+
+    async def client(c: int) -> None:
+        nonlocal scored, failed
+        i = c
+        while time.monotonic() < stop:
+            try:
+                await score(i, time.monotonic() + deadline_s)
+                scored += 1
+            except Exception:  # noqa: BLE001 - counted; the scorer's failures are the point
+                failed += 1
+                await asyncio.sleep(0.05)
+            i += clients
+
+    started = time.monotonic()
+    await asyncio.gather(*(client(c) for c in range(clients)))
+    took = time.monotonic() - started
+    return {"clients": clients, "seconds": round(took, 2), "scored": scored, "failed": failed,
+            "scored_per_s": round(scored / took, 2)}
+
+
+def p50_ratios(rows: dict[str, list[dict[str, Any]]], p99_ms: float) -> dict[str, Any]:
+    """At each rate both modes sustain, batched p50 / single p50; ``worst`` is the highest."""
+    single = {r["rate"]: r for r in rows["single"] if r["failed_share"] < 0.01 and r["p99_ms"] <= p99_ms}
+    ratios = {
+        str(r["rate"]): round(r["p50_ms"] / single[r["rate"]]["p50_ms"], 3)
+        for r in rows["batched"]
+        if r["rate"] in single and r["failed_share"] < 0.01 and r["p99_ms"] <= p99_ms
+    }
+    worst = max(ratios.values(), default=None)
+    return {"p50_ratio_by_rate": ratios, "p50_ratio_worst": worst,
+            "p50_within_10pct": worst is not None and worst <= 1.10}
+
+
+def capacity(runs: dict[str, dict[str, Any]], ceiling: float) -> dict[str, Any]:
+    """The batched over the single mode's saturated throughput, and that over ``ceiling``."""
+    single, batched = runs["single"]["scored_per_s"], runs["batched"]["scored_per_s"]
+    ratio = batched / single if single else math.nan
+    return {**runs, "ratio": round(ratio, 3), "ceiling": ceiling,
+            "ratio_vs_ceiling": round(ratio / ceiling, 3),
+            "extra_vs_ceiling": round((ratio - 1) / (ceiling - 1), 3) if ceiling > 1 else None,
+            "at_least_90pct_of_ceiling": ratio / ceiling >= 0.9}
+
+
 def batching_ceiling(checkpoint: Path, device: str, chats: Sequence[list[dict[str, Any]]],
                      sizes: Sequence[int] = (1, 4, 32), rounds: int = 3) -> dict[str, Any]:
     """The serving forward's cost per request when 64 requests run in batches of each size
-    (best of ``rounds``), measured in this process; the most capacity batching can gain is
-    the batch-1 cost over the largest batch's."""
+    (best of ``rounds``), measured in this process, and the forward cost the group was
+    seeded with at load and refitted to from those forwards."""
     from extproc import BatchConfig, ScorerSpec, load_scorer
 
     scorer = load_scorer(ScorerSpec(name="ceiling", kind="probe", checkpoints=(("p", str(checkpoint)),),
                                     device=device, batch=BatchConfig(max_size=max(sizes), max_wait_ms=0.0)))
     group, items = scorer.group, [list(c) for c in chats[:64]]
-    cost = group.cost
     per_request = {}
     for n in sizes:
         best = math.inf
@@ -149,11 +225,23 @@ def batching_ceiling(checkpoint: Path, device: str, chats: Sequence[list[dict[st
             for i in range(0, len(items), n):
                 list(group._forward(items[i:i + n]))
             best = min(best, time.perf_counter() - started)
-        per_request[n] = round(1000 * best / len(items), 2)
+        per_request[str(n)] = round(1000 * best / len(items), 2)
     asyncio.run(scorer.close())
-    return {"ms_per_request": {str(n): ms for n, ms in per_request.items()},
-            "most_capacity_gain": round(per_request[min(sizes)] / per_request[max(sizes)], 2),
-            "forward_cost": {"fixed_ms": round(cost.fixed * 1e3, 3), "per_token_us": round(cost.per_token * 1e6, 3)}}
+    return {"ms_per_request": per_request, "forward_cost_at_load": _cost(group.live_cost.seed),
+            "forward_cost_refitted": _cost(group.cost)}
+
+
+def ceiling_summary(runs: Sequence[dict[str, Any]]) -> dict[str, Any]:
+    """:func:`batching_ceiling` runs (before and after the load runs) as one: per batch size
+    the fastest; the most capacity batching can gain is the batch-1 cost over the cheapest
+    size's."""
+    sizes = runs[0]["ms_per_request"]
+    fastest = {n: min(run["ms_per_request"][n] for run in runs) for n in sizes}
+    return {"ms_per_request": fastest, "most_capacity_gain": round(fastest["1"] / min(fastest.values()), 2), "runs": list(runs)}
+
+
+def _cost(cost: Any) -> dict[str, float]:
+    return {"fixed_ms": round(cost.fixed * 1e3, 3), "per_token_us": round(cost.per_token * 1e6, 3)}
 
 
 def _probe_checkpoint(backbone_path: str, layer: int, out: Path) -> Path:
@@ -281,7 +369,16 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser.add_argument("--deadline-ms", type=float, default=None,
                         help="the scorer's deadline (default 1000; through Envoy 500, below its message_timeout)")
     parser.add_argument("--max-size", type=int, default=32, help="batched mode: batch.max_size")
-    parser.add_argument("--max-wait-ms", type=float, default=4.0, help="batched mode: batch.max_wait_ms")
+    parser.add_argument("--max-wait-ms", type=float, default=4.0,
+                        help="batched mode: batch.max_wait_ms (accepted; the batcher no longer holds a request)")
+    parser.add_argument("--turns", type=int, default=2,
+                        help="the modes take turns this many times at each rate (--duration split among them), "
+                             "so a neighbour's load falls on both alike")
+    parser.add_argument("--capacity-seconds", type=float, default=8.0,
+                        help="seconds of the saturated (closed-loop) capacity run per mode; 0 skips it")
+    parser.add_argument("--clients", type=int, default=None,
+                        help="callers in the capacity run (default --max-size: few enough that one request "
+                             "at a time still answers them within the deadline)")
     parser.add_argument("--backbone", default=None, help="backbone folder (default: the packaged MiniLM)")
     parser.add_argument("--layer", type=int, default=4, help="probe layer")
     parser.add_argument("--device", default="cpu")
@@ -308,9 +405,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     deadline_ms = args.deadline_ms or (500.0 if args.through == "envoy" else 1000.0)
     with tempfile.TemporaryDirectory() as tmp, contextlib.ExitStack() as stack:
         ckpt = _probe_checkpoint(backbone, args.layer, Path(tmp) / "probe")
-        ceiling = batching_ceiling(ckpt, args.device, chats)
-        print(f"serving forwards in process: {ceiling['ms_per_request']} ms a request by batch size "
-              f"(batching can gain at most {ceiling['most_capacity_gain']}x here)", flush=True)
+        ceilings = [batching_ceiling(ckpt, args.device, chats)]
+        print(f"serving forwards in process: {ceilings[0]['ms_per_request']} ms a request by batch size", flush=True)
         if args.through == "envoy":
             os.environ["OMP_NUM_THREADS"] = str(args.threads)  # switchyard serve's torch threads
             stacks = {}
@@ -337,31 +433,52 @@ def main(argv: Sequence[str] | None = None) -> int:
                 await asyncio.gather(*(call(c, time.monotonic() + 30) for c in chats[:32]), return_exceptions=True)
             saturated: set[str] = set()
             for k, rate in enumerate(rates):
-                order = list(modes) if k % 2 == 0 else list(reversed(modes))
-                for mode in order:
-                    if mode in saturated:
-                        continue
-                    call = scorers[mode]
+                running = [mode for mode in modes if mode not in saturated]
+                parts: dict[str, list[dict[str, Any]]] = {mode: [] for mode in running}
+                before = {mode: stacks[mode].batch_totals() for mode in running} if args.through == "envoy" else {}
+                for turn in range(max(1, args.turns)):
+                    order = running if (k + turn) % 2 == 0 else running[::-1]
+                    for mode in order:
+                        call = scorers[mode]
 
-                    async def score(i: int, deadline: float, call=call) -> Any:
-                        return await asyncio.wait_for(call(chats[i % len(chats)], deadline), deadline - time.monotonic() + 0.5)
+                        async def score(i: int, deadline: float, call=call) -> Any:
+                            return await asyncio.wait_for(call(chats[i % len(chats)], deadline),
+                                                          deadline - time.monotonic() + 0.5)
 
-                    before = stacks[mode].batch_totals() if args.through == "envoy" else None
-                    row = await open_loop(score, rate, args.duration, deadline_ms / 1000.0, seed=k)
-                    if before is not None:
-                        total, count = (a - b for a, b in zip(stacks[mode].batch_totals(), before))
+                        parts[mode].append(await open_loop(score, rate, args.duration / max(1, args.turns),
+                                                           deadline_ms / 1000.0, seed=100 * k + turn, raw=True))
+                for mode in running:
+                    row = merged(parts[mode])
+                    if mode in before:
+                        total, count = (a - b for a, b in zip(stacks[mode].batch_totals(), before[mode]))
                         row["mean_batch"] = round(total / count, 2) if count else 0.0
                     rows[mode].append(row)
                     print(f"{mode:8s} {rate:6.1f} req/s  p50 {row['p50_ms']:8.2f} ms  p99 {row['p99_ms']:8.2f} ms  "
                           f"batch {row['mean_batch']:5.2f}  failed {row['failed_share']:.3f}", flush=True)
                     if row["failed_share"] > 0.2:  # far past saturation: higher rates only queue
                         saturated.add(mode)
+            saturated_runs = {}
+            if args.capacity_seconds > 0:
+                for mode in modes:
+                    call = scorers[mode]
+
+                    async def score(i: int, deadline: float, call=call) -> Any:
+                        return await asyncio.wait_for(call(chats[i % len(chats)], deadline), deadline - time.monotonic() + 0.5)
+
+                    saturated_runs[mode] = run_row = await closed_loop(
+                        score, args.clients or args.max_size, args.capacity_seconds, deadline_ms / 1000.0)
+                    print(f"{mode:8s} saturated: {run_row['scored_per_s']:8.2f} scored/s "
+                          f"({run_row['clients']} callers, {run_row['failed']} failed)", flush=True)
             if args.through != "envoy":
                 for scorer in loaded.values():
                     await scorer.close()
-            return rows
+            return rows, saturated_runs
 
-        rows = asyncio.run(run())
+        rows, saturated_runs = asyncio.run(run())
+        ceilings.append(batching_ceiling(ckpt, args.device, chats))  # again, as loaded as the runs left it
+        ceiling = ceiling_summary(ceilings)
+        print(f"serving forwards in process, fastest of before and after: {ceiling['ms_per_request']} ms a request "
+              f"by batch size (batching can gain at most {ceiling['most_capacity_gain']}x here)", flush=True)
     best = {mode: sustained(r, args.p99_ms) for mode, r in rows.items()}
     result = {
         "bench": "decision",
@@ -382,12 +499,21 @@ def main(argv: Sequence[str] | None = None) -> int:
         "sustained_rate": best,
         "sustained_ratio": round(best["batched"] / best["single"], 2) if best["single"] else None,
         "batching_ceiling": ceiling,
+        "below_saturation": p50_ratios(rows, args.p99_ms),
+        "capacity": capacity(saturated_runs, ceiling["most_capacity_gain"]) if saturated_runs else None,
     }
     out = Path(args.out or f"bench/results/decision{'' if args.through == 'envoy' else '_inprocess'}.json")
     out.parent.mkdir(parents=True, exist_ok=True)
     out.write_text(json.dumps(result, indent=2) + "\n")
     print(f"sustained at p99 <= {args.p99_ms:g} ms: batched {best['batched']:g} req/s, single {best['single']:g} req/s"
-          f" (ratio {result['sustained_ratio']})  -> {out}")
+          f" (ratio {result['sustained_ratio']})")
+    below = result["below_saturation"]
+    print(f"below saturation: batched p50 / single p50 = {below['p50_ratio_by_rate']} (worst {below['p50_ratio_worst']})")
+    if result["capacity"]:
+        cap = result["capacity"]
+        print(f"capacity: batched / single = {cap['ratio']} against a ceiling of {cap['ceiling']} "
+              f"({cap['ratio_vs_ceiling']} of it)")
+    print(f"-> {out}")
     return 0
 
 

@@ -21,6 +21,9 @@ _EXPORTS: dict[str, str] = {
     "PolicyProblem": "extproc._errors",
     "RequestError": "extproc._errors",
     "ScorerError": "extproc._errors",
+    "ScorerOverloaded": "extproc._errors",
+    "ScorerDeadline": "extproc._errors",
+    "scorer_message": "extproc._errors",
     "CheckpointError": "extproc._errors",
     "EnvoyConfigError": "extproc._errors",
     # requests and messages

@@ -45,6 +45,9 @@ class Decision:
     latency_ms: dict[str, float] = field(default_factory=dict)
     utilities: dict[str, float] = field(default_factory=dict)
     fallback: str | None = None
+    #: scorer -> its circuit breaker's state after this request asked it (``closed``,
+    #: ``open``, ``half_open``); only scorers the decision asked for.
+    breakers: dict[str, str] = field(default_factory=dict)
 
     @property
     def model(self) -> str:
@@ -93,4 +96,5 @@ class Decision:
             },
             "utilities": self.utilities,
             "fallback": self.fallback,
+            "breakers": self.breakers,
         }

@@ -17,7 +17,8 @@ Learned scores come from the caller: :meth:`PolicyEngine.decide` takes the score
 and raises :class:`ScoresNeeded` when a rule that can still win needs a scorer it was not
 given. So cheap rules decide first and a request they decide never waits for a forward
 pass; the caller (the servicer, ``policy explain``) scores and calls again. A scorer that
-failed makes the decision the policy's ``fallback``, recorded with the reason.
+failed makes the decision the scorer's ``fallback`` (default: the policy's), recorded with
+the reason.
 """
 
 from __future__ import annotations
@@ -227,10 +228,12 @@ class PolicyEngine:
         return chosen, utilities
 
     def _fallback(self, failed: ScoringFailed, request, tenant, evaluation, allowed, unusable, skipped) -> Decision:
-        """The decision when a needed scorer failed: ``fallback`` (or ``default``) if it can
-        serve the request, else the tenant's first backend that can."""
+        """The decision when a needed scorer failed: the scorer's own ``fallback``, else the
+        policy's ``fallback`` (or ``default``), if it can serve the request; else the tenant's
+        first backend that can."""
         policy = self.policy
-        first = policy.fallback or policy.default
+        spec = policy.scorers.get(failed.scorer)
+        first = (spec.fallback if spec is not None else None) or policy.fallback or policy.default
         candidates = [first] if first in allowed else []
         candidates += [name for name in allowed if name != first]
         for name in candidates:

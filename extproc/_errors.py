@@ -9,6 +9,8 @@ these with ``raise ... from exc``.
     ├── RequestError         a client request cannot be routed (bad JSON, too big, ...)
     │                        carries the HTTP status and an OpenAI-style error code
     ├── ScorerError          a learned scorer failed, timed out or returned a bad number
+    │   ├── ScorerOverloaded refused at once: it could not answer within the deadline
+    │   └── ScorerDeadline   no answer within the deadline (a remote call's DEADLINE_EXCEEDED)
     ├── CheckpointError      a probe / router checkpoint is missing, corrupt or mismatched
     └── EnvoyConfigError     an Envoy config cannot be rendered from the options given
 """
@@ -23,8 +25,11 @@ __all__ = [
     "PolicyProblem",
     "RequestError",
     "ScorerError",
+    "ScorerOverloaded",
+    "ScorerDeadline",
     "CheckpointError",
     "EnvoyConfigError",
+    "scorer_message",
 ]
 
 
@@ -70,9 +75,32 @@ class ScorerError(SwitchyardError):
     """A learned scorer failed, missed its deadline, or returned a non-finite score."""
 
 
+class ScorerOverloaded(ScorerError):
+    """A scorer refused a request at once, without running it: its queue is full, or the
+    wait it predicts (the work queued ahead and this request, at its measured forward cost)
+    is longer than the time left before the request's deadline. The policy's fallback
+    applies, as for any scorer failure, with the reason ``overload``."""
+
+
+class ScorerDeadline(ScorerError):
+    """A scorer gave no answer within the request's deadline (e.g. a remote scorer's call
+    ended DEADLINE_EXCEEDED). The policy's fallback applies with the reason ``deadline``."""
+
+
 class CheckpointError(SwitchyardError):
     """A checkpoint folder is missing, corrupt, or does not match the backbone given."""
 
 
 class EnvoyConfigError(SwitchyardError):
     """An Envoy config cannot be rendered: a bad address, a cluster without one, ..."""
+
+
+def scorer_message(name: str, error: Exception | str, doing: str = "") -> str:
+    """``Scorer 'name' <doing>: <error>``, or the error's message alone when it already starts
+    by naming the scorer (a loader or a nested scorer named it), so no message says the name
+    twice. Every layer that adds a scorer's name to a message goes through here."""
+    message = str(error)
+    for named in (f"Scorer {name!r}", f"Scorer `{name}`"):
+        if message.lower().startswith(named.lower()):
+            return named + message[len(named):]
+    return f"Scorer {name!r}{' ' + doing if doing else ''}: {message}"

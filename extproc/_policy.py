@@ -8,6 +8,7 @@ rule names, tokenizer files) and returns a :class:`Policy` or raises one
 
 from __future__ import annotations
 
+import os
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -37,7 +38,9 @@ __all__ = [
     "Policy",
     "load_policy",
     "parse_policy",
+    "read_policy_text",
     "read_scorer_specs",
+    "DEFAULT_MAX_POLICY_BYTES",
 ]
 
 
@@ -146,22 +149,47 @@ class Policy:
         return self.backends.get(model)
 
 
-def read_policy_text(path: str | Path) -> str:
-    """The policy file's text; an unreadable file is a :class:`PolicyError` at ``path:1:1``."""
+#: ``--max-policy-bytes``: the largest policy file switchyard reads. Checked before a byte is
+#: parsed, so an oversized file costs neither time nor memory (a reload keeps the running
+#: policy). 1 MiB is a Kubernetes ConfigMap's own limit and some 300 times the shipped
+#: default policy; a policy that size parses in 1–2 s of one core (libyaml, when PyYAML has it).
+DEFAULT_MAX_POLICY_BYTES = 1 << 20
+
+
+def _too_large(path: str | Path, size: str, max_bytes: int) -> PolicyError:
+    return PolicyError([PolicyProblem(str(path), 1, 1, (
+        f"The policy file is {size} bytes, over the limit of {max_bytes} bytes (--max-policy-bytes); "
+        f"it was not parsed."))])
+
+
+def read_policy_text(path: str | Path, max_bytes: int = DEFAULT_MAX_POLICY_BYTES) -> str:
+    """The policy file's text; an unreadable file, or one over ``max_bytes`` (checked before
+    reading more than ``max_bytes + 1`` bytes), is a :class:`PolicyError` at ``path:1:1``."""
     try:
-        return Path(path).read_text(encoding="utf-8")
+        with open(path, "rb") as file:
+            size = os.fstat(file.fileno()).st_size
+            if size > max_bytes:
+                raise _too_large(path, str(size), max_bytes)
+            data = file.read(max_bytes + 1)  # a file that grew, or a pipe, is cut here too
+        if len(data) > max_bytes:
+            raise _too_large(path, f"more than {max_bytes}", max_bytes)
+        return data.decode("utf-8")
     except (OSError, UnicodeDecodeError) as exc:
         raise PolicyError([PolicyProblem(str(path), 1, 1, f"Cannot read the policy file: {exc}.")]) from exc
 
 
-def load_policy(path: str | Path) -> Policy:
-    """Read and validate the policy file at ``path``."""
+def load_policy(path: str | Path, max_bytes: int = DEFAULT_MAX_POLICY_BYTES) -> Policy:
+    """Read and validate the policy file at ``path`` (at most ``max_bytes`` long)."""
     path = Path(path)
-    return parse_policy(read_policy_text(path), source=str(path), base_dir=path.parent)
+    return parse_policy(read_policy_text(path, max_bytes), source=str(path), base_dir=path.parent)
 
 
-def parse_policy(text: str, *, source: str = "<policy>", base_dir: Path | None = None) -> Policy:
-    """Validate policy YAML ``text``; ``source`` names it in error messages."""
+def parse_policy(text: str, *, source: str = "<policy>", base_dir: Path | None = None,
+                 checkpoints: dict[str, str] | None = None) -> Policy:
+    """Validate policy YAML ``text``; ``source`` names it in error messages. ``checkpoints``,
+    when given, gets each local checkpoint folder the policy names with its fingerprint from
+    before it was read (also when the policy is rejected), so a reload can tell whether they
+    changed since."""
     v = Validation(source)
     root = _compose(text, source)
     v.marks[()] = (root.start_mark.line + 1, root.start_mark.column + 1)
@@ -170,7 +198,7 @@ def parse_policy(text: str, *, source: str = "<policy>", base_dir: Path | None =
         data = _checkable(data, v.broken)
         if data is None:
             raise PolicyError(v.problems)
-    policy = _build(data, v, base_dir or Path("."))
+    policy = _build(data, v, base_dir or Path("."), checkpoints)
     if v.problems:
         raise PolicyError(v.problems)
     return policy
@@ -202,10 +230,15 @@ def _checkable(data: dict[str, Any] | None, broken: set[tuple]) -> dict[str, Any
     return out
 
 
+#: libyaml's parser when PyYAML was built with it (several times faster; the same node tree
+#: and marks), else the pure-Python one.
+_LOADER = getattr(yaml, "CSafeLoader", yaml.SafeLoader)
+
+
 def _compose(text: str, source: str) -> yaml.Node:
     """The YAML node tree of ``text``; :class:`PolicyError` located at the syntax error."""
     try:
-        root = yaml.compose(text, Loader=yaml.SafeLoader)
+        root = yaml.compose(text, Loader=_LOADER)
     except yaml.YAMLError as exc:
         mark = getattr(exc, "problem_mark", None) or getattr(exc, "context_mark", None)
         line, column = (mark.line + 1, mark.column + 1) if mark else (1, 1)
@@ -216,7 +249,7 @@ def _compose(text: str, source: str) -> yaml.Node:
     return root
 
 
-def _build(data: dict[str, Any], v: Validation, base_dir: Path) -> Policy:
+def _build(data: dict[str, Any], v: Validation, base_dir: Path, checkpoints: dict[str, str] | None) -> Policy:
     def report(path: tuple, message: str) -> None:
         v.problem(None, message, path)
 
@@ -236,7 +269,8 @@ def _build(data: dict[str, Any], v: Validation, base_dir: Path) -> Policy:
         check_backend(data["fallback"], ("fallback",))
 
     valid_scorers = {name: config for name, config in data["scorers"].items() if config is not None}
-    scorers, described = build_scorer_specs(valid_scorers, base_dir, report, backends=backends)
+    scorers, described = build_scorer_specs(valid_scorers, base_dir, report, backends=backends, checkpoints=checkpoints)
+    defined_scorers = tuple(data["scorers"])  # with those that have problems: already reported
 
     signals: dict[str, Signal] = {}
     for name, config in data["signals"].items():
@@ -244,7 +278,8 @@ def _build(data: dict[str, Any], v: Validation, base_dir: Path) -> Policy:
             continue
         signal = build_signal(name, config, base_dir, lambda key, msg, n=name: report(("signals", n) + key, msg))
         if signal is not None:
-            check_score_signal(signal, scorers, described, lambda key, msg, n=name: report(("signals", n) + key, msg))
+            check_score_signal(signal, scorers, described, lambda key, msg, n=name: report(("signals", n) + key, msg),
+                               defined_scorers)
             signals[name] = signal
 
     rules: list[Rule] = []
@@ -262,7 +297,8 @@ def _build(data: dict[str, Any], v: Validation, base_dir: Path) -> Policy:
         elif spec["backend"] is not None:
             check_backend(spec["backend"], path + ("backend",))
         elif spec["route"] is not None:
-            route = check_utility_route(spec["route"], scorers, described, backends, lambda key, msg: report(path + ("route",) + key, msg))
+            route = check_utility_route(spec["route"], scorers, described, backends,
+                                        lambda key, msg: report(path + ("route",) + key, msg), defined_scorers)
         when = _condition(spec["when"], path + ("when",), data["signals"], report)
         rules.append(Rule(spec["name"], when, spec["backend"], route))
 

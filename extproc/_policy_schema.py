@@ -13,7 +13,8 @@ from typing import Any
 
 import yaml
 
-from extproc._scorers import BatchConfig, ImageLimits, ScorerSpec
+from extproc._envoy_limits import DEADLINE_MARGIN_MS, MESSAGE_TIMEOUT_MS
+from extproc._scorers import BatchConfig, BreakerConfig, ImageLimits, ScorerSpec
 from extproc._signals import signal_schemas
 from extproc._schema import (
     DESCRIPTION_KEY,
@@ -106,6 +107,7 @@ _description = DESCRIPTION_KEY
 SIGNAL_KINDS: dict[str, Obj] = signal_schemas()
 
 _BATCH = BatchConfig()
+_BREAKER = BreakerConfig()
 _IMAGES = ImageLimits()
 _SPEC = ScorerSpec(name="", kind="probe")
 
@@ -127,7 +129,8 @@ _scorer_common = {
                 "max_size": Key(Int(minimum=1, maximum=1024), "Most requests in one forward.", _BATCH.max_size),
                 "max_wait_ms": Key(
                     Num(minimum=0, maximum=1000),
-                    "Longest a request waits for others to join its forward (ms); the first arrival starts the wait.",
+                    "Deprecated; accepted and checked, but no request is held any more: an idle worker takes a request at once, "
+                    "and the requests that arrive while a forward runs form the next batch (holding cost 4-6 ms of p50 and gained no capacity).",
                     _BATCH.max_wait_ms,
                 ),
             },
@@ -137,8 +140,37 @@ _scorer_common = {
     "deadline_ms": Key(
         Num(minimum=1, maximum=60000),
         "The scores must arrive within this many ms of the request's arrival at switchyard, else the "
-        "request takes `fallback`. Keep it below Envoy's ext_proc `message_timeout`.",
+        f"request takes `fallback`. At most Envoy's ext_proc `message_timeout` ({MESSAGE_TIMEOUT_MS} ms) less a "
+        f"{DEADLINE_MARGIN_MS} ms margin for answering after a miss; `policy check` refuses more.",
         _SPEC.deadline_ms,
+    ),
+    "breaker": Key.section(
+        Obj(
+            title="breaker",
+            keys={
+                "failures": Key(
+                    Int(minimum=0, maximum=1000),
+                    "Consecutive failed calls (deadline missed, error, overload) that open the breaker. "
+                    "0: no breaker (every request waits for the scorer).",
+                    _BREAKER.failures,
+                ),
+                "cool_off_ms": Key(
+                    Num(minimum=1, maximum=3600000),
+                    "How long an open breaker sends requests to the fallback at once (ms); then one request "
+                    "tries the scorer: success closes the breaker, failure opens it again.",
+                    _BREAKER.cool_off_ms,
+                ),
+            },
+        ),
+        "The scorer's circuit breaker: once it keeps failing, requests take the fallback at once "
+        "(reason `breaker_open`) instead of each waiting its deadline.",
+    ),
+    "fallback": Key(
+        Str(min_length=1),
+        "The backend a request takes when this scorer fails (deadline, overload, open breaker, error, NaN), "
+        "e.g. a mid-size backend so that overload need not send everything to the largest. "
+        "Default: the policy's top-level `fallback`.",
+        None,
     ),
     "images": Key.section(
         Obj(
@@ -151,13 +183,29 @@ _scorer_common = {
                 ),
                 "allow_hosts": Key(
                     ListOf(Str(min_length=1)),
-                    "Hosts http(s) image URLs may be fetched from (exact names). Empty: URLs are never fetched.",
+                    "Hosts http(s) image URLs may be fetched from: `host` allows the URL scheme's default port "
+                    "only (80 for http, 443 for https), `host:port` that port (IPv6 in brackets: `[::1]:8080`). "
+                    "Empty: URLs are never fetched.",
                     list(_IMAGES.allow_hosts),
                 ),
                 "fetch_timeout_ms": Key(Num(minimum=1), "Timeout of one image fetch (ms).", _IMAGES.fetch_timeout_ms),
+                "max_images": Key(
+                    Int(minimum=1), "Most images one request may carry; a request with more is refused before any "
+                    "is decoded.", _IMAGES.max_images,
+                ),
+                "max_total_bytes": Key(
+                    Int(minimum=1), "Most encoded bytes of all of one request's images together; `data:` images are "
+                    "counted before any is decoded, fetched ones as they arrive.", _IMAGES.max_total_bytes,
+                ),
+                "max_total_pixels": Key(
+                    Int(minimum=1), "Most width × height of all of one request's images together, checked from each "
+                    "image's header before its pixels are decoded.", _IMAGES.max_total_pixels,
+                ),
             },
         ),
-        "Limits on `image_url` parts the scorer reads. A refused or broken image makes the request take `fallback`.",
+        "Limits on `image_url` parts the scorer reads, per image and per request; the request's deadline is "
+        "checked between images. A refused or broken image, or a deadline passed while reading them, makes the "
+        "request take `fallback`.",
     ),
     "remote": Key(
         Obj(
@@ -299,7 +347,8 @@ POLICY_SCHEMA = Obj(
         "default": Key(Str(min_length=1), "The backend used when no rule matches."),
         "fallback": Key(
             Str(min_length=1),
-            "The backend used when a scorer a rule needs fails, returns NaN or misses its deadline. Default: `default`.",
+            "The backend used when a scorer a rule needs fails, returns NaN, misses its deadline, is overloaded or "
+            "its breaker is open (unless the scorer names its own `fallback`). Default: `default`.",
             None,
         ),
         "scorers": Key(
@@ -435,7 +484,7 @@ def markdown_reference() -> str:
     for kind, obj in SCORER_KINDS_SCHEMA.items():
         lines += ["", f"**`{kind}`** — {obj.doc}", "", *head]
         lines += _table(Obj(keys={k: v for k, v in obj.keys.items() if k != "kind"}), "")
-        for key in ("batch", "images", "remote"):
+        for key in ("batch", "breaker", "images", "remote"):
             nested = obj.keys[key].schema
             if kind == "latent_router":
                 continue  # the same nested keys as for `probe`

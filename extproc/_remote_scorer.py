@@ -32,7 +32,11 @@ How the calls behave:
   instant) stays on; like every attempt it is bounded by the call's deadline.
 - **Fail fast**: ``wait_for_ready=False``, so while no server is reachable a call fails at
   once with UNAVAILABLE instead of waiting out its deadline; any gRPC error becomes a
-  :class:`ScorerError` and the policy takes its fallback.
+  :class:`ScorerError` and the policy takes its fallback: DEADLINE_EXCEEDED a
+  :class:`ScorerDeadline` (reason ``deadline``), RESOURCE_EXHAUSTED (the server is busy,
+  or refused a call too big) a :class:`ScorerOverloaded` (reason ``overload``), every other
+  code (UNAVAILABLE, INVALID_ARGUMENT, NOT_FOUND, INTERNAL, ...) a plain one (``error``).
+  The server's sentence is kept, cut to :data:`DETAIL_CHARS`.
 - **Reconnect fast**: reconnection backoff starts at 100 ms and is capped at 1 s, so a
   restarted scorer gets calls again soon after it is back, with no sidecar restart.
 - **Dead peers**: HTTP/2 keepalive pings every 10 s (answered within 5 s) find a scorer pod
@@ -56,7 +60,7 @@ from pathlib import Path
 import grpc
 import orjson
 
-from extproc._errors import ScorerError
+from extproc._errors import ScorerDeadline, ScorerError, ScorerOverloaded
 from extproc._request import RoutingRequest
 from extproc._scorers import RemoteTls, Scorer, Scores, ScorerSpec
 from switchyard.v1 import scorer_pb2, scorer_pb2_grpc
@@ -83,6 +87,15 @@ CHANNEL_OPTIONS: tuple[tuple[str, int | str], ...] = (
 
 #: Seconds between two looks of a TLS channel at its PEM files (see the module docstring).
 TLS_RECHECK_S = 10.0
+
+#: The most of a server's error sentence a :class:`ScorerError` carries.
+DETAIL_CHARS = 512
+
+#: The gRPC codes that are not a plain :class:`ScorerError` (see the module docstring).
+_ERROR_OF_CODE: dict[grpc.StatusCode, type[ScorerError]] = {
+    grpc.StatusCode.DEADLINE_EXCEEDED: ScorerDeadline,
+    grpc.StatusCode.RESOURCE_EXHAUSTED: ScorerOverloaded,
+}
 
 
 @dataclass
@@ -218,7 +231,7 @@ class RemoteScorer(Scorer):
         stub = await self._stub()
         timeout = deadline - time.monotonic()
         if timeout <= 0:
-            raise ScorerError(f"Remote scorer {self.spec.name!r}: the deadline passed before the call was made.")
+            raise ScorerDeadline(f"Remote scorer {self.spec.name!r}: the deadline passed before the call was made.")
         call = scorer_pb2.ScoreRequest(
             scorer=self.remote_name,
             messages=orjson.dumps(request.messages),
@@ -229,22 +242,26 @@ class RemoteScorer(Scorer):
         try:
             response = await stub.Score(call, timeout=timeout, wait_for_ready=False)
         except grpc.aio.AioRpcError as exc:
-            code = exc.code()
-            log.debug("remote scorer call failed", extra={"scorer": self.spec.name, "target": self.target,
-                                                          "code": code.name, "details": exc.details()})
-            if code is grpc.StatusCode.DEADLINE_EXCEEDED:
-                raise ScorerError(
-                    f"Remote scorer {self.spec.name!r} at {self.target} did not answer within "
-                    f"{timeout * 1000:.0f} ms (DEADLINE_EXCEEDED)."
-                ) from exc
-            raise ScorerError(
-                f"Remote scorer {self.spec.name!r} at {self.target} failed: {code.name}: {exc.details()}"
-            ) from exc
+            raise self._error(exc, timeout) from exc
         return Scores(
             values=self._finite("values", response.values),
             costs=self._finite("costs", response.costs),
             batch_size=response.batch_size,
         )
+
+    def _error(self, exc: grpc.aio.AioRpcError, timeout: float) -> ScorerError:
+        """The :class:`ScorerError` (kind by :data:`_ERROR_OF_CODE`) for a failed call."""
+        code = exc.code()
+        details = exc.details() or ""
+        if len(details) > DETAIL_CHARS:
+            details = details[:DETAIL_CHARS - 3] + "..."
+        log.debug("remote scorer call failed", extra={"scorer": self.spec.name, "target": self.target,
+                                                      "code": code.name, "details": details})
+        kind = _ERROR_OF_CODE.get(code, ScorerError)
+        if code is grpc.StatusCode.DEADLINE_EXCEEDED:
+            return kind(f"Remote scorer {self.spec.name!r} at {self.target} did not answer within "
+                        f"{timeout * 1000:.0f} ms (DEADLINE_EXCEEDED: {details})")
+        return kind(f"Remote scorer {self.spec.name!r} at {self.target} failed: {code.name}: {details}")
 
     def _finite(self, field: str, numbers: Mapping[str, float]) -> dict[str, float]:
         out = dict(numbers)

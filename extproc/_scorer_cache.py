@@ -13,7 +13,7 @@ from __future__ import annotations
 import asyncio
 import logging
 
-from extproc._errors import CheckpointError, PolicyError, PolicyProblem, ScorerError
+from extproc._errors import CheckpointError, PolicyError, PolicyProblem, ScorerError, scorer_message
 from extproc._policy import Policy
 from extproc._scorer_loading import load_scorer
 from extproc._scorers import Scorer
@@ -48,7 +48,7 @@ class ScorerCache:
                         _close_soon(loaded)
                     line, column = policy.scorer_positions.get(name, (1, 1))
                     raise PolicyError([PolicyProblem(policy.source, line, column,
-                                                     f"Scorer `{name}` failed to load: {exc}")]) from exc
+                                                     scorer_message(name, exc, "failed to load"))]) from exc
                 fresh.append(scorer)
                 loaded[spec.load_key()] = scorer
                 log.info("scorer loaded", extra={"scorer": name, "kind": spec.kind, "remote": spec.remote is not None})

@@ -10,38 +10,63 @@ from __future__ import annotations
 
 import hashlib
 import re
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Collection, Mapping
 from pathlib import Path
 from typing import Any
 
-from extproc._errors import CheckpointError, ScorerError
+from extproc._envoy_limits import DEADLINE_MARGIN_MS, MESSAGE_TIMEOUT_MS
+from extproc._errors import CheckpointError, ScorerError, scorer_message
 from extproc._scorer_loading import describe_scorer
-from extproc._scorers import BatchConfig, ImageLimits, RemoteConfig, RemoteTls, ScorerDescription, ScorerSpec
+from extproc._scorers import BatchConfig, BreakerConfig, ImageLimits, RemoteConfig, RemoteTls, ScorerDescription, ScorerSpec
 
 __all__ = ["build_scorer_specs", "check_score_signal", "check_utility_route", "checkpoint_fingerprint"]
 
 #: ``report(key_path, message)`` records a problem at a key path.
 Report = Callable[[tuple, str], None]
 
-#: Files whose size and mtime identify a checkpoint's contents (a replaced checkpoint reloads).
-_IDENTITY_FILES = ("config.json", "model.safetensors")
+#: A checkpoint's files: ``config.json`` is read whole for its digest (it holds the calibrated
+#: thresholds, the hyperparameters and ``weights_sha256``); the weights file, too large to hash
+#: on every reload check, counts by size and mtime.
+_CONFIG_FILE, _WEIGHTS_FILE = "config.json", "model.safetensors"
+
+
+def _file_digest(path: Path) -> str:
+    digest = hashlib.sha256()
+    with path.open("rb") as file:
+        for chunk in iter(lambda: file.read(1 << 16), b""):
+            digest.update(chunk)
+    return digest.hexdigest()
+
+
+def _checkpoint_identity(folder: str) -> str:
+    parts = []
+    try:
+        parts.append(_file_digest(Path(folder) / _CONFIG_FILE))
+    except OSError:
+        parts.append("-")
+    try:
+        stat = (Path(folder) / _WEIGHTS_FILE).stat()
+        parts.append(f"{stat.st_size}:{stat.st_mtime_ns}")
+    except OSError:
+        parts.append("-")
+    return f"{folder}:{':'.join(parts)}"
 
 
 def checkpoint_fingerprint(folders: list[str]) -> str:
-    """A short digest of the checkpoint files' sizes and mtimes (missing files count too)."""
-    parts = []
-    for folder in folders:
-        for name in _IDENTITY_FILES:
-            try:
-                stat = (Path(folder) / name).stat()
-                parts.append(f"{folder}/{name}:{stat.st_size}:{stat.st_mtime_ns}")
-            except OSError:
-                parts.append(f"{folder}/{name}:-")
-    return hashlib.sha256("\n".join(parts).encode()).hexdigest()[:16]
+    """A short digest of the checkpoints' contents as far as a reload can tell cheaply: each
+    ``config.json``'s bytes (a recalibration rewritten in place within one mtime tick, at the
+    same size, still changes it) and each weights file's size and mtime (missing files count
+    too). Taken before the files are read, so a change made while they are read shows at
+    the next check."""
+    return hashlib.sha256("\n".join(_checkpoint_identity(f) for f in folders).encode()).hexdigest()[:16]
 
 
-def _folder(base_dir: Path, raw: str, key: tuple, report: Report) -> str | None:
+def _folder(base_dir: Path, raw: str, key: tuple, report: Report, seen: dict[str, str] | None) -> str | None:
+    """The absolute checkpoint folder, or None (reported) when it does not exist. ``seen``
+    gets its fingerprint, missing or not, so a caller can tell when it changes."""
     path = (base_dir / raw).resolve()
+    if seen is not None:
+        seen[str(path)] = checkpoint_fingerprint([str(path)])
     if not path.is_dir():
         report(key, f"Checkpoint folder {str(path)!r} does not exist.")
         return None
@@ -90,8 +115,19 @@ def _remote(name: str, raw: dict[str, Any] | None, base_dir: Path, report: Repor
     return RemoteConfig(raw["target"], raw["scorer"], tls)
 
 
+def _image_limits(name: str, raw: dict[str, Any], report: Report) -> ImageLimits:
+    """``scorers.<name>.images`` as :class:`ImageLimits`; a bad ``allow_hosts`` entry is
+    reported (the policy is then rejected) and the defaults used meanwhile."""
+    values = {**raw, "allow_hosts": tuple(raw["allow_hosts"]), "fetch_timeout_ms": float(raw["fetch_timeout_ms"])}
+    try:
+        return ImageLimits(**values)
+    except ValueError as exc:
+        report(("scorers", name, "images", "allow_hosts"), f"`scorers.{name}`: {exc}")
+        return ImageLimits()
+
+
 def _spec(name: str, config: dict[str, Any], base_dir: Path, report: Report,
-          backends: Mapping[str, Any] | None) -> ScorerSpec | None:
+          backends: Mapping[str, Any] | None, seen: dict[str, str] | None) -> ScorerSpec | None:
     at = ("scorers", name)
     kind = config["kind"]
     remote = _remote(name, config["remote"], base_dir, report)
@@ -103,7 +139,8 @@ def _spec(name: str, config: dict[str, Any], base_dir: Path, report: Report,
             report(at, f"Scorer `{name}` (probe) needs `checkpoints` (or `remote`).")
             return None
         if remote is None:
-            found = [(out, _folder(base_dir, folder, at + ("checkpoints", out), report)) for out, folder in raw.items()]
+            found = [(out, _folder(base_dir, folder, at + ("checkpoints", out), report, seen))
+                     for out, folder in raw.items()]
             checkpoints = tuple((out, folder) for out, folder in found if folder is not None)
         else:
             checkpoints = tuple((out, folder) for out, folder in raw.items())  # names only: files are remote
@@ -112,7 +149,7 @@ def _spec(name: str, config: dict[str, Any], base_dir: Path, report: Report,
             report(at, f"Scorer `{name}` (latent_router) needs `checkpoint` (or `remote`).")
             return None
         if remote is None:
-            checkpoint = _folder(base_dir, config["checkpoint"], at + ("checkpoint",), report)
+            checkpoint = _folder(base_dir, config["checkpoint"], at + ("checkpoint",), report, seen)
         else:
             checkpoint = config["checkpoint"]
         pool_backends = config["backends"] or {}
@@ -122,6 +159,10 @@ def _spec(name: str, config: dict[str, Any], base_dir: Path, report: Report,
                     report(at + ("backends", model),
                            f"`scorers.{name}.backends.{model}` names backend {backend!r}, which is not defined; "
                            f"defined: {', '.join(backends)}.")
+    fallback = config["fallback"]
+    if fallback is not None and backends is not None and fallback not in backends:
+        report(at + ("fallback",), f"`scorers.{name}.fallback` names backend {fallback!r}, which is not defined; "
+               f"defined: {', '.join(backends)}.")
     # A spec with problems is still built from what is valid (a missing folder is left out),
     # so what refers to it is checked too instead of reported as undefined; the problems
     # already reported reject the policy.
@@ -139,10 +180,11 @@ def _spec(name: str, config: dict[str, Any], base_dir: Path, report: Report,
         dtype=config["dtype"],
         batch=BatchConfig(batch["max_size"], float(batch["max_wait_ms"])),
         deadline_ms=float(config["deadline_ms"]),
-        images=ImageLimits(images["max_bytes"], images["max_pixels"], tuple(images["allow_hosts"]),
-                           float(images["fetch_timeout_ms"])),
+        images=_image_limits(name, images, report),
         remote=remote,
         fingerprint=checkpoint_fingerprint(local) if local else "",
+        breaker=BreakerConfig(config["breaker"]["failures"], float(config["breaker"]["cool_off_ms"])),
+        fallback=fallback,
     )
 
 
@@ -169,35 +211,46 @@ def _check_description(spec: ScorerSpec, described: ScorerDescription, report: R
 
 
 def build_scorer_specs(section: Mapping[str, dict[str, Any]], base_dir: Path, report: Report,
-                       backends: Mapping[str, Any] | None) -> tuple[dict[str, ScorerSpec], dict[str, ScorerDescription]]:
+                       backends: Mapping[str, Any] | None,
+                       checkpoints: dict[str, str] | None = None,
+                       ) -> tuple[dict[str, ScorerSpec], dict[str, ScorerDescription]]:
     """Specs for every valid entry of ``section``, and the descriptions of the local ones.
 
     ``backends``: the policy's backends (None for a scorer service's config, which has none).
+    ``checkpoints``: when given, gets every local checkpoint folder named (existing or not)
+    with its :func:`checkpoint_fingerprint` from before it was read.
     """
-    from extproc._envoy_limits import MESSAGE_TIMEOUT_MS
-
     specs: dict[str, ScorerSpec] = {}
     described: dict[str, ScorerDescription] = {}
     for name, config in section.items():
-        spec = _spec(name, config, base_dir, report, backends)
+        spec = _spec(name, config, base_dir, report, backends, checkpoints)
         if spec is None:
             continue
         specs[name] = spec
-        if spec.deadline_ms >= MESSAGE_TIMEOUT_MS:
-            report(("scorers", name, "deadline_ms"),
-                   f"`scorers.{name}.deadline_ms` ({spec.deadline_ms:g}) must be below the shipped Envoy "
-                   f"ext_proc message_timeout ({MESSAGE_TIMEOUT_MS} ms), or Envoy answers 504 before the fallback.")
+        _check_deadline(spec, report)
         if spec.remote is not None or not (spec.checkpoints or spec.checkpoint):
             continue  # remote: nothing local to read; no valid folder: already reported
         try:
             description = describe_scorer(spec)
         except (CheckpointError, ScorerError) as exc:
             key = ("scorers", name, "checkpoints" if spec.kind == "probe" else "checkpoint")
-            report(key, f"Scorer `{name}`: {exc}")
+            report(key, scorer_message(name, exc))
             continue
         described[name] = description
         _check_description(spec, description, report)
     return specs, described
+
+
+def _check_deadline(spec: ScorerSpec, report: Report) -> None:
+    """A deadline must leave Envoy's ``message_timeout`` the margin switchyard needs to answer
+    with the fallback after it (``_envoy_limits.DEADLINE_MARGIN_MS``)."""
+    limit = MESSAGE_TIMEOUT_MS - DEADLINE_MARGIN_MS
+    if spec.deadline_ms > limit:
+        report(("scorers", spec.name, "deadline_ms"),
+               f"`scorers.{spec.name}.deadline_ms` ({spec.deadline_ms:g}) must be below the shipped Envoy ext_proc "
+               f"message_timeout ({MESSAGE_TIMEOUT_MS} ms) by at least {DEADLINE_MARGIN_MS} ms, the margin switchyard "
+               f"keeps to answer with the fallback after a missed deadline: at most {limit} ms, or Envoy answers 504 "
+               f"instead.")
 
 
 def _outputs(spec: ScorerSpec, described: Mapping[str, ScorerDescription]) -> tuple[str, ...] | None:
@@ -212,15 +265,23 @@ def _outputs(spec: ScorerSpec, described: Mapping[str, ScorerDescription]) -> tu
 
 
 def check_score_signal(signal: Any, scorers: Mapping[str, ScorerSpec],
-                       described: Mapping[str, ScorerDescription], report: Report) -> None:
-    """Resolve a ``score`` signal's output and calibrated threshold; report what is wrong."""
+                       described: Mapping[str, ScorerDescription], report: Report,
+                       defined: Collection[str] = ()) -> None:
+    """Resolve a ``score`` signal's output and calibrated threshold; report what is wrong.
+
+    ``defined``: every scorer name the policy defines, including those whose entries have
+    problems (already reported, so a signal using one is not checked further)."""
     if getattr(signal, "kind", None) != "score":
         return
     spec = scorers.get(signal.scorer)
     if spec is None:
-        report(("scorer",), f"Signal `{signal.name}` uses scorer {signal.scorer!r}, which is not defined; "
-               f"defined: {', '.join(scorers) or 'none'}.")
+        if signal.scorer not in defined:
+            names = list(defined) or list(scorers)
+            report(("scorer",), f"Signal `{signal.name}` uses scorer {signal.scorer!r}, which is not defined; "
+                   f"defined: {', '.join(names) or 'none'}.")
         return
+    if spec.remote is None and spec.name not in described:
+        return  # its checkpoints could not be read: reported at `scorers.<name>`, nothing to check against
     outputs = _outputs(spec, described)
     if signal.output is None:
         if outputs is None or len(outputs) != 1:
@@ -248,11 +309,15 @@ def check_score_signal(signal: Any, scorers: Mapping[str, ScorerSpec],
 
 
 def check_utility_route(raw: dict[str, Any], scorers: Mapping[str, ScorerSpec],
-                        described: Mapping[str, ScorerDescription], backends: Mapping[str, Any], report: Report):
-    """The :class:`UtilityRoute` of a rule's ``route``, or None (problems reported)."""
+                        described: Mapping[str, ScorerDescription], backends: Mapping[str, Any], report: Report,
+                        defined: Collection[str] = ()):
+    """The :class:`UtilityRoute` of a rule's ``route``, or None (problems reported).
+    ``defined``: as for :func:`check_score_signal`."""
     from extproc._policy import UtilityRoute
 
     spec = scorers.get(raw["utility"])
+    if spec is None and raw["utility"] in defined:
+        return None  # its entry has problems, already reported
     if spec is None or spec.kind != "latent_router":
         known = ", ".join(n for n, s in scorers.items() if s.kind == "latent_router") or "none"
         report(("utility",), f"`route.utility` must name a latent_router scorer, got {raw['utility']!r}; defined: {known}.")

@@ -23,6 +23,7 @@ imports ``routers`` by name; a remote spec never needs a loader.
 from __future__ import annotations
 
 import abc
+import urllib.parse
 from collections.abc import Collection, Mapping
 from dataclasses import dataclass, field
 from typing import Any, Protocol
@@ -32,6 +33,7 @@ from extproc._request import RoutingRequest
 __all__ = [
     "SCORER_KINDS",
     "BatchConfig",
+    "BreakerConfig",
     "ImageLimits",
     "RemoteConfig",
     "RemoteTls",
@@ -59,20 +61,82 @@ class BatchConfig:
 
 
 @dataclass(frozen=True)
-class ImageLimits:
-    """What an in-process scorer accepts of ``image_url`` parts.
+class BreakerConfig:
+    """When a scorer's circuit breaker opens (``scorers.<name>.breaker``; see ``extproc._breaker``).
 
-    ``data:`` URLs are decoded under ``max_bytes`` (encoded size) and ``max_pixels``
-    (width × height; a decompression bomb is refused before it is decoded). http(s) URLs
-    are fetched only from ``allow_hosts`` (exact host names; empty: never fetched), within
-    ``fetch_timeout_ms`` and ``max_bytes``. A refused or broken image is a scorer failure,
-    so the policy takes its fallback.
+    ``failures``: consecutive failed calls (deadline missed, error, overload) that open it; 0
+    turns the breaker off. ``cool_off_ms``: how long it stays open before one request tries
+    the scorer again.
+    """
+
+    failures: int = 5
+    cool_off_ms: float = 5000.0
+
+
+@dataclass(frozen=True)
+class ImageLimits:
+    """What a scorer accepts of ``image_url`` parts: the one declaration of the image limits
+    (serving, ``policy explain``, training and evaluation read images under them).
+
+    Each image: ``data:`` URLs are decoded under ``max_bytes`` (encoded size) and
+    ``max_pixels`` (width × height; a decompression bomb is refused before it is decoded).
+    http(s) URLs are fetched only from ``allow_hosts`` (empty: never fetched), within
+    ``fetch_timeout_ms`` and ``max_bytes``. An entry ``host`` allows that host on the URL
+    scheme's default port only (80 for http, 443 for https); ``host:port`` allows that port
+    (an IPv6 address in brackets: ``[::1]:8080``).
+
+    Each request: at most ``max_images`` images, ``max_total_bytes`` encoded bytes and
+    ``max_total_pixels`` pixels together, checked before the images (or the next image) are
+    decoded; the request's deadline is checked between images. A refused or broken image
+    is a scorer failure, so the policy takes its fallback.
     """
 
     max_bytes: int = 10 * 1024 * 1024
     max_pixels: int = 40_000_000
     allow_hosts: tuple[str, ...] = ()
     fetch_timeout_ms: float = 2000.0
+    max_images: int = 16
+    max_total_bytes: int = 20 * 1024 * 1024
+    max_total_pixels: int = 50_000_000
+
+    def __post_init__(self) -> None:
+        for name in ("max_bytes", "max_pixels", "max_images", "max_total_bytes", "max_total_pixels"):
+            value = getattr(self, name)
+            if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+                raise ValueError(f"`images.{name}` must be a positive integer, got {value!r}.")
+        for entry in self.allow_hosts:
+            _host_entry(entry)
+
+    def allows(self, scheme: str, host: str, port: int | None) -> bool:
+        """Whether ``allow_hosts`` lets an image be fetched from ``scheme://host:port``
+        (``port`` None: the scheme's default)."""
+        default = _DEFAULT_PORTS.get(scheme)
+        port = default if port is None else port
+        host = host.lower()
+        for entry in self.allow_hosts:
+            allowed_host, allowed_port = _host_entry(entry)
+            if allowed_host == host and (default if allowed_port is None else allowed_port) == port:
+                return True
+        return False
+
+
+#: The port an ``allow_hosts`` entry without one allows, by URL scheme.
+_DEFAULT_PORTS = {"http": 80, "https": 443}
+
+
+def _host_entry(entry: str) -> tuple[str, int | None]:
+    """The (lower-case host, port or None) of an ``images.allow_hosts`` entry."""
+    shape = "write `host` or `host:port` (an IPv6 address in brackets)"
+    if not isinstance(entry, str) or not entry or entry.endswith(":") or any(c in entry for c in "/?#@ "):
+        raise ValueError(f"`images.allow_hosts` entry {entry!r} is not a host; {shape}.")
+    parts = urllib.parse.urlsplit("//" + entry)
+    try:
+        port = parts.port
+    except ValueError:
+        raise ValueError(f"`images.allow_hosts` entry {entry!r} has a bad port; {shape}.") from None
+    if not parts.hostname:
+        raise ValueError(f"`images.allow_hosts` entry {entry!r} is not a host; {shape}.")
+    return parts.hostname.lower(), port
 
 
 @dataclass(frozen=True)
@@ -124,8 +188,11 @@ class ScorerSpec:
       arrival; otherwise the policy takes its fallback.
     - ``remote``: score over gRPC instead of in process (``checkpoints``/``checkpoint`` then
       describe nothing local and are optional).
-    - ``fingerprint``: the checkpoint files' identity (sizes and mtimes) when the spec was
+    - ``fingerprint``: the checkpoint files' identity (``checkpoint_fingerprint``) when the spec was
       built, so a checkpoint replaced in place loads as a new scorer on reload.
+    - ``breaker``: when its circuit breaker opens; ``fallback``: the backend a request takes
+      when this scorer fails (None: the policy's ``fallback``). Neither is part of the load
+      key: they are read per request.
     """
 
     name: str
@@ -140,6 +207,8 @@ class ScorerSpec:
     images: ImageLimits = field(default_factory=ImageLimits)
     remote: RemoteConfig | None = None
     fingerprint: str = ""
+    breaker: BreakerConfig = field(default_factory=BreakerConfig)
+    fallback: str | None = None
 
     def load_key(self) -> tuple[Any, ...]:
         """What identifies the loaded model: equal keys share one loaded scorer across a
@@ -167,7 +236,7 @@ class Scores:
 @dataclass(frozen=True)
 class ScorerFailure:
     """Why a scorer gave no usable scores for a request: ``reason`` is one of ``deadline``,
-    ``error``, ``non_finite``, ``missing_output``; ``detail`` is a sentence for logs and
+    ``overload``, ``breaker_open``, ``error``, ``non_finite``, ``missing_output``; ``detail`` is a sentence for logs and
     ``explain`` (never the prompt)."""
 
     reason: str

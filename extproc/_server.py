@@ -36,7 +36,9 @@ from envoy.service.ext_proc.v3 import external_processor_pb2_grpc as ext_grpc
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 from grpc_health.v1._async import HealthServicer
 
+from extproc._breaker import BREAKERS
 from extproc._errors import SwitchyardError
+from extproc._policy import DEFAULT_MAX_POLICY_BYTES
 from extproc._reload import PolicyFile
 from extproc._servicer import ExternalProcessor
 from extproc._telemetry import Telemetry
@@ -47,6 +49,8 @@ __all__ = ["serve", "serve_async", "parse_listen"]
 log = logging.getLogger("switchyard.server")
 
 EXT_PROC_SERVICE = "envoy.service.ext_proc.v3.ExternalProcessor"
+#: Longest the server waits, after its grace period, for the calls it cancelled to end.
+CALLS_END_S = 1.0
 #: Largest ext_proc message switchyard accepts from Envoy (the body phase carries the body).
 MAX_MESSAGE_BYTES = 256 * 1024 * 1024
 
@@ -83,6 +87,7 @@ async def serve_async(
     ])
     telemetry = Telemetry()
     telemetry.observe_policy(lambda: policy.digest)
+    telemetry.observe_breakers(lambda: BREAKERS.states(policy.current().scorers))
     ext_grpc.add_ExternalProcessorServicer_to_server(ExternalProcessor(policy.current, telemetry), server)
     health = HealthServicer()
     health_pb2_grpc.add_HealthServicer_to_server(health, server)
@@ -125,6 +130,21 @@ async def serve_async(
     log.info("stopping", extra={"grace_s": grace})
     await server.stop(grace)
     await policy.close()
+    await _let_cancelled_calls_end()
+
+
+async def _let_cancelled_calls_end(timeout: float = CALLS_END_S) -> None:
+    """Wait (at most ``timeout`` s) for the tasks still running once the server has stopped.
+
+    ``server.stop(grace)`` returns as the grace period ends, having cancelled the calls
+    still open; their tasks finish on the loop's next turns. Leaving them to ``asyncio.run``,
+    which cancels whatever is left as it returns, made grpc log each one at error level with
+    a ``CancelledError`` traceback.
+    """
+    current = asyncio.current_task()
+    left = [task for task in asyncio.all_tasks() if task is not current and not task.done()]
+    if left:
+        await asyncio.wait(left, timeout=timeout)
 
 
 def _bind_metrics(address: tuple[str, int] | None, registry):
@@ -148,6 +168,7 @@ def serve(
     reload_interval: float,
     workers: int = 1,
     metrics_listen: str | None = None,
+    max_policy_bytes: int = DEFAULT_MAX_POLICY_BYTES,
 ) -> int:
     """Run the server in this process, or in ``workers`` forked processes on one port.
 
@@ -156,10 +177,11 @@ def serve(
     ``reload_interval``: seconds between checks of the policy file (0: only on SIGHUP).
     ``metrics_listen``: ``HOST:PORT`` of the Prometheus scrape endpoint (``None``: none,
     unless ``OTEL_METRICS_EXPORTER=prometheus``); OTLP export follows the ``OTEL_*`` variables.
+    ``max_policy_bytes``: a larger policy file is refused unparsed, at start and on reload.
     """
     config = TelemetryConfig.from_env(metrics_listen)  # a bad OTEL_* value never starts a server
     metrics_address = parse_listen(config.metrics_listen, "--metrics-listen") if config.metrics_listen else None
-    policy = PolicyFile.load(policy_path)  # before forking: a bad policy never starts a server
+    policy = PolicyFile.load(policy_path, max_bytes=max_policy_bytes)  # before forking: a bad policy never starts a server
     # What is loaded by now (modules, the policy) lives as long as the process: the garbage
     # collector stops scanning it, and forked workers keep sharing its memory pages.
     gc.freeze()

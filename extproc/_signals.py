@@ -8,6 +8,12 @@ condition reaches them, and each at most once per request.
 
 The kinds are registered in :data:`SIGNAL_TYPES`: the cheap ones, then ``score``, whose
 value comes from a learned scorer the caller runs (see ``_scoring``).
+
+Every signal is linear in the length of the request's text. Patterns a policy writes
+(``regex`` signals, a ``header`` signal's ``pattern``) run on RE2, whose matching time is
+linear in the text whatever the pattern; a pattern RE2 cannot take (backreferences,
+lookaround) is a policy problem. Python's ``re`` only runs patterns switchyard builds itself
+from escaped literals (keywords), which cannot backtrack more than a literal's length.
 """
 
 from __future__ import annotations
@@ -17,6 +23,8 @@ from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, ClassVar, NamedTuple
+
+import re2
 
 from extproc._errors import SwitchyardError
 from extproc._schema import DESCRIPTION_KEY, Bool, Int, Key, ListOf, Num, Obj, Scalar, Str, kind_key
@@ -42,7 +50,6 @@ _scope = Key(
 
 
 _WORD = re.compile(r"\w+")
-_BACKREFERENCE = re.compile(r"\\[1-9]|\(\?P=")
 
 
 class SignalResult(NamedTuple):
@@ -67,6 +74,7 @@ class SignalContext:
         self._tokens: dict[tuple[str, str], int] = {}
         self._languages: dict[str, str] = {}
         self._words: dict[tuple[str, bool], frozenset[str]] = {}
+        self._utf8: dict[str, bytes] = {}
 
     def text(self, scope: str) -> str:
         if scope not in self._texts:
@@ -81,6 +89,13 @@ class SignalContext:
                 text = conversation_text(messages)
             self._texts[scope] = text
         return self._texts[scope]
+
+    def utf8(self, scope: str) -> bytes:
+        """A scope's text as the UTF-8 bytes RE2 searches (a lone surrogate stays an invalid
+        byte sequence that no pattern matches, instead of an encoding error)."""
+        if scope not in self._utf8:
+            self._utf8[scope] = _utf8(self.text(scope))
+        return self._utf8[scope]
 
     def lower_text(self, scope: str) -> str:
         if scope not in self._lower_texts:
@@ -125,12 +140,38 @@ class Signal:
         raise NotImplementedError
 
 
-def _compile(pattern: str, flags: int, key: tuple[str, ...], report: Report) -> re.Pattern[str] | None:
+def _utf8(text: str) -> bytes:
+    return text.encode("utf-8", "surrogatepass")
+
+
+#: Said of a pattern Python's ``re`` takes but RE2 does not.
+_RE2_LACKS = ("switchyard matches with RE2, whose time is linear in the text, so it has no backreferences "
+              "(`\\1`, `(?P=name)`), lookaround (`(?=`, `(?!`, `(?<=`, `(?<!`), atomic groups or possessive "
+              "quantifiers; rewrite the pattern without them")
+
+
+def _re2_options(case_sensitive: bool) -> re2.Options:
+    options = re2.Options()
+    options.case_sensitive = case_sensitive
+    options.log_errors = False  # a refused pattern is reported as a policy problem, not on stderr
+    return options
+
+
+def _compile(pattern: str, case_sensitive: bool, field: str, key: tuple[str, ...], report: Report) -> Any:
+    """``pattern`` compiled by RE2 (searched on UTF-8 bytes), or None with the problem reported
+    at ``key``; ``field`` names the policy key in the message."""
     try:
-        return re.compile(pattern, flags)
-    except re.error as exc:
-        report(key, f"Invalid regular expression {pattern!r}: {exc}.")
-        return None
+        return re2.compile(_utf8(pattern), _re2_options(case_sensitive))
+    except re2.error as exc:
+        reason = exc.args[0].decode("utf-8", "replace") if exc.args and isinstance(exc.args[0], bytes) else str(exc)
+    try:
+        re.compile(pattern)  # compiled, never matched: only to tell the user why RE2 refused it
+    except re.error:
+        why = reason
+    else:
+        why = f"{reason}. {_RE2_LACKS}"
+    report(key, f"Invalid regular expression {pattern!r} in `{field}`: {why}.")
+    return None
 
 
 @dataclass
@@ -159,7 +200,9 @@ class KeywordsSignal(Signal):
 
     def __post_init__(self) -> None:
         self.word_set = frozenset(self.words)
-        # All phrases in one search, for the common case where none occurs.
+        # All phrases in one search, for the common case where none occurs. These patterns
+        # are built here from escaped literals with one-character edge checks, so Python's
+        # `re` tries each start once per phrase: linear in the text, no RE2 needed.
         self.any_phrase: re.Pattern[str] | None = None
         if self.phrases:
             either = "|".join(re.escape(key) for key, _, _ in self.phrases)
@@ -202,44 +245,50 @@ class KeywordsSignal(Signal):
 class RegexSignal(Signal):
     kind: ClassVar[str] = "regex"
     doc: ClassVar[str] = (
-        "True when any pattern matches the chosen text (Python `re` syntax, searched, not anchored)."
+        "True when any pattern matches the chosen text (RE2 syntax, searched, not anchored). RE2 matches "
+        "in time linear in the text; patterns with backreferences or lookaround are refused."
     )
     keys: ClassVar[dict[str, Key]] = {
-        "patterns": Key(ListOf(Str(min_length=1), min_items=1), "Regular expressions; each must compile."),
+        "patterns": Key(ListOf(Str(min_length=1), min_items=1),
+                        "Regular expressions in RE2 syntax (`\\w`, `\\d`, `\\b` are ASCII; `\\pL` is any letter); each must compile."),
         "case_sensitive": Key(Bool(), "Match case exactly.", False),
         "scope": _scope,
     }
     name: str
-    patterns: tuple[re.Pattern[str], ...]
+    patterns: tuple[str, ...]  # as written, the signal's value when one matches
+    compiled: tuple[Any, ...]  # RE2, searched on the text's UTF-8 bytes
+    case_sensitive: bool
     scope: str
 
     def __post_init__(self) -> None:
-        # One search for all patterns, for the common case where none matches. Patterns
-        # with back-references keep their own searches: joining them renumbers groups.
-        self.any_pattern: re.Pattern[str] | None = None
-        if len(self.patterns) > 1 and not any(_BACKREFERENCE.search(p.pattern) for p in self.patterns):
+        # One search for all patterns, for the common case where none matches (RE2 has no
+        # backreferences, so joining never renumbers one).
+        self.any_pattern: Any = None
+        if len(self.compiled) > 1:
             try:
-                self.any_pattern = re.compile("|".join(f"(?:{p.pattern})" for p in self.patterns), self.patterns[0].flags)
-            except re.error:  # e.g. inline global flags, only allowed at the start: search one by one
+                joined = b"|".join(b"(?:" + _utf8(p) + b")" for p in self.patterns)
+                self.any_pattern = re2.compile(joined, _re2_options(self.case_sensitive))
+            except re2.error:  # e.g. too large joined: search one by one
                 pass
 
     @classmethod
     def from_config(cls, name, config, base_dir, report):
-        flags = 0 if config["case_sensitive"] else re.IGNORECASE
+        case_sensitive = config["case_sensitive"]
         compiled = [
-            _compile(p, flags, ("patterns", i), report) for i, p in enumerate(config["patterns"])
+            _compile(p, case_sensitive, f"signals.{name}.patterns[{i}]", ("patterns", i), report)
+            for i, p in enumerate(config["patterns"])
         ]
         if any(c is None for c in compiled):
             return None
-        return cls(name, tuple(compiled), config["scope"])
+        return cls(name, tuple(config["patterns"]), tuple(compiled), case_sensitive, config["scope"])
 
     def evaluate(self, ctx):
-        text = ctx.text(self.scope)
+        text = ctx.utf8(self.scope)
         if self.any_pattern is not None and self.any_pattern.search(text) is None:
             return _NO_MATCH
-        for pattern in self.patterns:
-            if pattern.search(text):
-                return SignalResult(True, pattern.pattern)
+        for pattern, compiled in zip(self.patterns, self.compiled):
+            if compiled.search(text):
+                return SignalResult(True, pattern)
         return _NO_MATCH
 
 
@@ -339,13 +388,13 @@ class HeaderSignal(Signal):
     keys: ClassVar[dict[str, Key]] = {
         "header": Key(Str(min_length=1), "Header name (case-insensitive)."),
         "values": Key(ListOf(Str(), min_items=1), "True when the header equals one of these.", None),
-        "pattern": Key(Str(min_length=1), "True when the header fully matches this regex.", None),
+        "pattern": Key(Str(min_length=1), "True when the header fully matches this regex (RE2 syntax, like `regex`).", None),
         "present": Key(Bool(), "True when the header is present (`true`) or absent (`false`).", None),
     }
     name: str
     header: str
     values: frozenset[str] | None
-    pattern: re.Pattern[str] | None
+    pattern: Any  # RE2, matched on the value's UTF-8 bytes
     present: bool | None
 
     @classmethod
@@ -354,7 +403,7 @@ class HeaderSignal(Signal):
             return None
         pattern = None
         if config["pattern"] is not None:
-            pattern = _compile(config["pattern"], 0, ("pattern",), report)
+            pattern = _compile(config["pattern"], True, f"signals.{name}.pattern", ("pattern",), report)
             if pattern is None:
                 return None
         values = frozenset(config["values"]) if config["values"] is not None else None
@@ -368,7 +417,7 @@ class HeaderSignal(Signal):
             return SignalResult(False, None)
         if self.values is not None:
             return SignalResult(value in self.values, value)
-        return SignalResult(bool(self.pattern.fullmatch(value)), value)
+        return SignalResult(self.pattern.fullmatch(_utf8(value)) is not None, value)
 
 
 _MISSING = object()

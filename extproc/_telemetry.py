@@ -17,6 +17,11 @@ counters end in ``_total``)::
     switchyard.scorer.duration    switchyard_scorer_duration_seconds_bucket{scorer, result, le}
     switchyard.scorer.batch.size  switchyard_scorer_batch_size_bucket{scorer, le}
     switchyard.scorer.failures    switchyard_scorer_failures_total{scorer, reason}
+    switchyard.scorer.breaker.state  switchyard_scorer_breaker_state{scorer}  (0 closed, 1 open, 2 half-open)
+
+A failed scorer call is also a warning log line, at most one per scorer every
+:data:`FAILURE_LOG_EVERY_S` seconds, counting the failures it stands for (:class:`FailureLog`),
+so a fallback storm shows in the logs without flooding them.
 
 The ``switchyard.decide`` span joins the caller's trace from the W3C ``traceparent``
 request header (:func:`start_decide_span`); each scorer call is a child span of it
@@ -38,6 +43,8 @@ from opentelemetry.metrics import CallbackOptions, Observation
 from extproc._scorers import ScorerFailure, Scores
 
 __all__ = [
+    "FAILURE_LOG_EVERY_S",
+    "FailureLog",
     "JsonFormatter",
     "configure_logging",
     "Telemetry",
@@ -53,6 +60,10 @@ DECISION_BUCKETS = (0.00005, 0.0001, 0.00025, 0.0005, 0.001, 0.0025, 0.005, 0.01
 SCORER_BUCKETS = (0.001, 0.0025, 0.005, 0.01, 0.02, 0.04, 0.06, 0.08, 0.1, 0.15, 0.25, 0.5, 1.0, 2.5)
 #: Bucket bounds of a micro-batch's size (requests sharing one forward).
 BATCH_BUCKETS = (1, 2, 4, 8, 16, 32, 64, 128)
+#: Seconds between two "scorer failed" warnings of one scorer; the failures in between are counted.
+FAILURE_LOG_EVERY_S = 10.0
+
+log = logging.getLogger("switchyard.scoring")
 
 
 class JsonFormatter(logging.Formatter):
@@ -81,6 +92,35 @@ def configure_logging(level: str = "info") -> None:
     root.setLevel(level.upper())
 
 
+class FailureLog:
+    """The warning a failed scorer call logs, at most once per scorer every ``every_s`` seconds.
+
+    The first failure after a quiet interval is logged at once, with ``suppressed``: how many
+    failures of that scorer were not logged since its previous line, and their reasons
+    (``suppressed_reasons``). A storm of a thousand fallbacks a second is one line per scorer
+    per interval that says so. ``clock`` is injectable for tests.
+    """
+
+    def __init__(self, every_s: float = FAILURE_LOG_EVERY_S, clock: Callable[[], float] = time.monotonic) -> None:
+        self.every_s = every_s
+        self._clock = clock
+        self._last: dict[str, float] = {}  # scorer -> when its last line was logged
+        self._suppressed: dict[str, dict[str, int]] = {}  # scorer -> reason -> failures not logged
+
+    def failed(self, scorer: str, failure: ScorerFailure) -> None:
+        now = self._clock()
+        last = self._last.get(scorer)
+        if last is not None and now - last < self.every_s:
+            reasons = self._suppressed.setdefault(scorer, {})
+            reasons[failure.reason] = reasons.get(failure.reason, 0) + 1
+            return
+        self._last[scorer] = now
+        reasons = self._suppressed.pop(scorer, {})
+        log.warning("scorer failed; the fallback applies", extra={
+            "scorer": scorer, "reason": failure.reason, "detail": failure.detail,
+            "suppressed": sum(reasons.values()), "suppressed_reasons": reasons})
+
+
 class Telemetry:
     """The OpenTelemetry instruments switchyard records into.
 
@@ -95,13 +135,18 @@ class Telemetry:
       changed something (``result``: ``reloaded`` / ``rejected``).
     - ``policy_info``: the server registers the running policy's digest once with
       :meth:`observe_policy`; it is read at each collection.
-    - ``scorer_time``, ``scorer_batch_size``, ``scorer_failures``: whoever awaits a scorer
+    - ``scorer_time``, ``scorer_batch_size``, ``scorer_failures`` and the rate-limited
+      failure warning (:attr:`failure_log`): whoever awaits a scorer
       (:func:`~extproc._scoring.decide_with_scores`), once per scorer call, through
       :meth:`record_score`.
+    - ``switchyard.scorer.breaker.state``: the server registers the running scorers'
+      breakers once with :meth:`observe_breakers`; they are read at each collection.
     """
 
-    def __init__(self, meter_provider=None, tracer_provider=None) -> None:
-        """Uses the global OpenTelemetry providers unless others are given (tests)."""
+    def __init__(self, meter_provider=None, tracer_provider=None, clock: Callable[[], float] = time.monotonic) -> None:
+        """Uses the global OpenTelemetry providers unless others are given (tests); ``clock``
+        paces the failure warnings."""
+        self.failure_log = FailureLog(clock=clock)
         self._meter = meter = metrics.get_meter("switchyard", meter_provider=meter_provider)
         self.tracer = trace.get_tracer("switchyard", tracer_provider=tracer_provider)
         # Without an SDK the API hands out no-op spans; skipping them saves ~10 µs a request.
@@ -133,8 +178,8 @@ class Telemetry:
         )
         self.scorer_failures = meter.create_counter(
             "switchyard.scorer.failures", unit="{call}",
-            description="Scorer calls that missed their deadline or failed (the policy took its fallback), "
-                        "by scorer and reason.",
+            description="Scorer calls that gave no scores, so the request took the fallback, by scorer and "
+                        "reason (deadline, overload, breaker_open, error, non_finite, missing_output).",
         )
 
     def record_score(self, scorer: str, outcome: Scores | ScorerFailure, latency_ms: float) -> None:
@@ -144,6 +189,7 @@ class Telemetry:
         self.scorer_time.record(latency_ms / 1000.0, {"scorer": scorer, "result": result})
         if isinstance(outcome, ScorerFailure):
             self.scorer_failures.add(1, {"scorer": scorer, "reason": result})
+            self.failure_log.failed(scorer, outcome)
         elif outcome.batch_size > 0:
             self.scorer_batch_size.record(outcome.batch_size, {"scorer": scorer})
 
@@ -159,6 +205,19 @@ class Telemetry:
         self._meter.create_observable_gauge(
             "switchyard.policy.info", callbacks=[observe], unit="1",
             description="1 for the policy this process runs, labelled with its content digest.")
+
+
+    def observe_breakers(self, states: Callable[[], Mapping[str, int]]) -> None:
+        """Report ``switchyard.scorer.breaker.state{scorer} = states()[scorer]`` (0 closed, 1
+        open, 2 half-open) at every collection. Call once per process (the server does)."""
+
+        def observe(_options: CallbackOptions) -> list[Observation]:
+            return [Observation(int(state), {"scorer": name}) for name, state in states().items()]
+
+        self._meter.create_observable_gauge(
+            "switchyard.scorer.breaker.state", callbacks=[observe], unit="1",
+            description="Each running scorer's circuit breaker: 0 closed, 1 open (requests take the fallback "
+                        "at once), 2 half-open (one request tries the scorer).")
 
 
 def start_decide_span(telemetry: Telemetry, headers: Mapping[str, str]) -> trace.Span | None:

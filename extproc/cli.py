@@ -1,10 +1,10 @@
 """The ``switchyard`` command line (also ``python -m extproc``).
 
     switchyard serve --policy PATH [--listen HOST:PORT] [--workers N] [--drain-seconds S] [--grace S]
-                     [--reload-interval S] [--metrics-listen HOST:PORT]
-    switchyard policy check PATH... [--envoy CONFIG]
+                     [--reload-interval S] [--metrics-listen HOST:PORT] [--max-policy-bytes N]
+    switchyard policy check PATH... [--envoy CONFIG] [--max-policy-bytes N]
     switchyard envoy render --policy PATH --backend NAME=HOST:PORT ... [--tls NAME[=SNI]] [--out FILE]
-    switchyard policy explain PATH --request BODY.json [--header NAME=VALUE ...]
+    switchyard policy explain PATH --request BODY.json [--header NAME=VALUE ...] [--max-policy-bytes N]
     switchyard policy schema [--markdown]
     switchyard train probe|latent-router ...   (needs the `ml` extra)
     switchyard eval --checkpoint DIR ...       (needs the `ml` extra)
@@ -27,7 +27,7 @@ from pathlib import Path
 from extproc._engine import PolicyEngine
 from extproc._errors import PolicyError, RequestError, SwitchyardError
 from extproc._decision import Decision
-from extproc._policy import Policy, load_policy
+from extproc._policy import DEFAULT_MAX_POLICY_BYTES, Policy, load_policy
 from extproc._request import RoutingRequest, parse_json_body
 
 __all__ = ["main", "build_parser"]
@@ -42,6 +42,25 @@ DEFAULT_DRAIN_S = 5.0
 DEFAULT_GRACE_S = 5.0
 #: ``serve --reload-interval``: seconds between checks of the policy file (0: only on SIGHUP).
 DEFAULT_RELOAD_INTERVAL_S = 5.0
+
+
+def _max_policy_bytes(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--max-policy-bytes", type=_positive_int("--max-policy-bytes"), default=DEFAULT_MAX_POLICY_BYTES,
+                        metavar="BYTES", help="Refuse a larger policy file before parsing it (default "
+                                              f"{DEFAULT_MAX_POLICY_BYTES}, 1 MiB, a ConfigMap's own limit).")
+
+
+def _positive_int(option: str):
+    def parse(raw: str) -> int:
+        try:
+            value = int(raw)
+        except ValueError:
+            value = 0
+        if value < 1:
+            raise argparse.ArgumentTypeError(f"{option} must be a whole number of bytes >= 1, got {raw!r}")
+        return value
+
+    return parse
 
 
 def build_parser(with_routers: bool = False) -> argparse.ArgumentParser:
@@ -70,6 +89,7 @@ def build_parser(with_routers: bool = False) -> argparse.ArgumentParser:
                        help="Serve Prometheus metrics at http://HOST:PORT/metrics (default: off). With --workers N "
                             "the parent process serves every worker's series, labelled worker=\"<i>\". OTLP export "
                             "follows the standard OTEL_* variables.")
+    _max_policy_bytes(serve)
     serve.set_defaults(handler=_serve)
 
     policy = sub.add_parser("policy", help="Check, explain or describe policy files.")
@@ -79,11 +99,13 @@ def build_parser(with_routers: bool = False) -> argparse.ArgumentParser:
     check.add_argument("--envoy", type=Path, metavar="CONFIG",
                        help="Also check that this Envoy bootstrap has every backend's cluster and route, and buffers "
                             "bodies up to routing.max_body_bytes plus the model rewrite.")
+    _max_policy_bytes(check)
     check.set_defaults(handler=_check)
     explain = policy_sub.add_parser("explain", help="Print the decision for one request body as JSON.")
     explain.add_argument("path", type=Path, metavar="PATH", help="Policy YAML file.")
     explain.add_argument("--request", type=Path, required=True, help="JSON body file ('-' for stdin).")
     explain.add_argument("--header", action="append", default=[], metavar="NAME=VALUE", help="A request header (repeatable).")
+    _max_policy_bytes(explain)
     explain.set_defaults(handler=_explain)
     schema = policy_sub.add_parser("schema", help="Print the policy JSON Schema (or the README key table).")
     schema.add_argument("--markdown", action="store_true", help="Print the README's key reference instead.")
@@ -111,14 +133,15 @@ def _serve(args: argparse.Namespace) -> int:
         if not (math.isfinite(value) and value >= 0):
             raise SwitchyardError(f"{option} must be a number of seconds >= 0, got {value}.")
     return serve(args.policy, args.listen, workers=args.workers, grace=args.grace, drain=args.drain_seconds,
-                 reload_interval=args.reload_interval, metrics_listen=args.metrics_listen)
+                 reload_interval=args.reload_interval, metrics_listen=args.metrics_listen,
+                 max_policy_bytes=args.max_policy_bytes)
 
 
 def _check(args: argparse.Namespace) -> int:
     status = 0
     for path in args.paths:
         try:
-            policy = load_policy(path)
+            policy = load_policy(path, args.max_policy_bytes)
         except PolicyError as error:
             for problem in error.problems:
                 print(problem)
@@ -149,7 +172,7 @@ def _envoy_problems(policy, config_path: Path) -> list[str]:
 
 
 def _explain(args: argparse.Namespace) -> int:
-    policy = load_policy(args.path)
+    policy = load_policy(args.path, args.max_policy_bytes)
     raw = sys.stdin.buffer.read() if str(args.request) == "-" else args.request.read_bytes()
     headers = {}
     for item in args.header:

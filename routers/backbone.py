@@ -11,19 +11,19 @@ that ran layer ``l`` so ReLope can re-run that one layer with its adapter.
 Layers are counted from 1, as in ``output_hidden_states`` (index 0 is the embeddings).
 Padding is on the right, so a request's states do not depend on its batch. A prompt longer
 than :attr:`TruncatedBackbone.truncation` allows is cut by :mod:`routers.truncation` (its
-first and last tokens kept), the same way in training, evaluation and serving. Images are
-read from ``data:`` URLs or given as PIL images; remote URLs are never fetched.
+first and last tokens kept), the same way in training, evaluation and serving; its text is
+cut by characters first, so no tokenizer ever reads more than
+:attr:`routers.truncation.Truncation.max_chars` characters of it. Images are read from
+``data:`` URLs (under :class:`extproc.ImageLimits`, by :mod:`routers.serving.images`) or
+given as PIL images; remote URLs are never fetched.
 """
 
 from __future__ import annotations
 
-import base64
-import binascii
 import copy
 import functools
 import hashlib
 import inspect
-import io
 import json
 import threading
 from collections.abc import Callable, Mapping, Sequence
@@ -34,7 +34,7 @@ from typing import Any
 import torch
 from torch import nn
 
-from extproc import CheckpointError, ScorerError, message_text
+from extproc import CheckpointError, ImageLimits, ScorerError, message_text
 from routers.forward_cost import ForwardCost, measure_backbone
 from routers.truncation import DEFAULT_HEAD_TOKENS, DEFAULT_MAX_TOKENS, Truncation, position_limit
 
@@ -83,8 +83,9 @@ class BackboneConfig:
       a longer prompt with images is rejected. A probe checkpoint records the limit it was
       trained with, and evaluation and serving use that.
     - ``head_tokens``: tokens kept from the start of a cut prompt.
-    - ``max_image_bytes`` / ``max_image_pixels``: limits on one decoded ``data:`` image
-      (default 20 MiB and 25 megapixels).
+    - ``images``: the limits ``data:`` images in a request are read under (per image and
+      per request), the policy's ``images`` settings; default :class:`extproc.ImageLimits`'s.
+      In serving, images arrive decoded under the scorer's own limits.
     - ``pad_to_multiple``: text batches are right-padded to a multiple of this many tokens
       before the forward, so a GPU sees a few shapes again and again instead of a new one
       per request (each new shape costs kernel selection); padding never changes a real
@@ -98,8 +99,7 @@ class BackboneConfig:
     dtype: str | None = None
     max_tokens: int = DEFAULT_MAX_TOKENS
     head_tokens: int = DEFAULT_HEAD_TOKENS
-    max_image_bytes: int = 20 * 1024 * 1024
-    max_image_pixels: int = 25_000_000
+    images: ImageLimits = field(default_factory=ImageLimits)
     pad_to_multiple: int | None = None
 
     def __post_init__(self) -> None:
@@ -109,10 +109,10 @@ class BackboneConfig:
             raise ValueError(f"`layer` must be an integer >= 1, got {self.layer!r}.")
         if self.dtype is not None and self.dtype not in _DTYPES:
             raise ValueError(f"`dtype` must be one of {', '.join(_DTYPES)} or None, got {self.dtype!r}.")
-        for name in ("max_tokens", "max_image_bytes", "max_image_pixels"):
-            value = getattr(self, name)
-            if isinstance(value, bool) or not isinstance(value, int) or value < 1:
-                raise ValueError(f"`{name}` must be a positive integer, got {value!r}.")
+        if isinstance(self.max_tokens, bool) or not isinstance(self.max_tokens, int) or self.max_tokens < 1:
+            raise ValueError(f"`max_tokens` must be a positive integer, got {self.max_tokens!r}.")
+        if not isinstance(self.images, ImageLimits):
+            raise ValueError(f"`images` must be an extproc.ImageLimits, got {type(self.images).__name__}.")
         Truncation(self.max_tokens, self.head_tokens)  # validates head_tokens
         if self.pad_to_multiple is not None and (
             isinstance(self.pad_to_multiple, bool) or not isinstance(self.pad_to_multiple, int) or self.pad_to_multiple < 1
@@ -449,30 +449,44 @@ class TruncatedBackbone:
         return [min(len(x), self.truncation.max_tokens) for x in ids]
 
     def _render(self, messages: Sequence[Mapping[str, Any]]) -> tuple[str, list[Any]]:
+        """The chat-templated text of one conversation, cut by characters
+        (:meth:`~routers.truncation.Truncation.cut_texts`: the message texts before the
+        template joins them, the joined text after), and its images, read under
+        ``config.images``. A prompt with images is never cut: over the character budget it is
+        refused, as it is over ``max_tokens``."""
         if not isinstance(messages, Sequence) or not messages:
             raise ScorerError("A request must have a non-empty list of messages.")
         images: list[Any] = []
         rendered: list[dict[str, Any]] = []
+        texts: list[str] = []  # every text the template reads, in order; rendered holds indices
+        budget = self._image_budget(messages)
         for message in messages:
             if not isinstance(message, Mapping):
                 raise ScorerError(f"A message must be an object, got {type(message).__name__}.")
             content = message.get("content")
-            parts: list[dict[str, Any]] = []
-            if isinstance(content, list):
-                for part in content:
-                    image = self._image_of(part) if isinstance(part, Mapping) else None
-                    if image is not None:
-                        images.append(image)
-                        parts.append({"type": "image"})
-                    elif isinstance(part, Mapping) and isinstance(part.get("text"), str):
-                        parts.append({"type": "text", "text": part["text"]})
             role = str(message.get("role", "user"))
-            if images and not self.has_images:
-                raise ScorerError(f"Backbone {self.source} takes no images, but the request has one.")
-            if self.has_images and isinstance(content, list):
-                rendered.append({"role": role, "content": parts})
-            else:
-                rendered.append({"role": role, "content": message_text(message)})
+            if not isinstance(content, list) or not self.has_images:
+                for part in content if isinstance(content, list) else ():
+                    if isinstance(part, Mapping):
+                        self._image_of(part, budget)  # refuses an image part
+                rendered.append({"role": role, "content": len(texts)})
+                texts.append(message_text(message))
+                continue
+            parts: list[dict[str, Any]] = []
+            for part in content:
+                image = self._image_of(part, budget) if isinstance(part, Mapping) else None
+                if image is not None:
+                    images.append(image)
+                    parts.append({"type": "image"})
+                elif isinstance(part, Mapping) and isinstance(part.get("text"), str):
+                    parts.append({"type": "text", "text": len(texts)})
+                    texts.append(part["text"])
+            rendered.append({"role": role, "content": parts})
+        limit = self.truncation.max_chars
+        if images and sum(len(t) for t in texts) > limit:
+            raise self._too_long_with_images(sum(len(t) for t in texts))
+        texts = self.truncation.cut_texts(texts)
+        rendered = [_with_texts(m, texts) for m in rendered]
         template_owner = self.processor if self.has_images else self.tokenizer
         if getattr(self.tokenizer, "chat_template", None) or getattr(template_owner, "chat_template", None):
             try:
@@ -481,47 +495,55 @@ class TruncatedBackbone:
                 raise ScorerError(f"The chat template of {self.source} failed on the request: {exc}") from exc
         else:
             text = "\n".join(f"{m['role']}: {message_text(m)}" for m in rendered)
+        if len(text) > limit:
+            if images:
+                raise self._too_long_with_images(len(text))
+            text = self.truncation.cut_text(text)
         return text, images
 
-    def _image_of(self, part: Mapping[str, Any]) -> Any:
+    def _too_long_with_images(self, chars: int) -> ScorerError:
+        return ScorerError(
+            f"A prompt with images has {chars} characters of text, more than max_tokens="
+            f"{self.truncation.max_tokens} tokens hold ({self.truncation.max_chars} characters); "
+            "prompts with images are never cut."
+        )
+
+    def _image_budget(self, messages: Sequence[Mapping[str, Any]]) -> Any:
+        """The request's image budget under ``config.images`` (its count and ``data:`` bytes
+        checked before any image is decoded); None when it has no image part to decode."""
+        from routers.serving.images import ImageBudget, check_request_images, has_images
+
+        if not self.has_images or not has_images(messages):
+            return None
+        check_request_images(messages, self.config.images)
+        return ImageBudget(self.config.images)
+
+    def _image_of(self, part: Mapping[str, Any], budget: Any) -> Any:
+        """The RGB image of an image part (decoded under ``budget``), None for another part;
+        a backbone without an image processor refuses an image part without decoding it."""
         from PIL import Image
 
         kind = part.get("type")
-        if kind == "image" and isinstance(part.get("image"), Image.Image):
-            return part["image"].convert("RGB")
-        if kind not in ("image_url", "input_image"):
+        given = kind == "image" and isinstance(part.get("image"), Image.Image)
+        if not given and kind not in ("image_url", "input_image"):
             return None
+        if not self.has_images:
+            raise ScorerError(f"Backbone {self.source} takes no images, but the request has one.")
+        if given:
+            return part["image"].convert("RGB")
         ref = part.get("image_url")
         url = ref.get("url") if isinstance(ref, Mapping) else ref
         if isinstance(url, Image.Image):
             return url.convert("RGB")
         if not isinstance(url, str):
             raise ScorerError("An image part has no URL.")
-        return self._decode_data_url(url)
-
-    def _decode_data_url(self, url: str) -> Any:
-        from PIL import Image
-
         if not url.startswith("data:"):
             scheme = url.split(":", 1)[0] if ":" in url else "(none)"
             raise ScorerError(f"Image URLs must be data: URLs; remote images are never fetched (got scheme {scheme!r}).")
-        header, _, payload = url.partition(",")
-        if not header.endswith(";base64"):
-            raise ScorerError("A data: image URL must be base64-encoded (';base64,').")
-        if len(payload) * 3 // 4 > self.config.max_image_bytes:
-            raise ScorerError(f"An image is over max_image_bytes={self.config.max_image_bytes}.")
-        try:
-            raw = base64.b64decode(payload, validate=True)
-            image = Image.open(io.BytesIO(raw))
-            if image.width * image.height > self.config.max_image_pixels:
-                raise ScorerError(
-                    f"An image is {image.width}x{image.height}, over max_image_pixels={self.config.max_image_pixels}."
-                )
-            return image.convert("RGB")
-        except ScorerError:
-            raise
-        except (binascii.Error, ValueError, OSError, Image.DecompressionBombError) as exc:
-            raise ScorerError(f"Cannot decode a data: image: {exc}") from exc
+        from routers.serving.images import decode_data_url
+
+        budget.next_image()
+        return decode_data_url(url, self.config.images, budget)
 
     # ---- forward ------------------------------------------------------------------------
 
@@ -649,6 +671,14 @@ def _pad_columns(batch: Mapping[str, torch.Tensor], multiple: int, pad_id: int) 
     return out
 
 
+def _with_texts(message: dict[str, Any], texts: Sequence[str]) -> dict[str, Any]:
+    """A rendered message whose text indices are replaced by ``texts``' entries."""
+    content = message["content"]
+    if isinstance(content, int):
+        return {**message, "content": texts[content]}
+    return {**message, "content": [{**p, "text": texts[p["text"]]} if p["type"] == "text" else p for p in content]}
+
+
 def default_layer(path: str | Path) -> int:
     """Half the depth of the model in folder ``path`` (from its ``config.json``): the default
     probe layer and ``backbone`` encoder layer. :class:`CheckpointError` if it cannot be read."""
@@ -669,12 +699,15 @@ def tokenize(
 ) -> dict[str, torch.Tensor]:
     """Tokenize ``texts``, cut each with ``truncation`` and pad on the right.
 
-    The one tokenization of the scorers (backbone and LatentRouter's text encoder): special
-    tokens are added first, so a cut keeps ``[CLS]`` in its head and ``[SEP]`` in its tail.
+    The one tokenization of the scorers (backbone and LatentRouter's text encoder): each
+    text is cut by characters first (:meth:`~routers.truncation.Truncation.cut_text`), so
+    the tokenizer never reads more than ``truncation.max_chars`` characters of it; special
+    tokens are added next, so a cut keeps ``[CLS]`` in its head and ``[SEP]`` in its tail.
     Returns ``input_ids``, ``attention_mask`` and any other per-token field the tokenizer
     gives (``token_type_ids``), each ``[B, T]``.
     """
-    encoded = tokenizer(list(texts), add_special_tokens=add_special_tokens, verbose=False)
+    texts = [truncation.cut_text(text) for text in texts]
+    encoded = tokenizer(texts, add_special_tokens=add_special_tokens, verbose=False)
     keys = [k for k in encoded.keys() if k != "attention_mask"]
     rows = [{k: truncation.apply(encoded[k][i]) for k in keys} for i in range(len(texts))]
     width = max((len(row["input_ids"]) for row in rows), default=0)
@@ -690,12 +723,20 @@ def tokenize(
 
 
 def _load_processor(path: str) -> Any:
-    """The model's processor (multimodal) or tokenizer (text), from a local folder."""
+    """The model's processor (multimodal) or tokenizer (text), from a local folder.
+
+    A processor that also reads video (Qwen2-VL, Qwen2.5-VL) is built from its image
+    processor and tokenizer alone (:func:`_images_only_processor`): switchyard reads images,
+    never video, and transformers' video processors need torchvision, which the ``ml``
+    extra does not install (no torchvision wheel matches every CPU torch)."""
     from transformers import AutoProcessor, AutoTokenizer
 
+    processor_class = _processor_class(path)
+    if processor_class is not None and "video_processor" in processor_class.get_attributes():
+        return _images_only_processor(processor_class, path)
     try:
         processor = AutoProcessor.from_pretrained(path)
-    except (OSError, ValueError, TypeError, AttributeError, KeyError):
+    except (OSError, ValueError, TypeError, AttributeError, KeyError, ImportError):
         processor = None
     if processor is None or not (hasattr(processor, "tokenizer") or hasattr(processor, "pad_token")):
         try:
@@ -703,6 +744,55 @@ def _load_processor(path: str) -> Any:
         except (OSError, ValueError) as exc:
             raise CheckpointError(f"Cannot load a tokenizer or processor from {path}: {exc}") from exc
     return processor
+
+
+def _processor_class(path: str) -> Any:
+    """The processor class transformers maps the model in ``path`` to; None for a text model."""
+    from transformers import AutoConfig
+    from transformers.models.auto.processing_auto import PROCESSOR_MAPPING
+
+    try:
+        return PROCESSOR_MAPPING.get(type(AutoConfig.from_pretrained(path)), None)
+    except (OSError, ValueError, KeyError, ImportError):
+        return None
+
+
+def _images_only_processor(processor_class: Any, path: str) -> Any:
+    """``processor_class`` built from the image processor (Pillow backend, the same pixels
+    with or without torchvision) and the tokenizer in ``path``, with no video processor."""
+    from transformers import AutoImageProcessor, AutoTokenizer
+
+    try:
+        try:
+            image_processor = AutoImageProcessor.from_pretrained(path, backend="pil")
+        except (ValueError, ImportError, TypeError):  # no Pillow image processor for this model
+            image_processor = AutoImageProcessor.from_pretrained(path)
+        tokenizer = AutoTokenizer.from_pretrained(path)
+        saved, _ = processor_class.get_processor_dict(path)
+    except (OSError, ValueError, KeyError, ImportError) as exc:
+        raise CheckpointError(f"Cannot load the image processor and tokenizer of {path}: {exc}") from exc
+    chat_template = saved.get("chat_template") or getattr(tokenizer, "chat_template", None)
+    try:
+        build = _images_only(processor_class)
+        return build(image_processor=image_processor, tokenizer=tokenizer, chat_template=chat_template)
+    except (TypeError, ValueError) as exc:
+        raise CheckpointError(f"Cannot build the {processor_class.__name__} of {path} without video: {exc}") from exc
+
+
+@functools.lru_cache(maxsize=None)
+def _images_only(processor_class: Any) -> Any:
+    """A subclass of ``processor_class`` that may be built with parts left out (None):
+    transformers checks each part's class, and without torchvision the check of an absent
+    video processor fails."""
+
+    def check_argument_for_proper_class(self: Any, name: str, part: Any) -> Any:
+        return None if part is None else processor_class.check_argument_for_proper_class(self, name, part)
+
+    return type(
+        f"{processor_class.__name__}ImagesOnly",
+        (processor_class,),
+        {"check_argument_for_proper_class": check_argument_for_proper_class, "__module__": __name__},
+    )
 
 
 def shared_copy(module: nn.Module) -> nn.Module:

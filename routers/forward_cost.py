@@ -16,10 +16,16 @@ outweighs their padding, and run apart when it does not. The exact best cut of a
 batch is found by dynamic programming over where chunks start (O(n²) for n requests).
 Serving (:mod:`routers.serving.prefill`) and offline scoring (:class:`routers.ProbeScorer`)
 both cut batches this way.
+
+A cost measured at load can be wrong for the life of the process: measured while the
+machine was busy, it read 25 ms fixed against 2.8 ms quiet. Serving therefore keeps the
+cost it plans and admits by in a :class:`LiveCost`, which refits it from the forwards that
+really run, so a bad load-time measurement corrects itself after a few forwards.
 """
 
 from __future__ import annotations
 
+import collections
 import logging
 import math
 import time
@@ -27,7 +33,7 @@ from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from typing import Any
 
-__all__ = ["ForwardCost", "UNMEASURED_COST", "measure", "measure_backbone", "plan_chunks"]
+__all__ = ["ForwardCost", "LiveCost", "UNMEASURED_COST", "measure", "measure_backbone", "plan_chunks"]
 
 log = logging.getLogger(__name__)
 
@@ -123,6 +129,78 @@ def plan_chunks(
         chunks.append(order[start[j]:j])
         j = start[j]
     return chunks[::-1]
+
+
+#: Forwards a :class:`LiveCost` refits from (the most recent), and how many it must have
+#: seen before they replace the cost it was seeded with.
+RECENT_FORWARDS = 64
+TRUSTED_AFTER = 8
+#: Padded tokens a prompt is assumed to take before any forward has been seen.
+ASSUMED_WIDTH = 64
+#: Weight of each new forward in :attr:`LiveCost.width`, the running mean padded width.
+WIDTH_SMOOTHING = 0.1
+
+
+class LiveCost:
+    """A :class:`ForwardCost` kept up to date from the forwards that really run.
+
+    Starts as ``seed`` (the cost measured at load). Each forward that runs reports its
+    shape and time to :meth:`observe` (from any one thread at a time); once
+    :data:`TRUSTED_AFTER` have, :attr:`current` is fitted from the last
+    :data:`RECENT_FORWARDS` alone. As in :func:`measure` the fastest counts (a busy
+    neighbour only ever adds time; a load that lasts slows every recent forward and so
+    still shows): the recent forwards are grouped by padded tokens (powers of two), the
+    fastest of each group is kept, and :meth:`ForwardCost.fit` runs over those. When they
+    span less than a doubling of tokens the per-token term cannot be told from them: it
+    stays the seed's, and the fixed term is set so the fastest forward is predicted exactly.
+
+    :attr:`width` is the running mean padded width of a prompt (tokens), for predicting a
+    batch's forward before its prompts are tokenized (:meth:`batch_seconds`, which admission
+    uses only once forwards have confirmed the cost: a measurement taken on a busy machine,
+    or :data:`UNMEASURED_COST`, never refuses a request).
+    """
+
+    def __init__(self, seed: ForwardCost, *, width: float = ASSUMED_WIDTH) -> None:
+        self.seed = seed
+        self.current = seed  # replaced whole, never mutated: safe to read from any thread
+        self.width = float(width)
+        self.observed = 0
+        self._recent: collections.deque[tuple[int, float]] = collections.deque(maxlen=RECENT_FORWARDS)
+
+    def observe(self, rows: int, width: int, seconds: float) -> None:
+        """One forward of ``rows`` prompts padded to ``width`` tokens took ``seconds``."""
+        if rows < 1 or width < 1 or not (math.isfinite(seconds) and seconds >= 0.0):
+            return
+        self.observed += 1
+        self._recent.append((rows * width, seconds))
+        self.width += WIDTH_SMOOTHING * (width - self.width)
+        if self.observed >= TRUSTED_AFTER:
+            self.current = self._refit()
+
+    @property
+    def confirmed(self) -> bool:
+        """Whether :attr:`current` comes from forwards observed, not from the seed alone."""
+        return self.observed >= TRUSTED_AFTER
+
+    def batch_seconds(self, rows: int) -> float:
+        """Predicted seconds of one forward of ``rows`` prompts of the running mean width;
+        0 until the cost is :attr:`confirmed`."""
+        if rows < 1 or not self.confirmed:
+            return 0.0
+        return self.current.seconds(rows, max(1, round(self.width)))
+
+    def _refit(self) -> ForwardCost:
+        fastest: dict[int, tuple[int, float]] = {}
+        for tokens, seconds in self._recent:
+            group = tokens.bit_length()
+            if group not in fastest or seconds < fastest[group][1]:
+                fastest[group] = (tokens, seconds)
+        samples = sorted(fastest.values())
+        if samples[-1][0] >= 2 * samples[0][0]:
+            return ForwardCost.fit([(1, tokens, seconds) for tokens, seconds in samples])
+        tokens, seconds = min(samples, key=lambda sample: sample[1])
+        per_token = self.seed.per_token if self.seed.per_token * tokens <= seconds else seconds / tokens
+        return ForwardCost(fixed=seconds - per_token * tokens, per_token=per_token)
 
 
 #: The cost assumed when measuring fails: one forward per batch.

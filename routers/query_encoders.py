@@ -13,6 +13,8 @@ Every encoder appends side features (text length, message count, image count, im
 so the text-only encoders still see that a request carries images. Long texts are cut by
 :mod:`routers.truncation` (first and last tokens kept) to ``spec.max_length``, capped by the
 model's own limit; the encoder's ``truncation`` is what it applies, and a checkpoint records it.
+Every encoder cuts a text by characters before reading it (the ``hashing`` encoder to what
+the default token limit keeps), so its work is bounded whatever the prompt's length.
 """
 
 from __future__ import annotations
@@ -130,14 +132,20 @@ class QueryEncoder:
 _TOKEN = re.compile(r"\w+", re.UNICODE)
 
 
+#: The characters the ``hashing`` encoder reads of a text: what the default token cut keeps.
+_HASHING_CUT = Truncation()
+
+
 class HashingEncoder(QueryEncoder):
-    """Signed feature hashing of word 1-2 grams and char 3-grams, log-scaled, L2-normalised."""
+    """Signed feature hashing of word 1-2 grams and char 3-grams, log-scaled, L2-normalised
+    (of a text cut by characters with :data:`_HASHING_CUT`)."""
 
     def __init__(self, spec: EncoderSpec) -> None:
         self.spec = spec
         self.dim = spec.dim + SIDE_FEATURES
 
     def _vector(self, text: str) -> torch.Tensor:
+        text = _HASHING_CUT.cut_text(text)
         vec = [0.0] * self.spec.dim
         words = _TOKEN.findall(text.lower())
         grams = words + [f"{a} {b}" for a, b in zip(words, words[1:])]

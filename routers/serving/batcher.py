@@ -3,26 +3,40 @@
 ::
 
     event loop                                   worker thread (one per batcher)
-    submit(item, deadline) ─► pending (bounded) ─┐
-                   collector task: waits from the │
-                   first arrival up to max_wait_ms│
-                   or max_size (longer while the  │
-                   worker is still busy), drops   │
-                   entries past their deadline ───┴─► forward([items]) ─► results
+    submit(item, deadline)
+      admission: predicted wait > time left? ─► ScorerOverloaded at once
+      └─► pending (bounded) ─┐
+           collector task: worker idle and a   │
+           request waiting? dispatch at once   │
+           (up to max_size), dropping entries  │
+           past their deadline ────────────────┴─► drop entries now past their deadline
+                                                   forward([items]) ─► results
     futures resolved ◄── loop.call_soon_threadsafe ◄───────────────────────┘
 
-- One forward at a time; while it runs, the next batch keeps collecting (up to
-  ``max_size``), so under load batches grow instead of queueing.
+- One forward at a time. A request that finds the worker idle goes to it at once: nothing
+  is held back waiting for company. While a forward runs, the requests that arrive wait
+  for it and form the next batch (up to ``max_size``), so batches grow with load and stay
+  at one request when there is none. ``max_wait_ms`` is accepted but no longer holds a
+  request (holding one while the worker is idle only added latency: 4–6 ms of p50 below
+  saturation, with no capacity gained, since a busy worker is what forms batches).
 - ``forward`` returns one result per item, in order; an item's result may be an exception
   (e.g. that request's score was NaN), which fails only that item. A ``forward`` that
   raises, or returns the wrong number of results, fails every item of its batch.
 - A ``forward`` that runs a batch as several passes may instead be a generator yielding
   ``(indices, results)`` as each pass finishes: those requests are answered at once, not
   when the whole batch is done. Items it raises before answering, or never answers, fail.
-- An entry whose deadline passed before its forward starts is dropped: its future gets a
-  :class:`ScorerError` and the forward never sees it.
+- A request past its deadline never reaches a forward: when a batch is formed, and again
+  on the worker just before its forward starts, such entries get a :class:`ScorerError`
+  and are left out (as is an entry whose caller has gone).
+- Admission: :meth:`submit` predicts the request's wait — the rest of the forward running
+  now, the batches queued ahead of it and its own — at the forward cost ``cost(n)`` (the
+  predicted seconds of one forward of ``n`` requests: passed in by the scorer, or by
+  default fitted from this batcher's own forwards as they run, see
+  :class:`routers.forward_cost.LiveCost`) and fails at once with
+  :class:`~extproc.ScorerOverloaded` when that is past the request's deadline. Until
+  forwards have confirmed a cost (``cost`` answers 0) every request is admitted.
 - Backpressure: at most ``max_queue`` entries wait; one more fails at once with
-  :class:`ScorerError` ("overloaded") instead of queueing past every deadline.
+  :class:`~extproc.ScorerOverloaded` instead of queueing past every deadline.
 - The forward never runs on the event loop thread.
 """
 
@@ -39,9 +53,10 @@ from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass, field
 from typing import Any, Generic, TypeVar
 
-from extproc import BatchConfig, ScorerError
+from extproc import BatchConfig, ScorerDeadline, ScorerError, ScorerOverloaded, scorer_message
+from routers.forward_cost import ForwardCost, LiveCost
 
-__all__ = ["MicroBatcher", "BatchStats"]
+__all__ = ["MicroBatcher", "BatchStats", "scorer_error"]
 
 log = logging.getLogger(__name__)
 
@@ -66,8 +81,8 @@ class BatchStats:
 
     batches: int = 0
     requests: int = 0
-    expired: int = 0
-    overloaded: int = 0
+    expired: int = 0  # dropped before their forward: past their deadline
+    overloaded: int = 0  # refused at submit: queue full, or the predicted wait past the deadline
     sizes: collections.Counter = field(default_factory=collections.Counter)
     forward_seconds: float = 0.0  # total time the worker spent in forwards
 
@@ -85,9 +100,11 @@ class MicroBatcher(Generic[T, R]):
 
     ``forward(items) -> results`` runs on this batcher's own worker thread. ``name`` starts
     its error messages (e.g. ``scorer 'utility'``). ``config`` gives ``max_size`` and
-    ``max_wait_ms``; ``max_queue`` bounds the waiting entries (default
-    ``max(64, 8 * max_size)``). ``clock`` is the deadline clock (``time.monotonic``, which
-    :meth:`extproc.Scorer.score` deadlines use; tests may inject their own).
+    ``max_wait_ms`` (validated; it no longer holds requests, see the module's notes);
+    ``max_queue`` bounds the waiting entries (default ``max(64, 8 * max_size)``). ``cost(n)``
+    predicts the seconds of one forward of ``n`` requests, for admission (default: fitted
+    from this batcher's own forwards). ``clock`` is the deadline clock (``time.monotonic``,
+    which :meth:`extproc.Scorer.score` deadlines use; tests may inject their own).
     """
 
     def __init__(
@@ -97,6 +114,7 @@ class MicroBatcher(Generic[T, R]):
         *,
         name: str,
         max_queue: int | None = None,
+        cost: Callable[[int], float] | None = None,
         clock: Callable[[], float] = time.monotonic,
     ) -> None:
         if isinstance(config.max_size, bool) or not isinstance(config.max_size, int) or config.max_size < 1:
@@ -112,16 +130,19 @@ class MicroBatcher(Generic[T, R]):
         self.stats = BatchStats()
         self._forward = forward
         self._clock = clock
-        self._max_wait = config.max_wait_ms / 1000.0
+        # its own forwards, as (requests, 1 "token" each, seconds): a fixed + per-request fit
+        self.own_cost = LiveCost(ForwardCost(fixed=0.0, per_token=0.0), width=1)
+        self._cost = cost if cost is not None else self.own_cost.batch_seconds
         self._jobs: queue.SimpleQueue = queue.SimpleQueue()
         self._thread = threading.Thread(target=self._work, name=f"switchyard-batcher-{name}", daemon=True)
         self._thread.start()
         self._closed = False
         self._loop: asyncio.AbstractEventLoop | None = None
         self._pending: collections.deque[_Entry] = collections.deque()
-        self._arrivals: collections.deque[float] = collections.deque()
         self._wake: asyncio.Event | None = None
         self._busy = False
+        self._running = 0  # requests in the forward now running
+        self._started = 0.0  # when it was handed to the worker (deadline clock)
         self._collector: asyncio.Task | None = None
 
     @property
@@ -137,19 +158,42 @@ class MicroBatcher(Generic[T, R]):
     def submit(self, item: T, deadline: float) -> asyncio.Future:
         """Queue ``item``; the future resolves to its result, or raises :class:`ScorerError`
         (deadline passed before its forward, forward failed, batcher closed). Call on the
-        event loop. Fails at once when ``max_queue`` entries already wait."""
+        event loop. Fails at once with :class:`~extproc.ScorerOverloaded` when ``max_queue``
+        entries already wait, or when the predicted wait is past ``deadline``."""
         if self._closed:
             raise ScorerError(f"{self.name} is closed.")
         self._bind(asyncio.get_running_loop())
+        self._prune()
         if len(self._pending) >= self.max_queue:
             self.stats.overloaded += 1
-            raise ScorerError(f"{self.name} is overloaded: {len(self._pending)} requests already wait.")
+            raise ScorerOverloaded(f"{self.name} is overloaded: {len(self._pending)} requests already wait.")
+        left = deadline - self._clock()
+        if left <= 0:
+            self.stats.expired += 1
+            raise ScorerDeadline(f"{self.name}: the request's deadline passed before its forward.")
+        wait = self.predicted_wait()
+        if wait > left:
+            self.stats.overloaded += 1
+            ahead = len(self._pending)
+            raise ScorerOverloaded(
+                f"{self.name} is overloaded: the predicted wait of {wait * 1e3:.1f} ms ({ahead} "
+                f"request{'' if ahead == 1 else 's'} queued ahead) is longer than the {left * 1e3:.1f} ms "
+                "left before the request's deadline.")
         future = self._loop.create_future()
         future.add_done_callback(_retrieve)
         self._pending.append(_Entry(item, deadline, future))
-        self._arrivals.append(self._clock())
         self._wake.set()
         return future
+
+    def predicted_wait(self) -> float:
+        """Seconds until a request submitted now would be answered: the rest of the forward
+        running now, the batches queued ahead of it, and its own (at ``cost``)."""
+        size = self.config.max_size
+        full, rest = divmod(len(self._pending) + 1, size)
+        wait = full * self._cost(size) + (self._cost(rest) if rest else 0.0)
+        if self._busy:
+            wait += max(0.0, self._cost(self._running) - (self._clock() - self._started))
+        return wait
 
     async def run(self, item: T, deadline: float) -> R:
         """:meth:`submit` and wait, at most until ``deadline``; a miss is a :class:`ScorerError`."""
@@ -158,7 +202,7 @@ class MicroBatcher(Generic[T, R]):
             return await asyncio.wait_for(asyncio.shield(future), max(0.0, deadline - self._clock()))
         except asyncio.TimeoutError:
             future.cancel()  # still waiting: dropped before its forward
-            raise ScorerError(f"{self.name} missed its deadline.") from None
+            raise ScorerDeadline(f"{self.name} missed its deadline.") from None
 
     def _bind(self, loop: asyncio.AbstractEventLoop) -> None:
         if self._loop is loop:
@@ -168,7 +212,6 @@ class MicroBatcher(Generic[T, R]):
         # first use, or the previous loop ended (e.g. one asyncio.run per CLI call)
         self._loop = loop
         self._pending.clear()
-        self._arrivals.clear()
         self._busy = False
         self._wake = asyncio.Event()
         self._collector = loop.create_task(self._collect(), name=f"switchyard-batcher-{self.name}")
@@ -185,48 +228,34 @@ class MicroBatcher(Generic[T, R]):
     def _prune(self) -> None:
         """Drop entries already answered (their caller gave up) or past their deadline."""
         now = self._clock()
-        keep: collections.deque[_Entry] = collections.deque()
-        arrivals: collections.deque[float] = collections.deque()
-        for entry, arrived in zip(self._pending, self._arrivals):
-            if entry.future.done():
-                continue
-            if entry.deadline <= now:
+        if all(not entry.future.done() and entry.deadline > now for entry in self._pending):
+            return
+        self._expire([entry for entry in self._pending if not entry.future.done() and entry.deadline <= now])
+        self._pending = collections.deque(entry for entry in self._pending if not entry.future.done())
+
+    def _expire(self, entries: list[_Entry]) -> None:
+        """Fail ``entries`` (not yet answered) as past their deadline before their forward."""
+        for entry in entries:
+            if not entry.future.done():
                 self.stats.expired += 1
                 entry.future.set_exception(
-                    ScorerError(f"{self.name}: the request's deadline passed before its forward.")
-                )
-                continue
-            keep.append(entry)
-            arrivals.append(arrived)
-        self._pending, self._arrivals = keep, arrivals
+                    ScorerDeadline(f"{self.name}: the request's deadline passed before its forward."))
 
     async def _collect(self) -> None:
         wake = self._wake
         while True:
             self._prune()
-            if not self._pending:
-                wake.clear()
-                await wake.wait()
-                continue
-            full = len(self._pending) >= self.config.max_size
-            waited = self._clock() - self._arrivals[0]
-            if not self._busy and (full or waited >= self._max_wait):
+            if self._pending and not self._busy:  # an idle worker takes what waits, at once
                 self._dispatch()
                 continue
             wake.clear()
-            if self._busy:  # the worker's end (or a new arrival) wakes us
-                await wake.wait()
-            else:
-                try:
-                    await asyncio.wait_for(wake.wait(), self._max_wait - waited)
-                except asyncio.TimeoutError:
-                    pass
+            await wake.wait()  # a new arrival, or the worker's end
 
     def _dispatch(self) -> None:
         batch = [self._pending.popleft() for _ in range(min(self.config.max_size, len(self._pending)))]
-        for _ in batch:
-            self._arrivals.popleft()
         self._busy = True
+        self._running = len(batch)
+        self._started = self._clock()
         self.stats.batches += 1
         self.stats.requests += len(batch)
         self.stats.sizes[len(batch)] += 1
@@ -242,9 +271,11 @@ class MicroBatcher(Generic[T, R]):
             else:
                 entry.future.set_result(result)
 
-    def _finish(self, took: float) -> None:
+    def _finish(self, took: float, ran: int) -> None:
         self._busy = False
         self.stats.forward_seconds += took
+        if ran:
+            self.own_cost.observe(ran, 1, took)
         if self._wake is not None:
             self._wake.set()
 
@@ -253,7 +284,6 @@ class MicroBatcher(Generic[T, R]):
             if not entry.future.done():
                 entry.future.set_exception(error)
         self._pending.clear()
-        self._arrivals.clear()
 
     async def close(self) -> None:
         """Fail waiting requests, stop the collector, and stop the worker after its forward."""
@@ -284,13 +314,24 @@ class MicroBatcher(Generic[T, R]):
             if job is None:
                 return
             loop, batch = job
-            started = time.perf_counter()
             try:
-                for indices, results in self._parts([entry.item for entry in batch]):
-                    loop.call_soon_threadsafe(self._answer, [batch[i] for i in indices], results)
-                loop.call_soon_threadsafe(self._finish, time.perf_counter() - started)
+                live = self._live(loop, batch)
+                started = time.perf_counter()
+                if live:
+                    for indices, results in self._parts([entry.item for entry in live]):
+                        loop.call_soon_threadsafe(self._answer, [live[i] for i in indices], results)
+                loop.call_soon_threadsafe(self._finish, time.perf_counter() - started, len(live))
             except RuntimeError:  # the loop was closed while the forward ran
                 pass
+
+    def _live(self, loop: asyncio.AbstractEventLoop, batch: list[_Entry]) -> list[_Entry]:
+        """The entries of ``batch`` still wanted as its forward starts; those past their
+        deadline are failed (on the loop), those whose caller has gone are left out."""
+        now = self._clock()
+        late = [entry for entry in batch if entry.deadline <= now]
+        if late:
+            loop.call_soon_threadsafe(self._expire, late)
+        return [entry for entry in batch if entry.deadline > now and not entry.future.done()]
 
     def _parts(self, items: list[Any]) -> Iterator[tuple[list[int], Sequence[Any] | BaseException]]:
         """``(indices, results)`` as the forward answers them, each index exactly once;
@@ -327,6 +368,13 @@ class MicroBatcher(Generic[T, R]):
         if isinstance(result, BaseException) and not isinstance(result, ScorerError):
             return ScorerError(f"{self.name}: failed on a request: {type(result).__name__}: {result}")
         return result
+
+
+def scorer_error(exc: ScorerError, scorer: str) -> ScorerError:
+    """``exc`` as scorer ``scorer``'s error: its message starts with ``Scorer 'name':``
+    (once: a message that already names the scorer keeps its own start), and it stays the
+    same kind (an overload is still a :class:`~extproc.ScorerOverloaded`)."""
+    return type(exc)(scorer_message(scorer, exc))
 
 
 def _retrieve(future: asyncio.Future) -> None:

@@ -18,7 +18,7 @@ from collections.abc import Collection, Mapping, Sequence
 from typing import Any
 
 from extproc import RoutingRequest, Scorer, ScorerError, ScorerSpec, Scores
-from routers.serving.batcher import MicroBatcher
+from routers.serving.batcher import MicroBatcher, scorer_error
 from routers.serving.prefill import BATCH_SIZE, PooledMember, PrefillGroup, release_group
 
 __all__ = ["LatentScorer"]
@@ -74,8 +74,8 @@ class LatentScorer(Scorer):
                     raise pooled
                 prefill_batch = int(row[BATCH_SIZE])
             values, batch = await self.batcher.run((request.messages, pooled, mask), deadline)
-        except ScorerError as exc:
-            raise ScorerError(f"Scorer {self.spec.name!r}: {exc}") from exc
+        except ScorerError as exc:  # an overload stays an overload: the policy tells them apart
+            raise scorer_error(exc, self.spec.name) from exc
         return Scores(values=values, costs=self.costs, batch_size=prefill_batch or batch)
 
     def _forward(self, items: list[tuple[Sequence[Mapping[str, Any]], Any, tuple[bool, ...]]]) -> list[Any]:

@@ -16,7 +16,11 @@ What is shared, and when:
   checkpoints saved with different ``max_tokens``, get their own group (their own prefill).
 - **The forwards.** A batch is sorted by length and cut into the forwards with the least
   predicted time (:mod:`routers.forward_cost`), from the backbone's forward cost measured
-  when it is first grouped.
+  when it is first grouped and refitted from every text forward the group runs
+  (:class:`~routers.forward_cost.LiveCost`: a load-time measurement taken on a busy machine
+  corrects itself). The same cost predicts a request's wait for admission: the
+  micro-batcher refuses at once (:class:`~extproc.ScorerOverloaded`) a request that cannot
+  be answered before its deadline.
 - A failure of one request (a bad image, a chat template error, a NaN) fails that request
   only; a failure of the forward itself fails its batch.
 """
@@ -33,7 +37,7 @@ from dataclasses import dataclass
 from typing import Any
 
 from extproc import BatchConfig, ImageLimits, RoutingRequest, ScorerError
-from routers.forward_cost import plan_chunks
+from routers.forward_cost import ForwardCost, LiveCost, plan_chunks
 from routers.serving.batcher import MicroBatcher
 from routers.serving.images import has_images, with_loaded_images
 
@@ -129,8 +133,21 @@ class PrefillGroup:
         self.name = name
         self._members: dict[str, Any] = {}
         self._lock = threading.Lock()
-        self.cost = backbone.forward_cost  # measured once per loaded backbone
-        self.batcher = MicroBatcher(self._forward, batch, name=name)
+        self.cost = backbone.forward_cost  # measured once per loaded backbone, then kept live
+        self.batcher = MicroBatcher(self._forward, batch, name=name, cost=self._batch_seconds)
+
+    @property
+    def cost(self) -> ForwardCost:
+        """The forward cost batches are cut and requests admitted by, as last refitted."""
+        return self.live_cost.current
+
+    @cost.setter
+    def cost(self, seed: ForwardCost) -> None:
+        self.live_cost = LiveCost(seed)
+
+    def _batch_seconds(self, requests: int) -> float:
+        """Predicted seconds of one forward of ``requests`` prompts (for admission)."""
+        return self.live_cost.batch_seconds(requests)
 
     @property
     def members(self) -> tuple[Any, ...]:
@@ -204,19 +221,24 @@ class PrefillGroup:
         last_only = [layer for layer in layers if layer not in full]
         outputs = set().union(*(m.output_layers for m in members))
         input_only = [layer for layer in layers if layer not in outputs]
+        timed = set(batch) <= _SLICEABLE  # the cost model knows text forwards only
         for chunk in self._chunks(batch):
             requests = [good[j] for j in chunk]
+            rows = _rows(batch, chunk)
+            started = time.perf_counter()
             try:
                 with torch.inference_mode():
-                    out = self.backbone.states(_rows(batch, chunk), layers, last_only=last_only, input_only=input_only)
+                    out = self.backbone.states(rows, layers, last_only=last_only, input_only=input_only)
                     values = {m.key: m.compute(out, len(chunk)) for m in members}
             except ScorerError as exc:  # this chunk's forward failed: its requests fail
                 yield requests, [exc] * len(chunk)
                 continue
-            rows = [{key: column[k] for key, column in values.items()} for k in range(len(chunk))]
-            for row in rows:
-                row[BATCH_SIZE] = len(items)
-            yield requests, rows
+            if timed:
+                self.live_cost.observe(len(chunk), int(rows["attention_mask"].shape[1]), time.perf_counter() - started)
+            answers = [{key: column[k] for key, column in values.items()} for k in range(len(chunk))]
+            for answer in answers:
+                answer[BATCH_SIZE] = len(items)
+            yield requests, answers
 
     def _chunks(self, batch: Mapping[str, Any]) -> list[list[int]]:
         """Rows of ``batch`` grouped into the forwards with the least predicted time

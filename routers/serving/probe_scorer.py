@@ -8,6 +8,7 @@ scorers on the same backbone (:mod:`routers.serving.prefill`).
 from __future__ import annotations
 
 from extproc import RoutingRequest, Scorer, ScorerError, ScorerSpec, Scores
+from routers.serving.batcher import scorer_error
 from routers.serving.prefill import BATCH_SIZE, PrefillGroup, ProbeMember, release_group
 
 __all__ = ["ProbeSetScorer"]
@@ -31,11 +32,11 @@ class ProbeSetScorer(Scorer):
             raise ScorerError(f"Scorer {self.spec.name!r} is closed.")
         try:
             row = await self.group.prefill(request, deadline, self.member)
-        except ScorerError as exc:
-            raise ScorerError(f"Scorer {self.spec.name!r}: {exc}") from exc
+        except ScorerError as exc:  # an overload stays an overload: the policy tells them apart
+            raise scorer_error(exc, self.spec.name) from exc
         values = row[self.member.key]
         if isinstance(values, ScorerError):
-            raise ScorerError(f"Scorer {self.spec.name!r}: {values}")
+            raise scorer_error(values, self.spec.name)
         return Scores(values=dict(values), batch_size=int(row[BATCH_SIZE]))
 
     async def close(self) -> None:

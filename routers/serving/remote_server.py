@@ -16,24 +16,39 @@ scorer service and the health service answer on one port with one set of credent
 a client CA, only clients presenting a certificate it signed get past the handshake. Without
 ``tls`` the port is plaintext.
 
-Per call: the scorer named in the request scores its ``messages`` with the caller's gRPC
-deadline (``context.time_remaining()``) as its deadline (the scorer's ``deadline_ms`` when
-the call has none). Errors answer with a status code and a sentence (see ``scorer.proto``):
-an unknown scorer NOT_FOUND, a scorer failure INTERNAL, a missed deadline DEADLINE_EXCEEDED,
-a call while loading or stopping UNAVAILABLE. Prompts are never logged.
+Per call, cheapest check first (:class:`ServerLimits`, the ``scorer serve`` flags; no call
+is tokenized or queued before it passed them all)::
+
+    gRPC reads the length prefix: over --max-message-bytes ─► RESOURCE_EXHAUSTED (by gRPC, never parsed)
+    loading / stopping ─► UNAVAILABLE      unknown scorer ─► NOT_FOUND (its name cut short)
+    caller over --max-in-flight-per-caller, or server over --max-in-flight ─► RESOURCE_EXHAUSTED
+    bad JSON, over --max-messages / --max-parts, an empty or unknown `available` ─► INVALID_ARGUMENT
+    score with deadline = min(the call's gRPC deadline, or the scorer's deadline_ms; --max-deadline-ms)
+        ─► the scorer's queue refuses it (ScorerOverloaded) ─► RESOURCE_EXHAUSTED
+        ─► missed ─► DEADLINE_EXCEEDED    scorer failure / non-finite number ─► INTERNAL
+
+A caller is the host of its connection (``context.peer()``, :func:`peer_host`): one caller
+cannot hold more than its share of the server, so a flooding client gets "busy" at once
+while the others are still scored. When a call ends (answered, past its deadline, or
+cancelled by a caller that has gone), the work its scorer left queued for it (the shared
+prefill kept in the request's ``scratch``) is cancelled, so it is dropped before its
+forward. Answers never echo the request; prompts are never logged.
 """
 
 from __future__ import annotations
 
 import asyncio
+import collections
+import contextlib
 import logging
 import math
 import os
 import signal
 import sys
 import time
-from collections.abc import Callable, Mapping
-from dataclasses import dataclass
+import urllib.parse
+from collections.abc import Callable, Iterator, Mapping
+from dataclasses import dataclass, fields
 from pathlib import Path
 from typing import Any, ClassVar
 
@@ -47,35 +62,88 @@ from extproc import (
     Scorer,
     ScorerDescription,
     ScorerError,
+    ScorerOverloaded,
     ScorerSpec,
     Scores,
     SwitchyardError,
     describe_scorer,
     load_scorer,
 )
+from routers.serving.batcher import scorer_error
 from switchyard.v1 import scorer_pb2, scorer_pb2_grpc
 
-__all__ = ["SERVICE_NAME", "SERVER_OPTIONS", "ScorerServer", "ScorerServicer", "ServerTls", "serve_scorers"]
+__all__ = ["SERVICE_NAME", "SERVER_OPTIONS", "ScorerServer", "ScorerServicer", "ServerLimits", "ServerTls",
+           "peer_host", "serve_scorers"]
 
 log = logging.getLogger("switchyard.scorer_server")
 
 #: The gRPC service name, also the health service's per-service key.
 SERVICE_NAME = scorer_pb2.DESCRIPTOR.services_by_name["ScorerService"].full_name
 
-#: Largest request accepted (chat messages with data: URL images can be big).
-MAX_MESSAGE_BYTES = 64 * 1024 * 1024
-
-#: Server channel options. ``max_connection_age`` makes clients reconnect, and so re-resolve
-#: a DNS target, every few minutes: new pods behind a headless Service get traffic.
-#: Keepalive pings from clients (every 10 s, see ``extproc._remote_scorer``) are permitted.
+#: Server channel options (the largest request comes from :attr:`ServerLimits.max_message_bytes`).
+#: ``max_connection_age`` makes clients reconnect, and so re-resolve a DNS target, every few
+#: minutes: new pods behind a headless Service get traffic. Keepalive pings from clients
+#: (every 10 s, see ``extproc._remote_scorer``) are permitted.
 SERVER_OPTIONS: tuple[tuple[str, int], ...] = (
-    ("grpc.max_receive_message_length", MAX_MESSAGE_BYTES),
     ("grpc.max_connection_age_ms", 5 * 60 * 1000),
     ("grpc.max_connection_age_grace_ms", 30 * 1000),
     ("grpc.http2.min_ping_interval_without_data_ms", 5_000),
     ("grpc.keepalive_permit_without_calls", 1),
     ("grpc.so_reuseport", 0),
 )
+
+
+@dataclass(frozen=True)
+class ServerLimits:
+    """What one call may ask of the server, each checked before any work for it starts.
+
+    Every field is the ``scorer serve`` flag of its name (``max_messages`` ->
+    ``--max-messages``, :meth:`flag`); the defaults here are the flags' defaults. Errors
+    name the flag and the bad value."""
+
+    #: Largest request, in bytes. gRPC refuses a bigger one (RESOURCE_EXHAUSTED) from its
+    #: length prefix, before reading it. 4 MiB: four times the sidecar's default body limit
+    #: (``routing.max_body_bytes``, 1 MiB), whose chat messages are most of a call; raise
+    #: both together.
+    max_message_bytes: int = 4 * 1024 * 1024
+    #: Most chat messages in one call (INVALID_ARGUMENT beyond).
+    max_messages: int = 256
+    #: Most content parts in one call, over all its messages: each entry of a list
+    #: ``content`` (text, ``image_url``), a string ``content`` counting one (INVALID_ARGUMENT beyond).
+    max_parts: int = 1024
+    #: Longest deadline honoured, in milliseconds: a call asking more, or carrying none, gets
+    #: this. 1000: the sidecar's Envoy ``message_timeout``; no sidecar waits longer.
+    max_deadline_ms: float = 1000.0
+    #: Most calls in flight on the whole server (RESOURCE_EXHAUSTED "busy" beyond). 256: the
+    #: micro-batcher's queue at the default ``batch.max_size`` of 32 (8 x 32), so a full
+    #: server answers "busy" before any scorer's queue overflows.
+    max_in_flight: int = 256
+    #: Most calls in flight from one caller (:func:`peer_host`; RESOURCE_EXHAUSTED "busy"
+    #: beyond): a quarter of ``max_in_flight``, so one caller never takes the whole server.
+    max_in_flight_per_caller: int = 64
+
+    @staticmethod
+    def flag(field: str) -> str:
+        """The ``scorer serve`` flag that sets ``field``."""
+        return "--" + field.replace("_", "-")
+
+    def __post_init__(self) -> None:
+        for field in fields(self):
+            value = getattr(self, field.name)
+            if field.type == "int" and (isinstance(value, bool) or not isinstance(value, int) or value < 1):
+                raise SwitchyardError(f"{self.flag(field.name)} must be a positive whole number, got {value!r}.")
+        if isinstance(self.max_deadline_ms, bool) or not isinstance(self.max_deadline_ms, (int, float)) \
+                or not (math.isfinite(self.max_deadline_ms) and self.max_deadline_ms > 0):
+            raise SwitchyardError(f"{self.flag('max_deadline_ms')} must be a number of milliseconds > 0, "
+                                  f"got {self.max_deadline_ms!r}.")
+        if self.max_in_flight_per_caller > self.max_in_flight:
+            raise SwitchyardError(
+                f"{self.flag('max_in_flight_per_caller')} ({self.max_in_flight_per_caller}) must not exceed "
+                f"{self.flag('max_in_flight')} ({self.max_in_flight}).")
+
+    def server_options(self) -> tuple[tuple[str, int], ...]:
+        """The gRPC server options: :data:`SERVER_OPTIONS` and the largest request."""
+        return (("grpc.max_receive_message_length", self.max_message_bytes), *SERVER_OPTIONS)
 
 
 @dataclass(frozen=True)
@@ -149,20 +217,73 @@ class ServerTls:
 
 Loader = Callable[[ScorerSpec], Scorer]
 Describer = Callable[[ScorerSpec], ScorerDescription]
+#: Who a call comes from, for the per-caller limit (default :func:`peer_host`).
+CallerOf = Callable[[grpc.aio.ServicerContext], str]
+
+#: How much of a caller-supplied name an answer shows (a name can be megabytes long).
+_SHOWN_CHARS = 64
+#: The longest sentence an error answer carries.
+_DETAIL_CHARS = 1024
 
 
-def _messages(raw: bytes) -> list[dict[str, Any]]:
-    """The request's chat messages, or ValueError saying what is wrong with them."""
+def peer_host(context: grpc.aio.ServicerContext) -> str:
+    """The caller of a call: the host of its connection (``ipv4:10.0.0.7:51234`` ->
+    ``10.0.0.7``, ``ipv6:[fd00::7]:51234`` -> ``fd00::7``; any other peer as it is). Each
+    sidecar pod has its own address, and it cannot be chosen by what a call carries."""
+    peer = urllib.parse.unquote(context.peer() or "")
+    kind, _, address = peer.partition(":")
+    if kind in ("ipv4", "ipv6") and ":" in address:
+        return address.rpartition(":")[0].strip("[]")
+    return peer
+
+
+def _shown(name: str) -> str:
+    """``name`` quoted for an answer, cut to :data:`_SHOWN_CHARS` characters."""
+    if len(name) <= _SHOWN_CHARS:
+        return repr(name)
+    return f"{name[:_SHOWN_CHARS]!r}... ({len(name)} characters)"
+
+
+def _messages(raw: bytes, limits: ServerLimits) -> list[dict[str, Any]]:
+    """The request's chat messages, or ValueError saying what is wrong with them (never
+    quoting them): not JSON, not a list of messages, more messages or parts than ``limits``."""
     try:
         messages = orjson.loads(raw)
     except orjson.JSONDecodeError as exc:
         raise ValueError(f"`messages` is not valid JSON: {exc}.") from exc
     if not isinstance(messages, list) or not messages:
         raise ValueError(f"`messages` must be a non-empty JSON list, got {type(messages).__name__}.")
+    if len(messages) > limits.max_messages:
+        raise ValueError(f"`messages` has {len(messages)} messages; this server takes at most "
+                         f"{limits.max_messages} per call ({limits.flag('max_messages')}).")
+    parts = 0
     for index, message in enumerate(messages):
         if not isinstance(message, dict) or not isinstance(message.get("role"), str):
             raise ValueError(f"`messages[{index}]` must be an object with a string `role`.")
+        content = message.get("content")
+        parts += len(content) if isinstance(content, list) else 1
+    if parts > limits.max_parts:
+        raise ValueError(f"`messages` has {parts} content parts; this server takes at most "
+                         f"{limits.max_parts} per call ({limits.flag('max_parts')}).")
     return messages
+
+
+def _available(request: scorer_pb2.ScoreRequest, description: ScorerDescription | None) -> tuple[str, ...] | None:
+    """The request's availability mask (None: every pool model), or ValueError when it is
+    empty or names a model the scorer's pool does not have."""
+    if not request.has_available:
+        return None
+    available = tuple(request.available)
+    if not available:
+        raise ValueError("`available` is empty: no pool model may be scored "
+                         "(leave `has_available` false to score them all).")
+    pool = description.pool if description is not None else ()
+    if pool:
+        unknown = [name for name in available if name not in pool]
+        if unknown:
+            raise ValueError(f"`available` names {len(unknown)} model(s) not in this scorer's pool, "
+                             f"first {_shown(unknown[0])}; the pool: {', '.join(pool)}.")
+    return available
 
 
 def _bad_number(scores: Scores) -> str | None:
@@ -173,11 +294,65 @@ def _bad_number(scores: Scores) -> str | None:
     return None
 
 
-class ScorerServicer(scorer_pb2_grpc.ScorerServiceServicer):
-    """Answers Score and Describe from the scorers loaded so far (none until ``ready``)."""
+async def _abort(context: grpc.aio.ServicerContext, code: grpc.StatusCode, detail: str) -> None:
+    """End the call (raises) with ``code`` and ``detail``, cut to :data:`_DETAIL_CHARS` (gRPC
+    carries it in a trailer, whose size the client limits: a longer one would arrive as another error)."""
+    if len(detail) > _DETAIL_CHARS:
+        detail = detail[:_DETAIL_CHARS - 3] + "..."
+    await context.abort(code, detail)
 
-    def __init__(self, specs: Mapping[str, ScorerSpec]) -> None:
+
+def _abandon(request: RoutingRequest) -> None:
+    """Cancel the work the scorers left pending for ``request`` (e.g. the shared prefill,
+    kept in its ``scratch``): the call is over, so nobody waits for it, and a cancelled
+    entry is dropped from the batcher's queue before its forward."""
+    for value in request.scratch.values():
+        if isinstance(value, asyncio.Future) and not value.done():
+            value.cancel()
+
+
+class _Admission:
+    """The calls in flight, on the server and per caller, within :class:`ServerLimits`."""
+
+    def __init__(self, limits: ServerLimits) -> None:
+        self.limits = limits
+        self.total = 0
+        self.by_caller: collections.Counter[str] = collections.Counter()
+
+    def refusal(self, caller: str) -> str | None:
+        """Why a new call of ``caller`` cannot start now (None: it can)."""
+        limits = self.limits
+        if self.by_caller[caller] >= limits.max_in_flight_per_caller:
+            return (f"The scorer service is busy: this caller already has {self.by_caller[caller]} calls in flight "
+                    f"({limits.flag('max_in_flight_per_caller')} {limits.max_in_flight_per_caller}).")
+        if self.total >= limits.max_in_flight:
+            return (f"The scorer service is busy: {self.total} calls are in flight "
+                    f"({limits.flag('max_in_flight')} {limits.max_in_flight}).")
+        return None
+
+    @contextlib.contextmanager
+    def held(self, caller: str) -> Iterator[None]:
+        self.total += 1
+        self.by_caller[caller] += 1
+        try:
+            yield
+        finally:
+            self.total -= 1
+            self.by_caller[caller] -= 1
+            if not self.by_caller[caller]:
+                del self.by_caller[caller]
+
+
+class ScorerServicer(scorer_pb2_grpc.ScorerServiceServicer):
+    """Answers Score and Describe from the scorers loaded so far (none until ``ready``),
+    within ``limits``; ``caller`` names who a call comes from (default :func:`peer_host`)."""
+
+    def __init__(self, specs: Mapping[str, ScorerSpec], limits: ServerLimits | None = None,
+                 caller: CallerOf = peer_host) -> None:
         self.specs = dict(specs)
+        self.limits = limits if limits is not None else ServerLimits()
+        self.admission = _Admission(self.limits)
+        self.caller = caller
         self.scorers: dict[str, Scorer] = {}
         self.descriptions: dict[str, ScorerDescription] = {}
         self.ready = False
@@ -186,26 +361,37 @@ class ScorerServicer(scorer_pb2_grpc.ScorerServiceServicer):
     async def Score(self, request: scorer_pb2.ScoreRequest, context: grpc.aio.ServicerContext) -> scorer_pb2.ScoreResponse:
         if self.stopping or not self.ready:
             state = "shutting down" if self.stopping else "still loading its scorers"
-            await context.abort(grpc.StatusCode.UNAVAILABLE, f"The scorer service is {state}.")
+            await _abort(context, grpc.StatusCode.UNAVAILABLE, f"The scorer service is {state}.")
         scorer = self.scorers.get(request.scorer)
         if scorer is None:
             served = ", ".join(self.scorers) or "none"
-            await context.abort(grpc.StatusCode.NOT_FOUND,
-                                f"No scorer named {request.scorer!r} is served here; served: {served}.")
+            await _abort(context, grpc.StatusCode.NOT_FOUND,
+                         f"No scorer named {_shown(request.scorer)} is served here; served: {served}.")
+        caller = self.caller(context)
+        refusal = self.admission.refusal(caller)
+        if refusal is not None:
+            log.debug("refused: busy", extra={"scorer": request.scorer, "caller": caller})
+            await _abort(context, grpc.StatusCode.RESOURCE_EXHAUSTED, refusal)
+        with self.admission.held(caller):
+            return await self._score(scorer, request, context)
+
+    async def _score(self, scorer: Scorer, request: scorer_pb2.ScoreRequest,
+                     context: grpc.aio.ServicerContext) -> scorer_pb2.ScoreResponse:
         try:
-            messages = _messages(request.messages)
+            messages = _messages(request.messages, self.limits)
+            available = _available(request, self.descriptions.get(scorer.spec.name))
         except ValueError as exc:
-            await context.abort(grpc.StatusCode.INVALID_ARGUMENT, str(exc))
+            await _abort(context, grpc.StatusCode.INVALID_ARGUMENT, str(exc))
         remaining = context.time_remaining()
-        budget = remaining if remaining is not None else scorer.spec.deadline_ms / 1000
+        asked = remaining if remaining is not None else scorer.spec.deadline_ms / 1000
+        budget = min(asked, self.limits.max_deadline_ms / 1000)
         started = time.monotonic()
-        available = tuple(request.available) if request.has_available else None
         scores, code, detail = await self._run(scorer, messages, started + budget, available)
         elapsed_ms = (time.monotonic() - started) * 1000
-        log.debug("scored", extra={"scorer": request.scorer, "request_id": request.request_id,
+        log.debug("scored", extra={"scorer": scorer.spec.name, "request_id": request.request_id[:_SHOWN_CHARS],
                                    "ms": round(elapsed_ms, 3), "status": code.name})
         if scores is None:
-            await context.abort(code, detail)
+            await _abort(context, code, detail)
         return scorer_pb2.ScoreResponse(values=scores.values, costs=scores.costs, batch_size=scores.batch_size)
 
     async def _run(self, scorer: Scorer, messages: list[dict[str, Any]], deadline: float,
@@ -213,17 +399,22 @@ class ScorerServicer(scorer_pb2_grpc.ScorerServiceServicer):
         """The scores, or None with the status code and sentence to answer with."""
         name = scorer.spec.name
         budget = deadline - time.monotonic()
+        request = RoutingRequest.from_json({"messages": messages})
         try:
-            request = RoutingRequest.from_json({"messages": messages})
             scores = await asyncio.wait_for(scorer.score(request, deadline=deadline, available=available), budget)
         except (asyncio.TimeoutError, TimeoutError):
             return None, grpc.StatusCode.DEADLINE_EXCEEDED, f"Scorer {name!r} did not answer within {budget * 1000:.0f} ms."
+        except ScorerOverloaded as exc:  # refused at once by the scorer's own queue: busy
+            return None, grpc.StatusCode.RESOURCE_EXHAUSTED, str(scorer_error(exc, name))
         except ScorerError as exc:
             late = time.monotonic() >= deadline
-            return None, grpc.StatusCode.DEADLINE_EXCEEDED if late else grpc.StatusCode.INTERNAL, f"Scorer {name!r}: {exc}"
+            code = grpc.StatusCode.DEADLINE_EXCEEDED if late else grpc.StatusCode.INTERNAL
+            return None, code, str(scorer_error(exc, name))
         except Exception as exc:  # noqa: BLE001 - a scorer bug answers INTERNAL, the server keeps serving
             log.exception("scorer raised", extra={"scorer": name})
             return None, grpc.StatusCode.INTERNAL, f"Scorer {name!r} failed: {type(exc).__name__}: {exc}"
+        finally:
+            _abandon(request)  # answered, late or cancelled: what is still queued for it goes
         bad = _bad_number(scores)
         if bad is not None:
             return None, grpc.StatusCode.INTERNAL, f"Scorer {name!r} produced a non-finite score: {bad}."
@@ -245,13 +436,15 @@ class ScorerServer:
     """One ``ScorerService`` + health service on ``listen``; :meth:`start`, :meth:`load`, :meth:`stop`.
 
     ``loader`` / ``describer`` default to :func:`extproc.load_scorer` /
-    :func:`extproc.describe_scorer` (the in-process runtimes); tests inject their own.
-    ``tls`` None: a plaintext port.
+    :func:`extproc.describe_scorer` (the in-process runtimes); tests inject their own, and
+    their own ``caller`` (who a call comes from; default :func:`peer_host`).
+    ``tls`` None: a plaintext port. ``limits``: what one call may ask (default :class:`ServerLimits`).
     """
 
     def __init__(self, specs: Mapping[str, ScorerSpec], listen: str, *, grace: float = 5.0,
                  loader: Loader = load_scorer, describer: Describer = describe_scorer,
-                 tls: ServerTls | None = None) -> None:
+                 tls: ServerTls | None = None, limits: ServerLimits | None = None,
+                 caller: CallerOf = peer_host) -> None:
         for name, spec in specs.items():
             if spec.remote is not None:
                 raise SwitchyardError(
@@ -261,7 +454,7 @@ class ScorerServer:
         self.grace = grace
         self.tls = tls
         self.port = 0
-        self.servicer = ScorerServicer(specs)
+        self.servicer = ScorerServicer(specs, limits, caller)
         self.health = HealthServicer()
         self._loader = loader
         self._describer = describer
@@ -270,7 +463,7 @@ class ScorerServer:
     async def start(self) -> int:
         """Bind ``listen`` and answer (health NOT_SERVING, Score UNAVAILABLE until :meth:`load`)."""
         credentials = self.tls.credentials() if self.tls is not None else None  # a bad file: nothing listens
-        server = grpc.aio.server(options=SERVER_OPTIONS)
+        server = grpc.aio.server(options=self.servicer.limits.server_options())
         scorer_pb2_grpc.add_ScorerServiceServicer_to_server(self.servicer, server)
         health_pb2_grpc.add_HealthServicer_to_server(self.health, server)
         for service in ("", SERVICE_NAME):
@@ -343,9 +536,10 @@ async def _serve_async(server: ScorerServer) -> None:
         await server.stop()
 
 
-def serve_scorers(config: Path, listen: str, *, grace: float = 5.0, tls: ServerTls | None = None) -> int:
-    """Serve the scorers of ``config`` on ``listen`` (over ``tls`` when given) until SIGTERM /
-    SIGINT (blocking).
+def serve_scorers(config: Path, listen: str, *, grace: float = 5.0, tls: ServerTls | None = None,
+                  limits: ServerLimits | None = None) -> int:
+    """Serve the scorers of ``config`` on ``listen`` (over ``tls`` when given, within
+    ``limits``, default :class:`ServerLimits`) until SIGTERM / SIGINT (blocking).
 
     A bad config raises :class:`~extproc.PolicyError` before anything listens; a scorer
     that fails to load raises after the port was bound, and the server stops."""
@@ -356,5 +550,5 @@ def serve_scorers(config: Path, listen: str, *, grace: float = 5.0, tls: ServerT
     specs = read_scorer_specs(config)
     if not specs:
         raise SwitchyardError(f"{config} defines no scorers; nothing to serve.")
-    asyncio.run(_serve_async(ScorerServer(specs, listen, grace=grace, tls=tls)))
+    asyncio.run(_serve_async(ScorerServer(specs, listen, grace=grace, tls=tls, limits=limits)))
     return 0

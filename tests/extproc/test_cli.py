@@ -198,9 +198,10 @@ def test_exported_names():
 
     assert sorted(extproc.__all__) == sorted(
         ["Backend", "CheckpointError", "Decision", "EnvoyConfigError", "ExternalProcessor", "Policy", "PolicyEngine", "PolicyError",
-         "PolicyProblem", "RequestError", "Rule", "RoutingRequest", "ScorerError", "SwitchyardError",
+         "PolicyProblem", "RequestError", "Rule", "RoutingRequest", "ScorerError", "ScorerOverloaded", "ScorerDeadline",
+         "SwitchyardError",
          "conversation_text", "image_urls", "last_user_text", "load_policy", "message_text", "parse_json_body",
-         "parse_policy",
+         "parse_policy", "scorer_message",
          # learned scorers: the interface routers implements
          "BatchConfig", "ImageLimits", "RemoteConfig", "RemoteTls", "Scorer", "ScorerDescription", "ScorerFailure",
          "ScorerLoader",

@@ -170,3 +170,73 @@ def test_with_otherwise_an_ambiguous_tenant_never_gets_more_than_an_unlisted_one
     with pytest.raises(RequestError) as info:  # vip alone may reach only large; unlisted only small
         engine.allowed_backends("vip,vip")
     assert info.value.code == "ambiguous_tenant"
+
+
+# -- a scorer's own fallback (scorers.<name>.fallback) ------------------------------------------
+SCORED = """
+version: 1
+backends:
+  small: {cluster: small, model: s}
+  medium: {cluster: medium, model: m}
+  large: {cluster: large, model: l}
+default: small
+fallback: large
+tenants:
+  allow:
+    free: [small, large]
+scorers:
+  probe:
+    kind: probe
+    checkpoints: {p: unused}
+    remote: {target: "127.0.0.1:9"}
+    fallback: medium
+  other:
+    kind: probe
+    checkpoints: {q: unused}
+    remote: {target: "127.0.0.1:9"}
+signals:
+  tools: {kind: request_field, field: tools, present: true}
+  p_ok: {kind: score, scorer: probe, above: 0.5}
+  q_ok: {kind: score, scorer: other, above: 0.5}
+rules:
+  - {name: other, when: {all: [tools, {not: q_ok}]}, backend: large}
+  - {name: probe, when: {not: p_ok}, backend: large}
+"""
+
+
+@pytest.mark.parametrize("reason", ["overload", "breaker_open", "deadline", "error", "non_finite"])
+def test_a_failed_scorer_takes_its_own_fallback(reason):
+    from extproc import ScorerFailure
+
+    engine = PolicyEngine(parse_policy(SCORED))
+    decision = engine.decide(RoutingRequest.from_json(chat("hello")), {"probe": ScorerFailure(reason)})
+    assert (decision.backend.name, decision.rule, decision.fallback) == ("medium", "fallback", f"probe: {reason}")
+
+
+def test_a_scorer_without_its_own_fallback_takes_the_policys():
+    from extproc import ScorerFailure
+
+    engine = PolicyEngine(parse_policy(SCORED))
+    decision = engine.decide(RoutingRequest.from_json(chat("hello", tools=[{"type": "function"}])),
+                             {"other": ScorerFailure("overload")})
+    assert (decision.backend.name, decision.fallback) == ("large", "other: overload")
+
+
+def test_a_scorers_fallback_the_tenant_cannot_reach_gives_the_tenants_first_backend():
+    from extproc import ScorerFailure
+
+    engine = PolicyEngine(parse_policy(SCORED))
+    request = RoutingRequest.from_json(chat("hello"), {"x-tenant-id": "free"})
+    decision = engine.decide(request, {"probe": ScorerFailure("breaker_open")})
+    assert (decision.backend.name, decision.fallback) == ("small", "probe: breaker_open")
+
+
+def test_a_scorers_fallback_must_name_a_backend():
+    from extproc import PolicyError
+
+    text = SCORED.replace("fallback: medium", "fallback: nowhere")
+    with pytest.raises(PolicyError) as error:
+        parse_policy(text, source="p.yaml")
+    line = text.splitlines().index("    fallback: nowhere") + 1
+    assert f"p.yaml:{line}:" in str(error.value)
+    assert "`scorers.probe.fallback` names backend 'nowhere', which is not defined" in str(error.value)

@@ -343,7 +343,7 @@ def test_a_reload_reuses_an_unchanged_scorer_and_a_failed_load_rejects_the_polic
     with pytest.raises(PolicyError) as error:
         cache.prepare(parse_policy(text))
     problem = error.value.problems[0]
-    assert "Scorer `probe` failed to load" in problem.message
+    assert "Scorer 'probe' failed to load" in problem.message
     assert text.splitlines()[problem.line - 1].strip().startswith("probe:")
 
     changed = parse_policy(POLICY.replace("LAMBDA", "0.1").replace("127.0.0.1:9\"}\n    deadline_ms: 150\n  utility",

@@ -39,8 +39,9 @@ CASES = [
     # Several patterns are searched as one alternation first; each must still count alone.
     ("{kind: regex, patterns: ['^never', 'due \\d+$']}", U("due 2024"), True),
     ("{kind: regex, patterns: ['^never', 'due \\d+$']}", U("due 2024!"), False),
-    ("{kind: regex, patterns: ['(\\w)\\1', 'zzz']}", U("balloon"), True),  # back-reference: searched alone
-    ("{kind: regex, patterns: ['(\\w)\\1', 'zzz']}", U("abc"), False),
+    ("{kind: regex, patterns: ['(\\w)o\\pL', 'zzz']}", U("balloon"), True),  # groups, Unicode classes
+    ("{kind: regex, patterns: ['ÉTÉ', 'zzz']}", U("un été"), True),  # case folds beyond ASCII
+    ("{kind: regex, patterns: ['ÉTÉ', 'zzz'], case_sensitive: true}", U("un été"), False),
     ("{kind: regex, patterns: ['(?i)HELLO', 'zzz'], case_sensitive: true}", U("hello"), True),  # inline flag
     # Phrases are searched together first, then matched one by one at word edges.
     ("{kind: keywords, keywords: [stack trace, unit test]}", U("here is the Stack Trace:"), True),

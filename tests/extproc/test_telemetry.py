@@ -251,6 +251,7 @@ def test_every_metric_the_dashboard_queries_is_exported_under_that_name():
     run_stream(telemetry, b"nope")
     telemetry.policy_reloads.add(1, {"result": "reloaded"})
     telemetry.observe_policy(lambda: "aaaaaaaaaaaa")
+    telemetry.observe_breakers(lambda: {"probe": 0})
     telemetry.record_score("probe", Scores({"p": 0.5}, batch_size=2), 10.0)
     telemetry.record_score("probe", ScorerFailure("error"), 10.0)
     names = exposition_names(generate_latest(registry).decode())

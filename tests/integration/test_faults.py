@@ -272,8 +272,28 @@ def _drain_events(gw: Gateway) -> list[dict]:
     return [e for e in events if e["event"] in ("draining", "drain ended")]
 
 
+def _log_since(gw: Gateway, offset: int) -> str:
+    """switchyard's log from byte ``offset`` on."""
+    with gw.stack.switchyard.log.open("rb") as log:
+        log.seek(offset)
+        return log.read().decode(errors="replace")
+
+
+def _log_size(gw: Gateway) -> int:
+    return gw.stack.switchyard.log.stat().st_size
+
+
+def assert_stopped_quietly(stopping_log: str) -> None:
+    """No traceback, nor an error-level line, as switchyard stops (a call still open when
+    the grace period ends is cancelled quietly)."""
+    assert "Traceback" not in stopping_log and "CancelledError" not in stopping_log, stopping_log
+    errors = [line for line in stopping_log.splitlines() if line.startswith("{") and json.loads(line)["level"] == "error"]
+    assert errors == []
+
+
 def test_sigterm_with_no_drain_finishes_in_flight_requests_and_refuses_new_ones(gw, drain):
     drain(0)  # --drain-seconds 0: switchyard refuses new streams as soon as it gets SIGTERM
+    offset = _log_size(gw)
     in_flight = start_in_flight(gw)
     body = json.dumps(chat(CODE)).encode()
     in_time, too_late = Upload(gw, body), Upload(gw, body)
@@ -294,6 +314,7 @@ def test_sigterm_with_no_drain_finishes_in_flight_requests_and_refuses_new_ones(
 
     gw.stack.switchyard.process.wait(GRACE_S + 10)  # the grace period ends: the late upload is cut
     assert gw.stack.switchyard.process.returncode == 0
+    assert_stopped_quietly(_log_since(gw, offset))
     head, payload = too_late.answer(send_body=False)
     assert head.startswith(b"HTTP/1.1 500") and b"x-demo-backend" not in head, head
     assert json.loads(payload)["error"]["code"] == "router_unavailable"
@@ -306,6 +327,8 @@ def test_sigterm_with_no_drain_finishes_in_flight_requests_and_refuses_new_ones(
 def test_sigterm_drains_routing_new_requests_then_exits_0(gw, drain):
     drain(DRAIN_S)
     process, port = gw.stack.switchyard.process, gw.stack.ports.extproc
+    offset = _log_size(gw)
+    late = Upload(gw, json.dumps(chat(CODE)).encode())  # still sending when the drain and grace end
     process.send_signal(signal.SIGTERM)
     signalled = time.monotonic()
     wait_for(lambda: _health(port) == health_pb2.HealthCheckResponse.NOT_SERVING, "health NOT_SERVING", gw)
@@ -319,6 +342,9 @@ def test_sigterm_drains_routing_new_requests_then_exits_0(gw, drain):
 
     assert process.wait(DRAIN_S + GRACE_S + 10) == 0
     assert time.monotonic() - signalled > DRAIN_S * 0.8  # the drain lasted, and then it stopped by itself
+    assert_stopped_quietly(_log_since(gw, offset))
+    head, _ = late.answer(send_body=False)  # cut when the grace period ended: failed closed
+    assert head.startswith(b"HTTP/1.1 500"), head
     assert [(e["event"], e.get("drain_s"), e.get("cut_short")) for e in _drain_events(gw)[-2:]] == [
         ("draining", DRAIN_S, None), ("drain ended", None, False)]
     assert_fail_closed(gw.post(chat(CHAT)))  # once it has exited: Envoy's 500, nothing routed

@@ -331,3 +331,32 @@ def test_a_reload_keeps_loaded_scorers_and_a_broken_checkpoint_keeps_the_running
         assert policy.current().scorers["probe"] is probe  # same checkpoint: the loaded model is reused
     finally:
         asyncio.run(policy.close())
+
+
+def test_a_client_sending_1_mib_prompts_does_not_take_the_scorer_from_others(gateway):
+    """One client posts ~1 MiB prompts back to back; honest clients beside it are still scored
+    (the prompt is cut by characters before it is tokenized, so no forward waits on it)."""
+    import threading
+
+    gw, _, _, EASY = gateway
+    attack = chat("lorem ipsum dolor sit amet " * 38_000)  # ~1 MB of JSON, under routing.max_body_bytes
+    stop = threading.Event()
+    attacked: list[int] = []
+
+    def attacker():
+        while not stop.is_set():
+            attacked.append(gw.post(attack).status)
+
+    threads = [threading.Thread(target=attacker) for _ in range(2)]
+    for thread in threads:
+        thread.start()
+    try:
+        time.sleep(0.5)
+        honest = [gw.post(chat(EASY)) for _ in range(12)]
+    finally:
+        stop.set()
+        for thread in threads:
+            thread.join(30)
+    assert attacked and set(attacked) == {200}, attacked
+    rules = [(r.status, r.header("x-switchyard-rule")) for r in honest]
+    assert rules == [(200, "default")] * len(honest), rules

@@ -57,10 +57,11 @@ def test_the_availability_mask_reaches_the_remote_scorer():
             remote = load_scorer(remote_spec(f"127.0.0.1:{server.port}", name="utility"))
             try:
                 await remote.score(request(), deadline=soon(), available=("m-small", "m-large"))
-                await remote.score(request(), deadline=soon(), available=())
+                with pytest.raises(ScorerError, match="INVALID_ARGUMENT: `available` is empty"):
+                    await remote.score(request(), deadline=soon(), available=())
             finally:
                 await remote.close()
-        assert fake.available == [("m-small", "m-large"), ()]
+        assert fake.available == [("m-small", "m-large")]  # an empty mask never reaches the scorer
 
     run(main())
 

@@ -6,7 +6,7 @@ from __future__ import annotations
 import pytest
 import torch
 
-from extproc import CheckpointError, ScorerError
+from extproc import CheckpointError, ImageLimits, ScorerError
 from routers.backbone import BackboneConfig, TruncatedBackbone
 from tests.routers.test_probe_support import (
     data_url,
@@ -14,7 +14,6 @@ from tests.routers.test_probe_support import (
     minilm_dir,
     tiny_text_model,
     tiny_vl_model,
-    vl_processor,
 )
 
 CONVERSATIONS = [
@@ -69,7 +68,7 @@ def test_multimodal_model_matches_full_forward(vl_dir):
     from transformers import Qwen2VLForConditionalGeneration
 
     full = Qwen2VLForConditionalGeneration.from_pretrained(vl_dir).eval()
-    backbone = TruncatedBackbone(BackboneConfig(str(vl_dir), layer=2), processor=vl_processor())
+    backbone = TruncatedBackbone(BackboneConfig(str(vl_dir), layer=2))  # the processor as loaded from the folder
     assert hasattr(backbone.model, "visual") and len(backbone._layer_list) == 2
     image = [{"type": "image_url", "image_url": {"url": data_url((200, 30, 30))}}, {"type": "text", "text": "what?"}]
     batch = backbone.encode([[{"role": "user", "content": image}], CONVERSATIONS[0]])
@@ -117,14 +116,14 @@ def test_bad_inputs_get_clear_errors(text_dir, vl_dir):
     image = [{"type": "image_url", "image_url": {"url": data_url((0, 0, 0))}}]
     with pytest.raises(ScorerError, match="takes no images"):
         text.encode([[{"role": "user", "content": image}]])
-    vl = TruncatedBackbone(BackboneConfig(str(vl_dir), layer=1, max_image_pixels=1000), processor=vl_processor())
+    vl = TruncatedBackbone(BackboneConfig(str(vl_dir), layer=1, images=ImageLimits(max_pixels=1000)))
     remote = [{"type": "image_url", "image_url": {"url": "https://example.com/cat.png"}}]
     with pytest.raises(ScorerError, match="never fetched"):
         vl.encode([[{"role": "user", "content": remote}]])
-    with pytest.raises(ScorerError, match="max_image_pixels"):
+    with pytest.raises(ScorerError, match="over images.max_pixels=1000"):
         vl.encode([[{"role": "user", "content": image}]])
     broken = [{"type": "image_url", "image_url": {"url": "data:image/png;base64,!!!"}}]
-    with pytest.raises(ScorerError, match="Cannot decode"):
+    with pytest.raises(ScorerError, match="not valid base64"):
         vl.encode([[{"role": "user", "content": broken}]])
 
 

@@ -4,6 +4,7 @@ and applied the same way in training, evaluation and serving (probes and LatentR
 from __future__ import annotations
 
 import json
+import random
 from types import SimpleNamespace
 
 import pytest
@@ -14,7 +15,7 @@ from extproc.cli import main
 from routers.backbone import BackboneConfig, TruncatedBackbone
 from routers.checkpoints import load_backbone, read_config
 from routers.probe_scorer import ProbeScorer
-from routers.truncation import Truncation, position_limit
+from routers.truncation import CHARS_PER_TOKEN, MIN_KEPT_CHARS, Truncation, position_limit
 from tests.routers.test_probe_support import WORDS, minilm_dir, tiny_text_model, write_jsonl
 
 POSITIONS = 64
@@ -30,6 +31,33 @@ def test_truncation_keeps_the_head_and_the_tail():
     assert cut.capped(6) == Truncation(6, 4)
     with pytest.raises(ValueError, match="max_tokens"):
         Truncation(0)
+
+
+def test_a_text_is_cut_by_characters_keeping_its_head_and_tail():
+    cut = Truncation(max_tokens=1000, head=4)
+    head, tail = cut.char_budget
+    assert (head, tail) == (MIN_KEPT_CHARS, 996 * CHARS_PER_TOKEN) and cut.max_chars == head + tail
+    assert Truncation(8, 0).char_budget == (0, MIN_KEPT_CHARS)  # no head: nothing kept from the start
+    short = "x" * cut.max_chars
+    assert cut.cut_text(short) is short
+    text = "H" * head + "m" * 10**6 + "T" * tail
+    assert cut.cut_text(text) == "H" * head + "T" * tail
+
+
+def test_message_texts_cut_before_a_template_joins_them_give_the_joined_cut():
+    """Cutting the pieces, joining them, and cutting the joined text gives what cutting the
+    joined text alone gives: the template's own characters are never lost from the ends."""
+    rng = random.Random(0)
+    cut = Truncation(max_tokens=100, head=4)
+    for _ in range(300):
+        pieces = [chr(65 + i % 26) * rng.choice([0, 5, 300, 1500, 4000]) for i in range(rng.randint(1, 8))]
+        marks = [f"<|m{i}|>" * rng.randint(0, 3) for i in range(len(pieces) + 1)]
+
+        def join(texts):
+            return "".join(m + t for m, t in zip(marks, texts)) + marks[-1]
+
+        assert cut.cut_text(join(cut.cut_texts(pieces))) == cut.cut_text(join(pieces))
+        assert sum(map(len, cut.cut_texts(pieces))) <= cut.max_chars
 
 
 def test_position_limit_is_the_least_known_limit():

@@ -1,4 +1,5 @@
-"""The micro-batcher: own results, real batches, deadlines, failures, backpressure, threads."""
+"""The micro-batcher: own results, real batches, deadlines, failures, backpressure, threads,
+no request held while the worker is idle (admission by predicted wait: test_admission.py)."""
 
 from __future__ import annotations
 
@@ -8,7 +9,7 @@ import time
 
 import pytest
 
-from extproc import BatchConfig, ScorerError
+from extproc import BatchConfig, ScorerError, ScorerOverloaded
 from routers.serving.batcher import MicroBatcher
 
 
@@ -165,7 +166,7 @@ def test_a_full_queue_fails_fast_as_overloaded():
         running = batcher.submit(0, far())
         await asyncio.to_thread(gate.entered.wait, 10)
         waiting = [batcher.submit(i, far()) for i in (1, 2, 3)]
-        with pytest.raises(ScorerError, match="overloaded"):
+        with pytest.raises(ScorerOverloaded, match="overloaded: 3 requests already wait"):
             batcher.submit(4, far())
         gate.open.set()
         out = await asyncio.gather(running, *waiting)
@@ -261,3 +262,84 @@ def test_a_forward_in_parts_that_fails_midway_fails_only_the_unanswered():
     assert all(isinstance(r, ScorerError) and "out of memory" in str(r) for r in out["fails"][1:])
     assert isinstance(out["forgets"][0], ScorerError) and "no result" in str(out["forgets"][0])
     assert out["forgets"][1] == "b"
+
+
+def test_an_entry_that_expires_between_its_batch_and_its_forward_never_reaches_the_forward():
+    # the worker looks at the clock again just before the forward: here it reads 10 s later
+    # than the event loop, as if the batch had waited that long for the worker
+    clock = FakeClock()
+    gate = Gate()
+    batcher: MicroBatcher | None = None
+
+    def worker_clock() -> float:
+        late = batcher is not None and threading.current_thread() is batcher.worker_thread
+        return clock.now + (10.0 if late else 0.0)
+
+    async def main():
+        nonlocal batcher
+        batcher = MicroBatcher(gate, BatchConfig(max_size=8, max_wait_ms=0), name="scorer 't'", clock=worker_clock)
+        outcome = await asyncio.gather(batcher.submit("late", clock.now + 5), batcher.submit("on time", clock.now + 100),
+                                       return_exceptions=True)
+        await batcher.close()
+        return outcome
+
+    late, on_time = asyncio.run(main())
+    assert isinstance(late, ScorerError) and "deadline passed before its forward" in str(late)
+    assert on_time == "on time" * 10
+    assert gate.batches == [["on time"]]  # the forward saw only the request still in time
+    assert batcher.stats.expired == 1
+
+
+def test_requests_that_expire_while_a_slow_forward_runs_are_never_forwarded():
+    gate = Gate()
+
+    async def main():
+        batcher = MicroBatcher(gate, BatchConfig(max_size=8, max_wait_ms=0), name="scorer 't'")
+        gate.open.clear()  # a slow forward: held until the waiting requests' deadlines pass
+        running = batcher.submit("running", far())
+        await asyncio.to_thread(gate.entered.wait, 10)
+        doomed = [batcher.submit(f"doomed {i}", time.monotonic() + 0.05) for i in range(3)]
+        kept = batcher.submit("kept", far())
+        await asyncio.sleep(0.1)
+        gate.open.set()
+        outcome = await asyncio.gather(running, *doomed, kept, return_exceptions=True)
+        await batcher.close()
+        return outcome, batcher
+
+    outcome, batcher = asyncio.run(main())
+    assert all(isinstance(r, ScorerError) and "deadline" in str(r) for r in outcome[1:4])
+    assert gate.batches == [["running"], ["kept"]]
+    assert batcher.stats.expired == 3
+
+
+def test_an_idle_worker_takes_a_request_at_once_without_waiting_max_wait():
+    gate = Gate()
+
+    async def main():
+        batcher = MicroBatcher(gate, BatchConfig(max_size=32, max_wait_ms=10_000), name="scorer 't'")
+        try:  # the old batcher held the first request for max_wait_ms (here 10 s)
+            return await asyncio.wait_for(batcher.run(1, far()), 5)
+        finally:
+            await batcher.close()
+
+    assert asyncio.run(main()) == 10
+    assert gate.batches == [[1]]
+
+
+def test_requests_arriving_during_a_forward_form_the_next_batch():
+    gate = Gate()
+
+    async def main():
+        batcher = MicroBatcher(gate, BatchConfig(max_size=8, max_wait_ms=10_000), name="scorer 't'")
+        gate.open.clear()
+        first = batcher.submit(0, far())
+        await asyncio.to_thread(gate.entered.wait, 10)
+        rest = [batcher.submit(i, far()) for i in (1, 2, 3)]
+        gate.open.set()
+        try:
+            return await asyncio.wait_for(asyncio.gather(first, *rest), 5)
+        finally:
+            await batcher.close()
+
+    assert asyncio.run(main()) == [0, 10, 20, 30]
+    assert gate.batches == [[0], [1, 2, 3]]

@@ -113,8 +113,13 @@ def test_a_host_off_the_allowlist_is_never_contacted():
     listener = Listener()
     try:
         url = f"http://127.0.0.1:{listener.port}/cat.png"
-        with pytest.raises(ScorerError, match=r"Image host '127.0.0.1' is not in images.allow_hosts \(empty\); not fetched"):
+        with pytest.raises(ScorerError, match=rf"Image host '127.0.0.1:{listener.port}' is not in images.allow_hosts \(empty\); not fetched"):
             load_image(url, ImageLimits())
+        # the host alone allows the scheme's default port only, never another port on it
+        with pytest.raises(ScorerError, match=rf"'127.0.0.1:{listener.port}' is not in images.allow_hosts \(127.0.0.1\)"):
+            load_image(url, ImageLimits(allow_hosts=("127.0.0.1",)))
+        with pytest.raises(ScorerError, match="not in images.allow_hosts"):
+            load_image(url, ImageLimits(allow_hosts=(f"127.0.0.1:{listener.port + 1}", f"localhost:{listener.port}")))
         with pytest.raises(ScorerError, match="not in images.allow_hosts"):
             load_image(url, ImageLimits(allow_hosts=("images.example.com", "localhost")))
         with pytest.raises(ScorerError, match="not in images.allow_hosts"):
@@ -170,7 +175,7 @@ def image_server():
 
 
 def test_an_allowed_host_is_fetched_within_its_limits(image_server):
-    limits = ImageLimits(allow_hosts=("127.0.0.1",), max_bytes=1000, fetch_timeout_ms=300)
+    limits = ImageLimits(allow_hosts=(image_server.removeprefix("http://"),), max_bytes=1000, fetch_timeout_ms=300)
     assert load_image(f"{image_server}/ok.png", limits).size == (9, 7)
     with pytest.raises(ScorerError, match="5000 bytes, over images.max_bytes=1000"):
         load_image(f"{image_server}/big.png", limits)
@@ -203,10 +208,10 @@ def vl_group(tmp_path_factory):
     from routers.mlp import MLPConfig
     from routers.probes import LastTokenProbeConfig, build_probe
     from routers.serving.prefill import BackboneKey, PrefillGroup, ProbeMember
-    from tests.routers.test_probe_support import tiny_vl_model, vl_processor
+    from tests.routers.test_probe_support import tiny_vl_model
 
     folder = tiny_vl_model(tmp_path_factory.mktemp("vl"))
-    backbone = TruncatedBackbone(BackboneConfig(str(folder), layer=2), processor=vl_processor())
+    backbone = TruncatedBackbone(BackboneConfig(str(folder), layer=2))  # processor loaded from the folder
     torch.manual_seed(0)
     probe = build_probe("last_token", LastTokenProbeConfig(32, 2, mlp=MLPConfig(depth=2, width=16)))
     group = PrefillGroup(backbone, BackboneKey.of(str(folder), "cpu", None), BatchConfig(8, 50), ImageLimits(), "vl prefill")
@@ -256,3 +261,162 @@ def test_a_text_only_backbone_refuses_images_without_decoding_them(tmp_path):
 
     with pytest.raises(ScorerError, match="takes no images"):
         asyncio.run(main())
+
+
+@pytest.mark.parametrize(
+    "entries,url,allowed",
+    [
+        (("allowed",), "http://allowed/x.png", True),
+        (("allowed",), "http://allowed:80/x.png", True),
+        (("allowed",), "https://allowed/x.png", True),
+        (("allowed",), "http://allowed:8080/x.png", False),  # the host alone is its default port only
+        (("allowed",), "http://allowed:443/x.png", False),
+        (("allowed:8080",), "http://allowed:8080/x.png", True),
+        (("allowed:8080",), "http://allowed/x.png", False),
+        (("Allowed:8080",), "http://ALLOWED:8080/x.png", True),
+        (("[::1]:8080",), "http://[::1]:8080/x.png", True),
+        (("[::1]:8080",), "http://[::1]/x.png", False),
+        (("allowed",), "http://allowed.evil/x.png", False),
+    ],
+)
+def test_the_allowlist_matches_host_and_port(entries, url, allowed):
+    import urllib.parse
+
+    parts = urllib.parse.urlsplit(url)
+    assert ImageLimits(allow_hosts=entries).allows(parts.scheme, parts.hostname, parts.port) is allowed
+
+
+@pytest.mark.parametrize("entry", ["allowed:", "allowed:http", "::1", "allowed:99999", "http://allowed", "a b", "user@host"])
+def test_a_bad_allowlist_entry_is_refused(entry):
+    with pytest.raises(ValueError, match=r"`images.allow_hosts` entry .* write `host` or `host:port`"):
+        ImageLimits(allow_hosts=(entry,))
+
+
+def test_a_bad_allowlist_entry_is_a_policy_error_at_its_line(tmp_path):
+    from extproc import PolicyError, load_policy
+
+    path = tmp_path / "policy.yaml"
+    path.write_text(
+        "version: 1\nbackends:\n  small: {cluster: small, model: s}\ndefault: small\nscorers:\n  probe:\n"
+        "    kind: probe\n    checkpoints: {p: unused}\n    remote: {target: '127.0.0.1:9'}\n"
+        "    images:\n      allow_hosts: ['cdn.example.com:https']\n"
+    )
+    with pytest.raises(PolicyError) as info:
+        load_policy(path)
+    [problem] = info.value.problems
+    assert problem.line == 11 and "'cdn.example.com:https' has a bad port" in problem.message
+
+
+def test_the_per_request_image_keys_have_declared_defaults(tmp_path):
+    from extproc import load_policy
+
+    path = tmp_path / "policy.yaml"
+    path.write_text(
+        "version: 1\nbackends:\n  small: {cluster: small, model: s}\ndefault: small\nscorers:\n  probe:\n"
+        "    kind: probe\n    checkpoints: {p: unused}\n    remote: {target: '127.0.0.1:9'}\n"
+        "    images: {max_images: 3, allow_hosts: ['cdn.example.com', 'img.example.com:8443']}\n"
+    )
+    images = load_policy(path).scorers["probe"].images
+    assert images == ImageLimits(max_images=3, allow_hosts=("cdn.example.com", "img.example.com:8443"))
+    assert (images.max_total_bytes, images.max_total_pixels) == (ImageLimits().max_total_bytes, ImageLimits().max_total_pixels)
+
+
+class DecodeSpy:
+    """Stands in for the pixel decoding: counts the images decoded (returning a 1x1 image,
+    so no test allocates gigapixels) and advances a fake clock by ``step`` each time."""
+
+    def __init__(self, step: float = 0.0) -> None:
+        self.decoded = 0
+        self.now = 0.0
+        self.step = step
+
+    def __call__(self, image):
+        from PIL import Image
+
+        self.decoded += 1
+        self.now += self.step
+        return Image.new("RGB", (1, 1))
+
+    def clock(self) -> float:
+        return self.now
+
+
+@pytest.fixture()
+def decode_spy(monkeypatch):
+    from routers.serving import images
+
+    spy = DecodeSpy()
+    monkeypatch.setattr(images, "_decode_pixels", spy)
+    return spy
+
+
+def image_message(urls) -> list[dict]:
+    return [{"role": "user", "content": [{"type": "text", "text": "compare"}] + [
+        {"type": "image_url", "image_url": {"url": url}} for url in urls
+    ]}]  # fmt: skip
+
+
+def test_eight_huge_images_in_one_message_are_refused_by_the_request_budget(decode_spy):
+    """The issue's case: eight 6300x6300 images (each under max_pixels) in one message. The
+    first is decoded; the second would take the request over max_total_pixels, so it and
+    the rest are never decoded."""
+    huge = as_data_url(png_bytes((6300, 6300), "1"))
+    with pytest.raises(ScorerError, match="over images.max_total_pixels=50000000; not decoded"):
+        with_loaded_images(image_message([huge] * 8), ImageLimits())
+    assert decode_spy.decoded == 1
+
+
+def test_too_many_images_or_bytes_are_refused_before_any_is_decoded(decode_spy):
+    small = data_url((1, 2, 3), 8)
+    with pytest.raises(ScorerError, match="has 17 images, over images.max_images=16; none decoded"):
+        with_loaded_images(image_message([small] * 17), ImageLimits())
+    assert 30 < len(small) * 3 // 4 < 100
+    with pytest.raises(ScorerError, match="over images.max_total_bytes=300; none decoded"):
+        with_loaded_images(image_message([small] * 10), ImageLimits(max_total_bytes=300))
+    assert decode_spy.decoded == 0
+    assert len(with_loaded_images(image_message([small] * 16), ImageLimits())[0]["content"]) == 17
+
+
+def test_fetched_images_count_against_the_request_budget(image_server, decode_spy):
+    size = len(png_bytes((9, 7)))  # what /ok.png serves
+    limits = ImageLimits(allow_hosts=(image_server.removeprefix("http://"),), max_total_bytes=2 * size + 1)
+    with pytest.raises(ScorerError, match=rf"{3 * size} bytes, over images.max_total_bytes={2 * size + 1}; not decoded"):
+        with_loaded_images(image_message([f"{image_server}/ok.png"] * 4), limits)
+    assert decode_spy.decoded == 2
+
+
+def test_the_deadline_is_checked_between_images(decode_spy):
+    """Each decode takes one (fake) second: with the deadline at 1.5 s, two images are read
+    and the third is not; the request fails as a scorer failure."""
+    decode_spy.step = 1.0
+    small = data_url((4, 5, 6), 8)
+    with pytest.raises(ScorerError, match="deadline passed after 2 of its images were read"):
+        with_loaded_images(image_message([small] * 5), ImageLimits(), deadline=1.5, clock=decode_spy.clock)
+    assert decode_spy.decoded == 2
+
+
+def test_a_vision_language_backbone_loads_without_torchvision_and_scores_an_image(tmp_path):
+    """A tiny random-init Qwen2-VL saved as a model folder (image processor, tokenizer,
+    weights), trained-probe checkpoints on it, loaded by the `probe` entry point the server
+    uses, scoring a request with a data: image through the serving prefill."""
+    import importlib.util
+
+    from routers.serving.loaders import PROBE_LOADER
+    from tests.routers.serving.support import probe_checkpoints, probe_spec
+    from tests.routers.test_probe_support import tiny_vl_model
+
+    folders = probe_checkpoints(tiny_vl_model(tmp_path), tmp_path / "ck")
+    scorer = PROBE_LOADER.load(probe_spec(folders))
+    image = {"type": "image_url", "image_url": {"url": data_url((120, 40, 200), 40)}}
+    messages = [{"role": "user", "content": [image, {"type": "text", "text": "what is it"}]}]
+
+    async def main():
+        try:
+            return await scorer.score(request(messages), deadline=far())
+        finally:
+            await scorer.close()
+
+    scores = asyncio.run(main())
+    assert set(scores.values) == set(folders) and all(0.0 < v < 1.0 for v in scores.values.values())
+    if importlib.util.find_spec("torchvision") is None:  # the documented install
+        assert "ImagesOnly" in type(scorer.group.backbone.processor).__name__
