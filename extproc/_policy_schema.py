@@ -150,7 +150,7 @@ _scorer_common = {
             keys={
                 "failures": Key(
                     Int(minimum=0, maximum=1000),
-                    "Consecutive failed calls (deadline missed, error, overload) that open the breaker. "
+                    "Consecutive failed calls (deadline missed, error) during which the scorer answered no other call, that open the breaker. "
                     "0: no breaker (every request waits for the scorer).",
                     _BREAKER.failures,
                 ),

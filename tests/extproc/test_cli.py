@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import signal
 import socket
 import subprocess
@@ -49,11 +50,48 @@ def test_explain_reports_request_errors_as_json(tmp_path, capsys):
     assert code == 2 and out["error"]["status"] == 400 and out["error"]["code"] == "invalid_body"
 
 
-def test_schema_file_and_readme_table_match_the_declaration(capsys):
+def test_schema_file_and_policy_reference_page_match_the_declaration(capsys):
     assert main(["policy", "schema"]) == 0
     assert (REPO / "policies" / "policy.schema.json").read_text() == capsys.readouterr().out
     assert main(["policy", "schema", "--markdown"]) == 0
-    assert capsys.readouterr().out in (REPO / "README.md").read_text()
+    assert capsys.readouterr().out in (REPO / "docs" / "policy-reference.md").read_text()
+
+
+def _commands_and_options(parser, path=("switchyard",)):
+    """Every (command path, long option) of the parser, subcommands walked depth first."""
+    import argparse
+
+    for action in parser._actions:
+        if isinstance(action, argparse._SubParsersAction):
+            for name, child in action.choices.items():
+                yield (*path, name), None
+                yield from _commands_and_options(child, (*path, name))
+        elif not isinstance(action, argparse._HelpAction):
+            for option in action.option_strings:
+                if option.startswith("--"):
+                    yield path, option
+
+
+def test_cli_reference_page_names_every_command_and_option():
+    """docs/cli.md names every subcommand (in a heading or table as `switchyard a b`) and, in
+    that command's section, every long option, the learned-scorer commands included."""
+    from extproc.cli import build_parser
+
+    page = (REPO / "docs" / "cli.md").read_text()
+    sections = {}
+    for block in page.split("\n### ")[1:]:
+        title, _, body = block.partition("\n")
+        sections[title.strip().strip("`")] = body
+    missing = []
+    for path, option in _commands_and_options(build_parser(with_routers=True)):
+        command = " ".join(path)
+        if option is None:
+            if f"`{command}" not in page:
+                missing.append(command)
+        elif not re.search(rf"`{re.escape(option)}(?![\w-])", sections.get(command, "")):
+            missing.append(f"{command} {option}")
+    assert len(list(_commands_and_options(build_parser(with_routers=True)))) > 100
+    assert not missing, f"docs/cli.md does not document: {missing}"
 
 
 def test_policies_validate_against_the_json_schema():

@@ -5,7 +5,7 @@ for the whole module. Each case in ``CASES`` sends one kind of input, with ``htt
 or a raw socket where a client library would refuse to, and asserts the answer: the status
 and ``error.code`` of a rejection, or the backend and rule a request was routed by, and for
 routed bodies the exact bytes the backend received (the demo backends echo a SHA-256). The
-README table "Bad input: what each gets" lists the same cases.
+first table of "Bad input: what each gets" in docs/envoy.md lists the same cases.
 
 Envoy's ``request_timeout`` and ``request_headers_timeout`` are cut to 2 s here so the
 stalled-request cases answer quickly; everything else is the config users render.
