@@ -1,8 +1,12 @@
 """A circuit breaker per loaded scorer: a scorer that keeps failing is not waited for.
 
-A scorer that is hung, down or overloaded makes every request that needs it wait up to its
-whole deadline before taking the fallback. The breaker counts consecutive failed calls
-(deadline missed, error, overload); at ``scorers.<name>.breaker.failures`` of them it opens,
+A scorer that is hung or down makes every request that needs it wait up to its whole
+deadline before taking the fallback. The breaker counts consecutive failed calls (deadline
+missed, error) during which the scorer answered no other request: a call that failed while
+other calls succeeded says the scorer is busy, not broken, and load is for the scorer's own
+admission to shed (reason ``overload``, never counted), not for the breaker, which would turn
+a partial overload into every request taking the fallback. At
+``scorers.<name>.breaker.failures`` counted failures it opens,
 and for ``cool_off_ms`` every request takes the fallback at once (reason ``breaker_open``),
 without calling the scorer. Then one request (the trial) calls it again: a success closes
 the breaker, a failure opens it for another cool-off. Requests arriving while the trial runs
@@ -30,8 +34,9 @@ from extproc._scorers import BreakerConfig, Scorer
 __all__ = ["Admission", "Breaker", "Breakers", "BreakerState", "BREAKERS", "COUNTED_REASONS"]
 
 #: ``ScorerFailure.reason`` values a breaker counts: the scorer did not answer (in time).
-#: A NaN or a missing output is an answer: the scorer is reachable, so it does not count.
-COUNTED_REASONS = frozenset({"deadline", "error", "overload"})
+#: A NaN or a missing output is an answer: the scorer is reachable, so it does not count;
+#: nor does ``overload``: the scorer refused at once because it is busy, so it is alive.
+COUNTED_REASONS = frozenset({"deadline", "error"})
 
 
 class BreakerState(enum.IntEnum):
@@ -63,6 +68,7 @@ class Breaker:
         self._failures = 0  # consecutive counted failures while closed
         self._open_until: float | None = None  # None: closed
         self._trial = False  # a half-open trial call is running
+        self._last_success: float | None = None  # when a call last succeeded
 
     @property
     def state(self) -> BreakerState:
@@ -74,6 +80,10 @@ class Breaker:
     def failures(self) -> int:
         """Consecutive counted failures so far (while closed)."""
         return self._failures
+
+    def now(self) -> float:
+        """The breaker's clock: pass its value at a call's start to :meth:`record`."""
+        return self._clock()
 
     def admit(self, config: BreakerConfig) -> Admission:
         """Whether a request may call the scorer now. Every admitted call must end in
@@ -89,8 +99,14 @@ class Breaker:
         self._trial = True
         return Admission.TRIAL
 
-    def record(self, admission: Admission, config: BreakerConfig, failed: bool) -> None:
-        """The outcome of a call :meth:`admit` allowed (``failed``: a counted failure)."""
+    def record(self, admission: Admission, config: BreakerConfig, failed: bool, since: float | None = None) -> None:
+        """The outcome of a call :meth:`admit` allowed (``failed``: a counted failure).
+        ``since``: :meth:`now` when the call started; a failure during which another call
+        succeeded is not counted (the scorer is busy, not broken)."""
+        if not failed:
+            self._last_success = self._clock()
+        elif since is not None and self._last_success is not None and self._last_success >= since:
+            return
         if admission is Admission.TRIAL:
             self._trial = False
             if failed:

@@ -86,13 +86,14 @@ async def _score(
                                     f"scorer kept failing; one request tries it again after the "
                                     f"{spec.breaker.cool_off_ms:g} ms cool-off")
         else:
+            since = breaker.now()
             try:
                 outcome = await _call(scorer, spec, request, deadline, available)
             except BaseException:  # cancelled with its request: neither a success nor a failure
                 breaker.abandon(admission)
                 raise
             failed = isinstance(outcome, ScorerFailure) and outcome.reason in COUNTED_REASONS
-            breaker.record(admission, spec.breaker, failed)
+            breaker.record(admission, spec.breaker, failed, since)
     return outcome, (time.monotonic() - started) * 1000.0
 
 

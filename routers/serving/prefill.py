@@ -202,6 +202,7 @@ class PrefillGroup:
 
         members = list(self._members.values())  # copy-on-write: a consistent snapshot
         good = list(range(len(items)))
+        encoding = time.perf_counter()
         try:
             batch = self.backbone.encode(items)
         except ScorerError:  # find the request(s) that cannot be encoded; score the rest
@@ -222,6 +223,9 @@ class PrefillGroup:
         outputs = set().union(*(m.output_layers for m in members))
         input_only = [layer for layer in layers if layer not in outputs]
         timed = set(batch) <= _SLICEABLE  # the cost model knows text forwards only
+        # a request's share of tokenizing is part of what its forward costs it: admission
+        # and batch cutting predict the whole wait, not the model's part alone
+        encode_share = (time.perf_counter() - encoding) / len(good)
         for chunk in self._chunks(batch):
             requests = [good[j] for j in chunk]
             rows = _rows(batch, chunk)
@@ -234,7 +238,8 @@ class PrefillGroup:
                 yield requests, [exc] * len(chunk)
                 continue
             if timed:
-                self.live_cost.observe(len(chunk), int(rows["attention_mask"].shape[1]), time.perf_counter() - started)
+                took = time.perf_counter() - started + encode_share * len(chunk)
+                self.live_cost.observe(len(chunk), int(rows["attention_mask"].shape[1]), took)
             answers = [{key: column[k] for key, column in values.items()} for k in range(len(chunk))]
             for answer in answers:
                 answer[BATCH_SIZE] = len(items)

@@ -15,7 +15,7 @@ from opentelemetry.sdk.metrics import MeterProvider
 from opentelemetry.sdk.metrics.export import InMemoryMetricReader
 
 from extproc import PolicyEngine, RoutingRequest, ScorerError, ScorerOverloaded, parse_policy
-from extproc._breaker import Admission, Breaker, Breakers, BreakerState
+from extproc._breaker import COUNTED_REASONS, Admission, Breaker, Breakers, BreakerState
 from extproc._scorers import BreakerConfig, ScorerFailure
 from extproc._scoring import decide_with_scores
 from extproc._telemetry import FailureLog, JsonFormatter, Telemetry
@@ -64,6 +64,32 @@ def test_it_opens_after_the_configured_failures_in_a_row():
     fail(breaker, 1)
     assert breaker.state is BreakerState.OPEN
     assert breaker.admit(CONFIG) is Admission.REFUSED
+
+
+def test_a_failure_while_other_calls_succeed_is_load_not_a_fault():
+    """Under load, calls that miss their deadline while others are answered do not open the
+    breaker: only the scorer's admission sheds load (measured: with 8 clients at an 80 ms
+    deadline, counting them opened the breaker and sent 99.8% of requests to the fallback)."""
+    clock = Clock()
+    breaker = Breaker(clock)
+    started = [breaker.now() for _ in range(5)]  # five calls wait together
+    calls = [breaker.admit(CONFIG) for _ in started]
+    clock.advance(0.05)
+    breaker.record(calls[0], CONFIG, failed=False, since=started[0])  # one is answered
+    for call, since in zip(calls[1:], started[1:]):
+        breaker.record(call, CONFIG, failed=True, since=since)  # the rest miss: the scorer is busy
+    assert (breaker.state, breaker.failures) == (BreakerState.CLOSED, 0)
+    clock.advance(0.05)
+    for _ in range(3):  # a hang: no call answered since these started
+        since = breaker.now()
+        call = breaker.admit(CONFIG)
+        clock.advance(0.1)
+        breaker.record(call, CONFIG, failed=True, since=since)
+    assert breaker.state is BreakerState.OPEN
+
+
+def test_an_overload_refusal_never_counts():
+    assert "overload" not in COUNTED_REASONS and {"deadline", "error"} <= COUNTED_REASONS
 
 
 def test_after_the_cool_off_one_trial_runs_and_its_success_closes_it():

@@ -50,7 +50,8 @@ def test_a_request_with_too_little_time_left_is_refused_at_once_and_one_with_eno
 
     outcome, batcher = asyncio.run(main())
     assert outcome == ["running" * 10, "queued" * 10, "in time" * 10]
-    assert gate.batches == [["running"], ["queued"], ["in time"]]  # the refused one never reached a forward
+    # the refused one never reached a forward; the earliest deadline goes first
+    assert gate.batches == [["running"], ["in time"], ["queued"]]
     assert batcher.stats.overloaded == 1 and batcher.stats.expired == 0
 
 
@@ -183,3 +184,38 @@ def test_the_prefill_refits_its_cost_from_the_forwards_it_runs(folders):
     cost, batches = asyncio.run(main())
     assert batches == TRUSTED_AFTER
     assert cost.seconds(1, 64) < 1.0  # a tiny model's forward: far below the 5 s it was seeded with
+
+
+def test_a_batch_takes_only_what_one_forward_answers_before_the_earliest_deadline():
+    """Deadline-aware batching: a forward of n requests costs n x FORWARD here; the batch
+    stops where the earliest deadline would be missed, the rest wait for the next forward,
+    and a request no forward can answer in time is refused at once, never run late."""
+    clock = FakeClock()
+    gate = Gate()
+
+    def per_request(n: int) -> float:
+        return n * FORWARD
+
+    async def main():
+        batcher = MicroBatcher(gate, BatchConfig(max_size=8, max_wait_ms=0), name="scorer 't'", cost=per_request,
+                               clock=clock)
+        gate.open.clear()
+        running = batcher.submit("running", clock.now + 10)
+        await asyncio.to_thread(gate.entered.wait, 10)
+        # while it runs, all admitted: one due soon, two a forward of 2 answers in time, one later
+        doomed = batcher.submit("doomed", clock.now + 3 * FORWARD)
+        soon = [batcher.submit(f"soon{i}", clock.now + 5 * FORWARD) for i in range(2)]
+        later = batcher.submit("later", clock.now + 100)
+        # the running forward overruns: "doomed" would now end at 3.5 x FORWARD, past its 3;
+        # "soon" in a forward of 2 by 4.5 (in time), with "later" a forward of 3 by 5.5 (late)
+        clock.now += 2.5 * FORWARD
+        gate.open.set()
+        results = await asyncio.gather(running, *soon, later, doomed, return_exceptions=True)
+        await batcher.close()
+        return results, batcher
+
+    results, batcher = asyncio.run(main())
+    assert results[:4] == ["running" * 10, "soon0" * 10, "soon1" * 10, "later" * 10]
+    assert isinstance(results[4], ScorerOverloaded) and "its forward would end" in str(results[4])
+    assert gate.batches == [["running"], ["soon0", "soon1"], ["later"]]
+    assert batcher.stats.overloaded == 1
