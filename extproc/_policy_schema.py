@@ -2,7 +2,7 @@
 
 This declaration is the single source of the validator (``_policy_loader``), the JSON
 Schema (``policies/policy.schema.json``, written by ``switchyard policy schema``) and the
-key reference table in the README (``switchyard policy schema --markdown``). A test checks
+key reference in ``docs/policy-reference.md`` (``switchyard policy schema --markdown``). A test checks
 that both files match what this module renders.
 """
 
@@ -467,7 +467,7 @@ def _table(obj: Obj, prefix: str) -> list[str]:
 
 
 def markdown_reference() -> str:
-    """The README's policy key reference, rendered from :data:`POLICY_SCHEMA`."""
+    """The policy key reference of ``docs/policy-reference.md``, rendered from :data:`POLICY_SCHEMA`."""
     head = ["| key | type | default | what it does |", "| --- | --- | --- | --- |"]
     lines = ["#### Top level", "", *head]
     top = POLICY_SCHEMA.keys

@@ -2,7 +2,7 @@
 
 The policy's keys are declared once with these classes (see ``_policy_schema``); from that
 one declaration come the validator (every problem located as ``file:line:column``), the
-JSON Schema in ``policies/policy.schema.json`` and the key table in the README, so the three
+JSON Schema in ``policies/policy.schema.json`` and the key tables of ``docs/policy-reference.md``, so the three
 cannot drift apart.
 
 Validation works on PyYAML's composed node tree rather than on loaded Python objects,

@@ -124,7 +124,7 @@ class SignalContext:
 
 class Signal:
     """Base class of signal kinds. A kind declares itself once: ``kind``, ``doc`` and
-    ``keys`` (its policy entry, from which the validator, the JSON Schema and the README
+    ``keys`` (its policy entry, from which the validator, the JSON Schema and the policy reference
     table come), :meth:`from_config` and :meth:`evaluate`."""
 
     kind: ClassVar[str]
@@ -596,7 +596,7 @@ SIGNAL_TYPES: dict[str, type[Signal]] = {
 
 def signal_schemas() -> dict[str, Obj]:
     """Each kind's policy entry (``kind``, its keys, ``description``) for the validator, the
-    JSON Schema and the README table, from the one declaration on its class."""
+    JSON Schema and the policy reference, from the one declaration on its class."""
     return {
         kind: Obj(title=kind, doc=cls.doc, keys={"kind": kind_key(kind), **cls.keys, "description": DESCRIPTION_KEY})
         for kind, cls in SIGNAL_TYPES.items()

@@ -107,8 +107,8 @@ def build_parser(with_routers: bool = False) -> argparse.ArgumentParser:
     explain.add_argument("--header", action="append", default=[], metavar="NAME=VALUE", help="A request header (repeatable).")
     _max_policy_bytes(explain)
     explain.set_defaults(handler=_explain)
-    schema = policy_sub.add_parser("schema", help="Print the policy JSON Schema (or the README key table).")
-    schema.add_argument("--markdown", action="store_true", help="Print the README's key reference instead.")
+    schema = policy_sub.add_parser("schema", help="Print the policy JSON Schema (or the key tables of docs/policy-reference.md).")
+    schema.add_argument("--markdown", action="store_true", help="Print the key reference of docs/policy-reference.md instead.")
     schema.set_defaults(handler=_schema)
 
     from extproc._envoy_cli import register as register_envoy

@@ -30,7 +30,7 @@ __all__ = ["LatentRouterConfig", "LatentRouterModel", "LatentRouterOutput", "Mod
 
 @dataclass(frozen=True)
 class LatentRouterConfig:
-    """What a LatentRouter *is* (saved in ``config.json``, so frozen); defaults are in the README.
+    """What a LatentRouter *is* (saved in ``config.json``, so frozen); defaults are in docs/learned-scorers.md.
 
     - ``input_dim``: width of the query feature vector the encoder produces.
     - ``num_models``: size of the training pool (one learned embedding per model).

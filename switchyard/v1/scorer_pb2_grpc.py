@@ -56,12 +56,21 @@ class ScorerServiceServicer:
 
         Status codes:
 
-        * NOT_FOUND: no scorer of that name is served here.
-        * INVALID_ARGUMENT: ``messages`` is not a JSON list of chat messages.
+        * NOT_FOUND: no scorer of that name is served here (the name cut to 64 characters).
+        * INVALID_ARGUMENT: ``messages`` is not a JSON list of chat messages, or has more
+        messages or content parts than the server takes (``--max-messages``,
+        ``--max-parts``); ``available`` is empty or names a model outside the pool.
+        * RESOURCE_EXHAUSTED: the call is larger than ``--max-message-bytes``; or the server
+        is busy: this caller (the connection's host) already has ``--max-in-flight-per-caller``
+        calls in flight, the server ``--max-in-flight``, or the scorer's queue refused the
+        request because it could not answer it in time.
         * UNAVAILABLE: the server is still loading its scorers, or is shutting down (or,
         seen by the client, no server could be reached).
-        * DEADLINE_EXCEEDED: the scorer could not answer within the call's deadline.
+        * DEADLINE_EXCEEDED: the scorer could not answer within the call's deadline, capped
+        at the server's ``--max-deadline-ms``.
         * INTERNAL: the scorer failed, or produced a non-finite number.
+
+        Error messages never quote the request and are at most 1024 characters.
         """
         context.set_code(grpc.StatusCode.UNIMPLEMENTED)
         context.set_details('Method not implemented!')
