@@ -23,15 +23,9 @@ from extproc._scorer_cache import ScorerCache
 from extproc._scorers import ScorerDescription
 from extproc.cli import main
 from tests.extproc.conftest import REPO, chat
+from tests.extproc.test_policy_check import BASE
 from tests.extproc.test_scoring import FixedScorer
 
-BASE = """\
-version: 1
-backends:
-  small: {cluster: small, model: s}
-  large: {cluster: large, model: l}
-default: small
-"""
 
 
 def _problems(path: Path) -> list[tuple[int, int, str]]:
