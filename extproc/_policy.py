@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import os
 from collections.abc import Sequence
-from dataclasses import dataclass, field
+from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any, Union
 
@@ -20,7 +20,7 @@ from extproc._errors import PolicyError, PolicyProblem
 from extproc._policy_schema import POLICY_SCHEMA, SCORERS_FILE_SCHEMA
 from extproc._schema import REQUIRED, ListOf, MapOf, Validation, dotted
 from extproc._scorer_specs import build_scorer_specs, check_score_signal, check_utility_route
-from extproc._scorers import ScorerSpec
+from extproc._scorers import BreakerConfig, ScorerSpec
 from extproc._signals import Signal, build_signal
 
 __all__ = [
@@ -347,6 +347,11 @@ def read_scorer_specs(path: str | Path) -> dict[str, ScorerSpec]:
         if config.get("remote") is not None:
             v.problem(None, f"Scorer `{name}` is remote; a scorer service serves only in-process scorers.",
                       ("scorers", name, "remote"))
+        if config.get("fallback") is not None or config.get("breaker") != asdict(BreakerConfig()):
+            key = "fallback" if config.get("fallback") is not None else "breaker"
+            v.problem(None, f"`scorers.{name}.{key}` has no effect in a scorer service: fallbacks and circuit "
+                            "breakers belong to each sidecar's policy, which decides when a scorer fails.",
+                      ("scorers", name, key))
     specs, _ = build_scorer_specs(data["scorers"], path.parent, lambda key, msg: v.problem(None, msg, key), backends=None)
     if v.problems:
         raise PolicyError(v.problems)

@@ -150,3 +150,18 @@ def test_serve_with_tls_flags_answers_health_and_scores_over_mutual_tls(checkpoi
         assert status == health_pb2.HealthCheckResponse.SERVING
         assert 0.0 < scores.values["small_ok"] < 1.0
     assert proc.returncode == 0  # stopped by SIGTERM: a clean exit
+
+
+@pytest.mark.parametrize("extra", ["    fallback: large\n", "    breaker: {failures: 2}\n"])
+def test_a_scorers_file_refuses_the_sidecar_only_keys_at_their_line(tmp_path, extra):
+    """`fallback` and `breaker` decide what a sidecar does when its scorer fails; a scorer
+    service would silently ignore them, so its config refuses them."""
+    from extproc import PolicyError
+
+    config = tmp_path / "scorers.yaml"
+    config.write_text("scorers:\n  probe:\n    kind: probe\n    checkpoints: {small_ok: /nowhere}\n" + extra)
+    with pytest.raises(PolicyError) as info:
+        read_scorer_specs(config)
+    key = extra.split(":")[0].strip()
+    [problem] = [p for p in info.value.problems if "no effect in a scorer service" in p.message]
+    assert problem.line == 5 and f"`scorers.probe.{key}`" in problem.message
