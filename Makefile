@@ -18,7 +18,7 @@ $(STAMP): pyproject.toml
 setup: $(STAMP)
 
 run: $(STAMP)
-	$(PY) -m demo.run --policy policies/default.yaml
+	$(PY) -m demo.run --policy demo/policy.yaml
 
 test: $(STAMP)
 	$(VENV)/bin/lint-imports

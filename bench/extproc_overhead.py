@@ -13,14 +13,21 @@ all rendered by `switchyard envoy render` for the bench policy (access log off):
   20-rule cheap-signal policy that the request matches nowhere, so every rule is evaluated.
   Both processors get two messages a request (headers, then the buffered body); the
   response's x-switchyard-* headers come from the dynamic metadata, as in the shipped config;
+- ``switchyard-capture``: the same policy with a ``capture:`` section at ``sample_rate: 1``
+  (every request written to a JSONL file in the bench's temporary folder), side by side with
+  ``switchyard`` to show what capture adds (the policy is copied there, so a ``--policy``
+  naming files relative to itself cannot take this row);
 - ``switchyard-2-workers``: the same with ``--workers 2``, for capacity only (the targets
   compare single processes).
 
 Per configuration: p50/p99 latency on one keep-alive connection (Python client, sequential
 requests) and throughput on 8 connections (``wrk`` when it is on PATH, else 8 Python client
 processes). Added latency = p50 − no-extproc p50. Targets: switchyard's added latency within
-1.15x of noop's, its throughput >= 0.9x noop's. Writes JSON (default
-bench/results/extproc_overhead.json) and prints a table.
+1.15x of noop's, its throughput >= 0.9x noop's; capture at 100% adds at most 5% to
+switchyard's p50 (``switchyard-capture`` p50 within 1.05x of ``switchyard``'s). Writes JSON
+(default bench/results/extproc_overhead.json) and prints a table.
+
+A quick run: ``--requests 300 --duration 2 --rounds 1``.
 """
 
 from __future__ import annotations
@@ -49,7 +56,7 @@ from demo.envoy_config import render_envoy_config  # noqa: E402
 from extproc._policy import load_policy  # noqa: E402
 from demo.stack import Child, envoy_binary, free_port, grpc_serving, http_ok  # noqa: E402
 
-CONFIGS = ("no-extproc", "noop", "switchyard", "switchyard-2-workers")
+CONFIGS = ("no-extproc", "noop", "switchyard", "switchyard-capture", "switchyard-2-workers")
 POLICY = ROOT / "bench" / "policies" / "twenty_rules.yaml"
 BODY = json.dumps({"model": "auto", "messages": [{"role": "user", "content": "Hi! How's your day going?"}]}).encode()
 HEADERS = {"content-type": "application/json", "content-length": str(len(BODY))}
@@ -59,6 +66,18 @@ CONNECTIONS = 8
 #: >= 0.9x the do-nothing processor on 2 shared cores, is withdrawn: the Python gRPC stream
 #: is the floor. Throughput is still reported as a ratio.)
 LATENCY_TARGET = 1.15
+#: switchyard's p50 with capture at 100% sampling over its p50 without (the issue's "added p50
+#: within 5%").
+CAPTURE_TARGET = 1.05
+
+
+def capture_policy(policy: Path, workdir: Path) -> Path:
+    """A copy of ``policy`` in ``workdir`` that captures every request to ``workdir/capture.jsonl``."""
+    data = yaml.safe_load(policy.read_text())
+    data["capture"] = {"path": str(workdir / "capture.jsonl"), "sample_rate": 1.0}
+    copy = workdir / "capture-policy.yaml"
+    copy.write_text(yaml.safe_dump(data, sort_keys=False))
+    return copy
 
 
 def envoy_config(listen: int, admin: int, extproc: int | None, policy: Path = POLICY) -> dict:
@@ -99,8 +118,9 @@ def start(name: str, workdir: Path, concurrency: int, policy: Path = POLICY) -> 
                                        "--listen", f"127.0.0.1:{extproc}"], workdir / "noop.log"))
     elif name.startswith("switchyard"):
         workers = "2" if name == "switchyard-2-workers" else "1"
+        served = capture_policy(policy, workdir) if name == "switchyard-capture" else policy
         children.append(Child("switchyard", [sys.executable, "-m", "extproc", "--log-level", "warning", "serve",
-                                             "--policy", str(policy), "--listen", f"127.0.0.1:{extproc}",
+                                             "--policy", str(served), "--listen", f"127.0.0.1:{extproc}",
                                              "--workers", workers, "--drain-seconds", "0"], workdir / "switchyard.log"))
     config = workdir / f"envoy-{name}.yaml"
     config.write_text(yaml.safe_dump(envoy_config(listen, admin, extproc, policy), sort_keys=False))
@@ -201,11 +221,19 @@ def measure(name: str, args: argparse.Namespace, workdir: Path) -> dict:
         rps, errors, tool = throughput(port, args.duration)
     finally:
         stop(children)
-    return {"latency_s": times, "rps": rps, "errors": errors, "load_tool": tool}
+    result = {"latency_s": times, "rps": rps, "errors": errors, "load_tool": tool}
+    if name == "switchyard-capture":  # every request answered was captured (this round's and earlier ones)
+        result["captured_lines"] = (workdir / "capture.jsonl").read_bytes().count(b"\n")
+    return result
 
 
-def servicer_cost_us(policy: Path, requests: int = 3000) -> dict[str, float]:
-    """switchyard's own CPU per request, in this process (no gRPC, no Envoy), by message."""
+def servicer_cost_us(policy: Path, requests: int = 3000, capture: Path | None = None) -> dict[str, float]:
+    """switchyard's own CPU per request, in this process (no gRPC, no Envoy), by message;
+    with ``capture`` (a file), every request is also captured there (the writer thread runs
+    beside, as in the server)."""
+    from dataclasses import replace
+
+    from extproc._capture import CaptureWriter
     from envoy.config.core.v3 import base_pb2
     from envoy.service.ext_proc.v3 import external_processor_pb2 as ext
 
@@ -214,7 +242,12 @@ def servicer_cost_us(policy: Path, requests: int = 3000) -> dict[str, float]:
     from extproc._servicer import RequestStream
     from extproc._telemetry import Telemetry
 
-    engine, telemetry = PolicyEngine(load_policy(policy)), Telemetry()
+    loaded = load_policy(policy)
+    writer = None
+    if capture is not None:
+        loaded = replace(loaded, capture=replace(loaded.capture, path=str(capture), sample_rate=1.0))
+        writer = CaptureWriter()
+    engine, telemetry = PolicyEngine(loaded), Telemetry()
     headers = ext.HttpHeaders()
     for key, value in {":method": "POST", ":path": PATH, ":authority": "127.0.0.1", **HEADERS}.items():
         headers.headers.headers.append(base_pb2.HeaderValue(key=key, raw_value=value.encode()))
@@ -224,11 +257,13 @@ def servicer_cost_us(policy: Path, requests: int = 3000) -> dict[str, float]:
     }
     spent = dict.fromkeys(messages, 0.0)
     for _ in range(requests):
-        stream = RequestStream(engine, telemetry)
+        stream = RequestStream(engine, telemetry, writer)
         for phase, message in messages.items():
             started = time.perf_counter()
             stream.handle(message)
             spent[phase] += time.perf_counter() - started
+    if writer is not None:
+        writer.close(10.0)
     return {phase: round(total / requests * 1e6, 1) for phase, total in spent.items()}
 
 
@@ -246,6 +281,8 @@ def summarise(runs: dict[str, list[dict]]) -> dict:
             "errors": sum(r["errors"] for r in rounds),
             "load_tool": rounds[0]["load_tool"],
         }
+        if "captured_lines" in rounds[-1]:
+            results[name]["captured_lines"] = rounds[-1]["captured_lines"]
     base = results["no-extproc"]["p50_ms"]
     for result in results.values():
         result["added_p50_ms"] = round(result["p50_ms"] - base, 4)
@@ -258,6 +295,8 @@ def summarise(runs: dict[str, list[dict]]) -> dict:
         (s - b) / (n - b) for s, n, b in zip(sw["p50_ms_rounds"], noop["p50_ms_rounds"], base_rounds) if n > b
     ]
     throughput_rounds = [s / n for s, n in zip(sw["rps_rounds"], noop["rps_rounds"])]
+    captured = results["switchyard-capture"]
+    capture_rounds = [c / s for c, s in zip(captured["p50_ms_rounds"], sw["p50_ms_rounds"])]
     return {
         "results": results,
         "switchyard_vs_noop": {
@@ -267,6 +306,14 @@ def summarise(runs: dict[str, list[dict]]) -> dict:
             "throughput_ratio_rounds": [round(r, 3) for r in throughput_rounds],
             "added_latency_target": LATENCY_TARGET,
             "meets_latency_target": latency_ratio <= LATENCY_TARGET,
+        },
+        "capture_vs_off": {
+            "p50_ratio": round(captured["p50_ms"] / sw["p50_ms"], 3),
+            "p50_ratio_rounds": [round(r, 3) for r in capture_rounds],
+            "added_p50_ms": round(captured["p50_ms"] - sw["p50_ms"], 4),
+            "throughput_ratio": round(captured["rps_8_connections"] / sw["rps_8_connections"], 3),
+            "p50_target": CAPTURE_TARGET,
+            "meets_p50_target": captured["p50_ms"] / sw["p50_ms"] <= CAPTURE_TARGET,
         },
     }
 
@@ -283,9 +330,13 @@ def table(report: dict) -> str:
 
     lines.append(f"per round: added latency {spread(ratio['added_latency_ratio_rounds'])}x, "
                  f"throughput {spread(ratio['throughput_ratio_rounds'])}x")
-    cost = report["switchyard_servicer_us"]
-    lines.append("switchyard servicer CPU per request (in-process, µs): "
-                 + ", ".join(f"{phase} {us}" for phase, us in cost.items()))
+    capture = report["capture_vs_off"]
+    lines.append(f"capture at 100%/off: p50 {capture['p50_ratio']:.3f}x (+{capture['added_p50_ms']:.3f} ms; target <= "
+                 f"{CAPTURE_TARGET}: {'PASS' if capture['meets_p50_target'] else 'MISS'}; per round "
+                 f"{spread(capture['p50_ratio_rounds'])}x), throughput {capture['throughput_ratio']:.2f}x")
+    for key, label in (("switchyard_servicer_us", "off"), ("switchyard_servicer_us_capture", "capture at 100%")):
+        lines.append(f"switchyard servicer CPU per request (in-process, µs), {label}: "
+                     + ", ".join(f"{phase} {us}" for phase, us in report[key].items()))
     return "\n".join(lines)
 
 
@@ -309,6 +360,8 @@ def main(argv: list[str] | None = None) -> int:
                 runs[name].append(measure(name, args, Path(tmp)))
     report = summarise(runs)
     report["switchyard_servicer_us"] = servicer_cost_us(args.policy)
+    with tempfile.TemporaryDirectory(prefix="extproc-bench-capture-") as tmp:
+        report["switchyard_servicer_us_capture"] = servicer_cost_us(args.policy, capture=Path(tmp) / "capture.jsonl")
     report["settings"] = {
         "requests_per_round": args.requests, "throughput_seconds_per_round": args.duration, "rounds": args.rounds,
         "connections": CONNECTIONS, "envoy_concurrency": args.concurrency, "body_bytes": len(BODY),

@@ -57,6 +57,14 @@ _EXPORTS: dict[str, str] = {
     "load_scorer": "extproc._scorer_loading",
     # the Envoy-facing server
     "ExternalProcessor": "extproc._servicer",
+    # the YAML schema machinery (file:line:column problems), for other config files
+    "Obj": "extproc._schema",
+    "Key": "extproc._schema",
+    "MapOf": "extproc._schema",
+    "Str": "extproc._schema",
+    "Int": "extproc._schema",
+    "Num": "extproc._schema",
+    "Validation": "extproc._schema",
 }
 
 __all__ = sorted(_EXPORTS)

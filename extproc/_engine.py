@@ -28,7 +28,7 @@ from collections.abc import Callable, Mapping
 
 from extproc._decision import DEFAULT_RULE, DIRECT_RULE, FALLBACK_RULE, Decision
 from extproc._errors import RequestError
-from extproc._policy import AllOf, Backend, Condition, Not, Policy, SignalRef, UtilityRoute
+from extproc._policy import AllOf, Always, Backend, Condition, Not, Policy, SignalRef, UtilityRoute
 from extproc._request import RoutingRequest
 from extproc._scorers import Scorer, ScorerFailure, Scores, ScoresNeeded, ScoringFailed, score_key
 from extproc._signals import SignalContext, SignalResult
@@ -42,6 +42,8 @@ Check = Callable[[Callable[[str], bool]], bool]
 
 
 def _expression(condition: Condition) -> ast.expr:
+    if isinstance(condition, Always):
+        return ast.Constant(True)
     if isinstance(condition, SignalRef):
         return ast.Call(ast.Name("signal", ast.Load()), [ast.Constant(condition.name)], [])
     if isinstance(condition, Not):

@@ -16,6 +16,7 @@ from typing import Any, Union
 
 import yaml
 
+from extproc._capture import CaptureConfig
 from extproc._errors import PolicyError, PolicyProblem
 from extproc._policy_schema import POLICY_SCHEMA, SCORERS_FILE_SCHEMA
 from extproc._schema import REQUIRED, ListOf, MapOf, Validation, dotted
@@ -31,6 +32,8 @@ __all__ = [
     "AllOf",
     "AnyOf",
     "Not",
+    "Always",
+    "ALWAYS",
     "ModelsConfig",
     "TenantsConfig",
     "RoutingConfig",
@@ -74,7 +77,15 @@ class Not:
     item: Condition
 
 
-Condition = Union[SignalRef, AllOf, AnyOf, Not]
+@dataclass(frozen=True)
+class Always:
+    """The condition of a rule without ``when`` (or ``when: always``): it always holds."""
+
+
+#: ``when: always``: the reserved name of the condition that always holds (no signal may take it).
+ALWAYS = "always"
+
+Condition = Union[SignalRef, AllOf, AnyOf, Not, Always]
 
 
 @dataclass(frozen=True)
@@ -140,6 +151,7 @@ class Policy:
     #: Where each ``scorers.<name>`` entry starts (line, column), for problems found after
     #: validation (a scorer that fails to load).
     scorer_positions: dict[str, tuple[int, int]] = field(default_factory=dict)
+    capture: CaptureConfig = field(default_factory=CaptureConfig)
 
     def backend_for_model(self, model: str) -> Backend | None:
         """The backend whose served model (or name) is ``model``, if any."""
@@ -272,6 +284,9 @@ def _build(data: dict[str, Any], v: Validation, base_dir: Path, checkpoints: dic
     scorers, described = build_scorer_specs(valid_scorers, base_dir, report, backends=backends, checkpoints=checkpoints)
     defined_scorers = tuple(data["scorers"])  # with those that have problems: already reported
 
+    if ALWAYS in data["signals"]:
+        report(("signals", ALWAYS), f"`{ALWAYS}` is reserved (`when: {ALWAYS}` is the condition that always holds); "
+               "rename the signal.")
     signals: dict[str, Signal] = {}
     for name, config in data["signals"].items():
         if config is None:
@@ -330,6 +345,20 @@ def _build(data: dict[str, Any], v: Validation, base_dir: Path, checkpoints: dic
         fallback=data["fallback"],
         scorers=scorers,
         scorer_positions={name: v.position(None, ("scorers", name)) for name in scorers},
+        capture=_capture(data["capture"], base_dir),
+    )
+
+
+def _capture(section: dict[str, Any], base_dir: Path) -> CaptureConfig:
+    """The ``capture:`` section; its ``path`` made absolute against the policy file's folder."""
+    path = section["path"]
+    return CaptureConfig(
+        path=os.path.abspath(base_dir / path) if path is not None else None,
+        sample_rate=float(section["sample_rate"]),
+        exclude_tenants=frozenset(section["exclude_tenants"]),
+        max_bytes=section["max_bytes"],
+        keep=section["keep"],
+        queue=section["queue"],
     )
 
 
@@ -359,6 +388,8 @@ def read_scorer_specs(path: str | Path) -> dict[str, ScorerSpec]:
 
 
 def _condition(raw: Any, path: tuple, signals: dict[str, Any], report) -> Condition:
+    if raw is None or raw == ALWAYS:
+        return Always()
     if isinstance(raw, str):
         if raw not in signals:
             known = ", ".join(signals) or "none"

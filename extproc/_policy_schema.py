@@ -13,6 +13,7 @@ from typing import Any
 
 import yaml
 
+from extproc._capture import CaptureConfig
 from extproc._envoy_limits import DEADLINE_MARGIN_MS, MESSAGE_TIMEOUT_MS
 from extproc._scorers import BatchConfig, BreakerConfig, ImageLimits, ScorerSpec
 from extproc._signals import signal_schemas
@@ -110,6 +111,7 @@ _BATCH = BatchConfig()
 _BREAKER = BreakerConfig()
 _IMAGES = ImageLimits()
 _SPEC = ScorerSpec(name="", kind="probe")
+_CAPTURE = CaptureConfig()
 
 _scorer_common = {
     "device": Key(
@@ -300,7 +302,14 @@ ROUTE_SCHEMA = Obj(
         "lambda": Key(
             Num(minimum=0),
             "Cost weight λ: the rule picks the backend with the best predicted quality − λ·cost "
-            "(0: best quality; large: cheapest).",
+            "(0: best quality; large: cheapest). Set exactly one of `lambda` and `large_share`.",
+            None,
+        ),
+        "large_share": Key(
+            Num(minimum=0, maximum=1),
+            "Use the λ the LatentRouter checkpoint was calibrated at (`switchyard calibrate`) for this share of "
+            "requests on its large (most expensive, or `--large`) pool model. Local checkpoints only.",
+            None,
         ),
         "among": Key(
             ListOf(Str(min_length=1), min_items=1),
@@ -331,7 +340,12 @@ RULE_SCHEMA = Obj(
     title="rule",
     keys={
         "name": Key(Str(min_length=1), "Unique rule name; sent back in `x-switchyard-rule`."),
-        "when": Key(CONDITION_SCHEMA, "The condition (see below)."),
+        "when": Key(
+            CONDITION_SCHEMA,
+            "The condition (see below). Left out, or `always`: the rule always holds (a catch-all; rules after "
+            "it are reached only when its backends cannot serve the request).",
+            None,
+        ),
         "backend": Key(Str(min_length=1), "The backend this rule routes to. Set exactly one of `backend` and `route`.", None),
         "route": Key(ROUTE_SCHEMA, "Pick the backend by LatentRouter utility instead of a fixed `backend`.", None),
         "description": _description,
@@ -421,6 +435,53 @@ POLICY_SCHEMA = Obj(
             ),
             "Which requests are routed and how.",
         ),
+        "capture": Key.section(
+            Obj(
+                title="capture",
+                keys={
+                    "path": Key(
+                        Str(min_length=1),
+                        "The JSONL file sampled requests are appended to, one line each: `id` (the `x-request-id` "
+                        "header), `time`, `tenant`, `messages` (the body's, as parsed) and `decision` (`backend`, "
+                        "`rule`, `fallback`, `scores`); `switchyard label` reads it. Relative to the policy file; "
+                        "its folder must exist and be writable. Not set: capture is off.",
+                        _CAPTURE.path,
+                    ),
+                    "sample_rate": Key(
+                        Num(minimum=0, maximum=1),
+                        "Share of decided requests captured, 0..1. Sampling hashes the request id, so an id is "
+                        "always or never captured, whichever worker or replica decides it.",
+                        _CAPTURE.sample_rate,
+                    ),
+                    "exclude_tenants": Key(
+                        ListOf(Str(min_length=1)),
+                        "Tenants (values of `tenants.header`) whose requests are never captured; a header naming "
+                        "several tenants is excluded when any of them is listed.",
+                        sorted(_CAPTURE.exclude_tenants),
+                    ),
+                    "max_bytes": Key(
+                        Int(minimum=4096),
+                        "Largest size of the file (bytes). Before a write would pass it, the file is renamed to "
+                        "`<path>.1` and a new one started; a single request's line over it is dropped.",
+                        _CAPTURE.max_bytes,
+                    ),
+                    "keep": Key(
+                        Int(minimum=0, maximum=100),
+                        "Rotated files kept: `<path>.1` (newest) to `<path>.<keep>`; 0 deletes the full file. "
+                        "The disk used stays under (keep + 1) × `max_bytes`.",
+                        _CAPTURE.keep,
+                    ),
+                    "queue": Key(
+                        Int(minimum=1, maximum=1000000),
+                        "Samples waiting for the writer thread; when it falls behind, more are dropped and "
+                        "counted (`switchyard_capture_dropped_total{reason=\"queue_full\"}`), never waited for.",
+                        _CAPTURE.queue,
+                    ),
+                },
+            ),
+            "Writes a sample of live requests, with their decisions, to a JSONL file for `switchyard label` "
+            "(off unless `path` is set). The prompts never reach logs or metrics; requests never wait for the disk.",
+        ),
     },
 )
 
@@ -476,7 +537,7 @@ def markdown_reference() -> str:
     lines += ["", "#### `rules[]`", "", *head, *_table(RULE_SCHEMA, "")]
     lines += ["", "#### `rules[].route`", "", *head, *_table(ROUTE_SCHEMA, "route.")]
     lines += ["", f"A condition is {CONDITION_SCHEMA.doc[0].lower()}{CONDITION_SCHEMA.doc[1:]}"]
-    for section in ("models", "tenants", "routing"):
+    for section in ("models", "tenants", "routing", "capture"):
         schema = top[section].schema
         assert isinstance(schema, Obj)
         lines += ["", f"#### `{section}`", "", *head, *_table(schema, f"{section}.")]

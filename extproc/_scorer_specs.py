@@ -19,7 +19,12 @@ from extproc._errors import CheckpointError, ScorerError, scorer_message
 from extproc._scorer_loading import describe_scorer
 from extproc._scorers import BatchConfig, BreakerConfig, ImageLimits, RemoteConfig, RemoteTls, ScorerDescription, ScorerSpec
 
-__all__ = ["build_scorer_specs", "check_score_signal", "check_utility_route", "checkpoint_fingerprint"]
+__all__ = ["build_scorer_specs", "check_score_signal", "check_utility_route", "checkpoint_fingerprint", "calibrate_hint"]
+
+def calibrate_hint(folder: str, share: float) -> str:
+    """The command that calibrates ``folder`` for ``share`` (probe threshold or LatentRouter λ)."""
+    return f"switchyard calibrate --checkpoint {folder} --data <labelled.jsonl> --large-share {share:g}"
+
 
 #: ``report(key_path, message)`` records a problem at a key path.
 Report = Callable[[tuple, str], None]
@@ -301,9 +306,9 @@ def check_score_signal(signal: Any, scorers: Mapping[str, ScorerSpec],
         match = next((t for share, t in thresholds.items() if abs(share - signal.large_share) < 1e-9), None)
         if match is None:
             have = ", ".join(f"{share:g}" for share in thresholds) or "none"
+            folder = dict(spec.checkpoints).get(signal.output, "<checkpoint>")
             report(("large_share",), f"Checkpoint `{signal.output}` of scorer `{spec.name}` carries no calibration "
-                   f"for large share {signal.large_share:g} (it has: {have}); run `switchyard calibrate --share "
-                   f"{signal.large_share:g}`.")
+                   f"for large share {signal.large_share:g} (it has: {have}); run `{calibrate_hint(folder, signal.large_share)}`.")
             return
         signal.at_least = float(match)
 
@@ -333,4 +338,29 @@ def check_utility_route(raw: dict[str, Any], scorers: Mapping[str, ScorerSpec],
             report(("among", i), f"`route.among[{i}]` names backend {backend!r}, which no pool model of scorer "
                    f"`{spec.name}` maps to; mapped: {', '.join(sorted(mapped)) or 'none'}.")
             ok = False
-    return UtilityRoute(spec.name, float(raw["lambda"]), among, spec.backends) if ok else None
+    lam = _route_lambda(raw, spec, described, report)
+    return UtilityRoute(spec.name, lam, among, spec.backends) if ok and lam is not None else None
+
+
+def _route_lambda(raw: dict[str, Any], spec: ScorerSpec, described: Mapping[str, ScorerDescription],
+                  report: Report) -> float | None:
+    """The route's λ: ``lambda`` as written, or the checkpoint's λ calibrated for ``large_share``."""
+    share = raw.get("large_share")
+    if (raw["lambda"] is None) == (share is None):
+        report((), "`route` needs exactly one of `lambda` and `large_share`.")
+        return None
+    if share is None:
+        return float(raw["lambda"])
+    if spec.name not in described:
+        if spec.remote is not None:
+            report(("large_share",), f"`large_share` needs the checkpoint's calibration, which is read from local "
+                   f"checkpoints; scorer `{spec.name}` is remote: use `lambda` with the calibrated value.")
+        return None  # its checkpoint could not be read: reported at `scorers.<name>`
+    lambdas = described[spec.name].lambdas
+    match = next((lam for s, (lam, _) in lambdas.items() if abs(s - share) < 1e-9), None)
+    if match is None:
+        have = ", ".join(f"{s:g}" for s in lambdas) or "none"
+        report(("large_share",), f"The checkpoint of scorer `{spec.name}` carries no λ calibrated for large share "
+               f"{share:g} (it has: {have}); run `{calibrate_hint(spec.checkpoint or '<checkpoint>', share)}`.")
+        return None
+    return float(match)

@@ -302,13 +302,15 @@ class ScorerDescription:
     ``outputs``: the output names the scorer produces. ``backbones``: output -> a string
     identifying the backbone it was trained on (probes on one scorer must agree).
     ``thresholds``: output -> {large share -> calibrated threshold}. ``pool``: LatentRouter's
-    pool model names (empty for probes).
+    pool model names (empty for probes). ``lambdas``: LatentRouter's {large share -> (λ
+    calibrated for it, the pool model counted as large)}.
     """
 
     outputs: tuple[str, ...]
     backbones: Mapping[str, str] = field(default_factory=dict)
     thresholds: Mapping[str, Mapping[float, float]] = field(default_factory=dict)
     pool: tuple[str, ...] = ()
+    lambdas: Mapping[float, tuple[float, str]] = field(default_factory=dict)
 
 
 class ScorerLoader(Protocol):

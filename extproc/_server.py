@@ -12,6 +12,7 @@ Shutdown, on SIGTERM / SIGINT::
               the Envoy in front learns of the shutdown no sooner and keeps sending
               (a second SIGTERM / SIGINT ends the drain at once)
            ─► server.stop(grace): new streams refused, open ones get ``grace`` seconds
+           ─► captured requests still queued are written (at most ``grace`` seconds more)
            ─► scorers closed, exit 0
 
 Telemetry (:mod:`extproc._telemetry_setup`) is set up in each serving process, after
@@ -37,6 +38,7 @@ from grpc_health.v1 import health_pb2, health_pb2_grpc
 from grpc_health.v1._async import HealthServicer
 
 from extproc._breaker import BREAKERS
+from extproc._capture import CaptureWriter
 from extproc._errors import SwitchyardError
 from extproc._policy import DEFAULT_MAX_POLICY_BYTES
 from extproc._reload import PolicyFile
@@ -88,7 +90,8 @@ async def serve_async(
     telemetry = Telemetry()
     telemetry.observe_policy(lambda: policy.digest)
     telemetry.observe_breakers(lambda: BREAKERS.states(policy.current().scorers))
-    ext_grpc.add_ExternalProcessorServicer_to_server(ExternalProcessor(policy.current, telemetry), server)
+    capture = CaptureWriter(telemetry)  # the policy's `capture:` section says what it writes, reload by reload
+    ext_grpc.add_ExternalProcessorServicer_to_server(ExternalProcessor(policy.current, telemetry, capture), server)
     health = HealthServicer()
     health_pb2_grpc.add_HealthServicer_to_server(health, server)
     address = f"[{host}]:{port}" if ":" in host else f"{host}:{port}"
@@ -129,6 +132,7 @@ async def serve_async(
     watcher.cancel()
     log.info("stopping", extra={"grace_s": grace})
     await server.stop(grace)
+    await asyncio.to_thread(capture.close, grace)
     await policy.close()
     await _let_cancelled_calls_end()
 

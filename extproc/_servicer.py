@@ -9,7 +9,9 @@ response phase reaches switchyard: the shipped configs take the decision headers
 dynamic metadata. Parsing
 and the policy run inline on the event loop: they are pure and take microseconds. Each
 stream pins the policy engine it started with, so a policy reload
-(:class:`~extproc._reload.PolicyFile`) never changes a request mid-flight.
+(:class:`~extproc._reload.PolicyFile`) never changes a request mid-flight. After the
+decision, a request the policy's ``capture:`` section samples is handed to the
+:class:`~extproc._capture.CaptureWriter` (a queue append; the disk is another thread's job).
 """
 
 from __future__ import annotations
@@ -22,6 +24,7 @@ import grpc
 from envoy.service.ext_proc.v3 import external_processor_pb2 as ext
 from envoy.service.ext_proc.v3 import external_processor_pb2_grpc as ext_grpc
 
+from extproc._capture import CaptureWriter
 from extproc._decision import Decision
 from extproc._engine import PolicyEngine
 from extproc._errors import RequestError
@@ -58,9 +61,10 @@ def _header_map(message: ext.HttpHeaders) -> dict[str, str]:
 class RequestStream:
     """The state of one HTTP request's ext_proc stream, and its answers."""
 
-    def __init__(self, engine: PolicyEngine, telemetry: Telemetry) -> None:
+    def __init__(self, engine: PolicyEngine, telemetry: Telemetry, capture: CaptureWriter | None = None) -> None:
         self.engine = engine
         self.telemetry = telemetry
+        self.capture = capture
         self.request: RoutingRequest | None = None
         self.routed = False
         self.arrival = time.monotonic()  # scorer deadlines count from here
@@ -145,7 +149,11 @@ class RequestStream:
             log.debug("decision", extra={"backend": decision.backend.name, "rule": decision.rule,
                                          "signals": {k: r.matched for k, r in decision.signals.items()}})
         rewritten = rewrite_model(raw, self.request.body, decision.model) if decision.rewrite_model else None
-        return routed_body_response(decision, rewritten)
+        response = routed_body_response(decision, rewritten)
+        capture = self.engine.policy.capture
+        if self.capture is not None and capture.enabled:
+            self.capture.offer(capture, self.request.headers, self.request.body["messages"], decision)
+        return response
 
     def _reject(self, error: RequestError) -> ext.ProcessingResponse:
         self.telemetry.rejections.add(1, {"status": error.status, "code": error.code})
@@ -156,17 +164,21 @@ class RequestStream:
 class ExternalProcessor(ext_grpc.ExternalProcessorServicer):
     """``envoy.service.ext_proc.v3.ExternalProcessor`` backed by a policy engine.
 
-    ``engine`` is called once per stream, so a reloaded policy applies to new requests.
+    ``engine`` is called once per stream, so a reloaded policy applies to new requests (its
+    ``capture:`` section too). ``capture`` writes the requests that section samples; ``None``:
+    nothing is captured.
     """
 
-    def __init__(self, engine: Callable[[], PolicyEngine], telemetry: Telemetry | None = None) -> None:
+    def __init__(self, engine: Callable[[], PolicyEngine], telemetry: Telemetry | None = None,
+                 capture: CaptureWriter | None = None) -> None:
         self._engine = engine
         self._telemetry = telemetry or Telemetry()
+        self._capture = capture
 
     async def Process(
         self, request_iterator: AsyncIterator[ext.ProcessingRequest], context: grpc.aio.ServicerContext
     ) -> AsyncIterator[ext.ProcessingResponse]:
-        stream = RequestStream(self._engine(), self._telemetry)
+        stream = RequestStream(self._engine(), self._telemetry, self._capture)
         async for message in request_iterator:
             try:
                 response = stream.handle(message)

@@ -18,6 +18,8 @@ counters end in ``_total``)::
     switchyard.scorer.batch.size  switchyard_scorer_batch_size_bucket{scorer, le}
     switchyard.scorer.failures    switchyard_scorer_failures_total{scorer, reason}
     switchyard.scorer.breaker.state  switchyard_scorer_breaker_state{scorer}  (0 closed, 1 open, 2 half-open)
+    switchyard.capture.written    switchyard_capture_written_total
+    switchyard.capture.dropped    switchyard_capture_dropped_total{reason}
 
 A failed scorer call is also a warning log line, at most one per scorer every
 :data:`FAILURE_LOG_EVERY_S` seconds, counting the failures it stands for (:class:`FailureLog`),
@@ -139,6 +141,8 @@ class Telemetry:
       failure warning (:attr:`failure_log`): whoever awaits a scorer
       (:func:`~extproc._scoring.decide_with_scores`), once per scorer call, through
       :meth:`record_score`.
+    - ``capture_written``, ``capture_dropped``: the capture writer
+      (:class:`~extproc._capture.CaptureWriter`), from its queue and its writer thread.
     - ``switchyard.scorer.breaker.state``: the server registers the running scorers'
       breakers once with :meth:`observe_breakers`; they are read at each collection.
     """
@@ -181,6 +185,15 @@ class Telemetry:
             description="Scorer calls that gave no scores, so the request took the fallback, by scorer and "
                         "reason (deadline, overload, breaker_open, error, non_finite, missing_output).",
         )
+
+        self.capture_written = meter.create_counter(
+            "switchyard.capture.written", unit="{sample}",
+            description="Captured requests written to the capture file (policy `capture:`).")
+        self.capture_dropped = meter.create_counter(
+            "switchyard.capture.dropped", unit="{sample}",
+            description="Sampled requests not written to the capture file, by reason (queue_full: the writer "
+                        "fell behind; error: the file could not be written; too_large: one line over "
+                        "`capture.max_bytes`; shutdown: still queued when the server stopped).")
 
     def record_score(self, scorer: str, outcome: Scores | ScorerFailure, latency_ms: float) -> None:
         """One scorer call: its latency by ``result`` (``ok``, or the failure's ``reason``),

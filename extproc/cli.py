@@ -5,11 +5,13 @@
     switchyard policy check PATH... [--envoy CONFIG] [--max-policy-bytes N]
     switchyard envoy render --policy PATH --backend NAME=HOST:PORT ... [--tls NAME[=SNI]] [--out FILE]
     switchyard policy explain PATH --request BODY.json [--header NAME=VALUE ...] [--max-policy-bytes N]
+    switchyard policy explain PATH --requests REQUESTS.jsonl [--header NAME=VALUE ...]   (one decision a line)
     switchyard policy schema [--markdown]
     switchyard train probe|latent-router ...   (needs the `ml` extra)
     switchyard eval --checkpoint DIR ...       (needs the `ml` extra)
     switchyard calibrate --checkpoint DIR ...  (needs the `ml` extra)
     switchyard scorer serve --config FILE --listen HOST:PORT   (needs the `ml` extra)
+    switchyard label --config FILE --input PROMPTS.jsonl --output LABELLED.jsonl [--max-cost USD] [--dry-run]
 
 The learned-scorer commands live in ``routers.cli``; they are registered only when one of
 them is asked for, so ``serve`` and ``policy`` never import ``routers`` or torch.
@@ -19,6 +21,7 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import contextlib
 import json
 import math
 import sys
@@ -32,7 +35,7 @@ from extproc._request import RoutingRequest, parse_json_body
 
 __all__ = ["main", "build_parser"]
 
-ROUTERS_COMMANDS = ("train", "eval", "calibrate", "scorer")
+ROUTERS_COMMANDS = ("train", "eval", "calibrate", "scorer", "label")
 
 #: ``serve --drain-seconds``: after SIGTERM/SIGINT the server keeps taking new streams this
 #: long, its health NOT_SERVING, so that Envoy and the load balancers in front stop sending
@@ -101,10 +104,17 @@ def build_parser(with_routers: bool = False) -> argparse.ArgumentParser:
                             "bodies up to routing.max_body_bytes plus the model rewrite.")
     _max_policy_bytes(check)
     check.set_defaults(handler=_check)
-    explain = policy_sub.add_parser("explain", help="Print the decision for one request body as JSON.")
+    explain = policy_sub.add_parser("explain", help="Print the decision for one request body (or many) as JSON.")
     explain.add_argument("path", type=Path, metavar="PATH", help="Policy YAML file.")
-    explain.add_argument("--request", type=Path, required=True, help="JSON body file ('-' for stdin).")
-    explain.add_argument("--header", action="append", default=[], metavar="NAME=VALUE", help="A request header (repeatable).")
+    given = explain.add_mutually_exclusive_group(required=True)
+    given.add_argument("--request", type=Path, help="JSON body file ('-' for stdin).")
+    given.add_argument("--requests", type=Path, metavar="FILE",
+                       help="JSONL file of requests ('-' for stdin), one a line: an OpenAI body, or {\"body\": BODY, "
+                            "\"headers\": {NAME: VALUE}, \"id\": ID}. All are decided in this one process (the "
+                            "scorers load once); prints one JSON decision a line, in input order, with `line` (and "
+                            "`id` when given), its scores, or `error` for a request that gets an error answer.")
+    explain.add_argument("--header", action="append", default=[], metavar="NAME=VALUE",
+                         help="A request header (repeatable; with --requests, for every request, under each line's own).")
     _max_policy_bytes(explain)
     explain.set_defaults(handler=_explain)
     schema = policy_sub.add_parser("schema", help="Print the policy JSON Schema (or the key tables of docs/policy-reference.md).")
@@ -173,13 +183,17 @@ def _envoy_problems(policy, config_path: Path) -> list[str]:
 
 def _explain(args: argparse.Namespace) -> int:
     policy = load_policy(args.path, args.max_policy_bytes)
-    raw = sys.stdin.buffer.read() if str(args.request) == "-" else args.request.read_bytes()
     headers = {}
     for item in args.header:
         name, sep, value = item.partition("=")
         if not sep or not name:
             raise SwitchyardError(f"--header must be NAME=VALUE, got {item!r}.")
         headers[name.strip().lower()] = value
+    if args.requests is not None:
+        from extproc._explain_many import explain_many
+
+        return explain_many(policy, args.requests, headers)
+    raw = sys.stdin.buffer.read() if str(args.request) == "-" else args.request.read_bytes()
     try:
         body = parse_json_body(raw, max_bytes=policy.routing.max_body_bytes)
         decision = asyncio.run(_decide(policy, RoutingRequest(headers=headers, body=body)))
@@ -192,14 +206,22 @@ def _explain(args: argparse.Namespace) -> int:
 
 async def _decide(policy: Policy, request: RoutingRequest) -> Decision:
     """Decide like the server does: the same scorers, loaded the same way, the same loop."""
-    from extproc._scorer_cache import ScorerCache
     from extproc._scoring import decide_with_scores
+
+    async with loaded_engine(policy) as engine:
+        return await decide_with_scores(engine, request)
+
+
+@contextlib.asynccontextmanager
+async def loaded_engine(policy: Policy):
+    """The policy's engine with its scorers loaded as the server loads them; closed on exit."""
+    from extproc._scorer_cache import ScorerCache
 
     cache = ScorerCache()
     engine = PolicyEngine(policy, await asyncio.to_thread(cache.prepare, policy))
     cache.commit(dict(engine.scorers))
     try:
-        return await decide_with_scores(engine, request)
+        yield engine
     finally:
         await cache.close()
 
@@ -211,11 +233,22 @@ def _schema(args: argparse.Namespace) -> int:
     return 0
 
 
+def _command(argv: list[str]) -> str | None:
+    """The command ``argv`` names: its first word that is neither an option nor the value of
+    the top-level ``--log-level`` (``switchyard --log-level debug train ...``)."""
+    words = iter(argv)
+    for word in words:
+        if word == "--log-level":
+            next(words, None)
+        elif not word.startswith("-"):
+            return word
+    return None
+
+
 def main(argv: list[str] | None = None) -> int:
     """Entry point; returns the exit code (0 ok, 1 invalid input/problems, 2 request error)."""
     argv = list(sys.argv[1:] if argv is None else argv)
-    first = next((a for a in argv if not a.startswith("-")), None)
-    parser = build_parser(with_routers=first in ROUTERS_COMMANDS)
+    parser = build_parser(with_routers=_command(argv) in ROUTERS_COMMANDS)
     args = parser.parse_args(argv)
     from extproc._telemetry import configure_logging
 

@@ -16,8 +16,16 @@
     probe             probe hyperparameters (probes)
     encoder, model,   LatentRouter: the query encoder, LatentRouterConfig, the pool (names,
     pool              mean costs, cost scale, profiles)
-    thresholds        probes: [{large_share, threshold, achieved_share, data, data_hash, n}]
-                      written by ``switchyard calibrate``
+    target, large     probes: what the score predicts (PROBE_TARGETS): ``small_ok`` (default;
+                      high = the small model will do) or ``gain`` (high = the large
+                      backend ``large`` does better)
+    thresholds        probes: [{large_share, threshold, large_when, achieved_share, data,
+                      data_hash, n}] written by ``switchyard calibrate``; ``large_when`` is
+                      ``below`` (small_ok) or ``above`` (gain): where the large share scores
+    lambdas           LatentRouter: [{large_share, lambda, large, achieved_share, data,
+                      data_hash, n}] written by ``switchyard calibrate``: the λ that sends
+                      that share of requests to the ``large`` pool model
+    validation.jsonl  the held-out validation rows, when training held some out
     training          how it was trained: settings, data hashes, validation split, history
     weights_sha256    sha256 of model.safetensors, checked on load
 
@@ -57,6 +65,9 @@ __all__ = [
     "LATENT_ROUTER_KIND",
     "BackboneIdentity",
     "Threshold",
+    "LambdaCalibration",
+    "PROBE_TARGETS",
+    "VALIDATION_FILE",
     "PoolModel",
     "CheckpointConfig",
     "ProbeCheckpoint",
@@ -68,12 +79,17 @@ __all__ = [
     "check_backbone",
     "load_backbone",
     "store_threshold",
+    "store_lambda",
     "save_latent_router",
     "load_latent_router",
 ]
 
 CONFIG_FILE = "config.json"
 WEIGHTS_FILE = "model.safetensors"
+#: The held-out validation rows training writes next to the weights (labelled JSONL).
+VALIDATION_FILE = "validation.jsonl"
+#: What a probe's score predicts: P(the small model is good enough) or the large model's gain.
+PROBE_TARGETS = ("small_ok", "gain")
 FORMAT_VERSION = 1
 #: Probe checkpoint kinds (the keys of :data:`routers.probes.PROBE_KINDS`, here without torch).
 PROBE_KINDS = ("last_token", "attention", "relope")
@@ -81,7 +97,9 @@ LATENT_ROUTER_KIND = "latent_router"
 #: What a probe checkpoint's one output is called (its P(small model answers correctly)).
 PROBE_OUTPUT = "score"
 _MATCHED = ("model_type", "hidden_size", "num_layers", "layer", "fingerprint")
-_LATENT_SECTIONS = ("kind", "format_version", "encoder", "model", "pool", "backbone", "truncation", "weights_sha256")
+_LATENT_SECTIONS = (
+    "kind", "format_version", "encoder", "model", "pool", "backbone", "truncation", "weights_sha256", "lambdas",
+)
 
 
 @dataclass(frozen=True)
@@ -114,6 +132,23 @@ class Threshold:
 
     large_share: float
     threshold: float
+    achieved_share: float | None = None
+    data: str | None = None
+    data_hash: str | None = None
+    n: int | None = None
+    #: ``below``: requests scoring below ``threshold`` go to the large model (``small_ok``
+    #: probes); ``above``: those scoring at or above it (``gain`` probes).
+    large_when: str = "below"
+
+
+@dataclass(frozen=True)
+class LambdaCalibration:
+    """A calibrated LatentRouter cost weight: at ``lam``, ``large_share`` of the calibration
+    set goes to pool model ``large`` (``achieved_share`` measured)."""
+
+    large_share: float
+    lam: float
+    large: str
     achieved_share: float | None = None
     data: str | None = None
     data_hash: str | None = None
@@ -154,6 +189,7 @@ class CheckpointConfig:
     backbone: BackboneIdentity | None
     truncation: Truncation | None
     thresholds: tuple[Threshold, ...] = ()
+    lambdas: tuple[LambdaCalibration, ...] = ()
     pool: tuple[PoolModel, ...] = ()
     encoder: Mapping[str, Any] = field(default_factory=lambda: MappingProxyType({}))
     model: Mapping[str, Any] = field(default_factory=lambda: MappingProxyType({}))
@@ -171,6 +207,17 @@ class CheckpointConfig:
         """A probe: one output, ``score`` (the policy names it after its ``checkpoints`` key);
         LatentRouter: one predicted quality per pool model, named after it."""
         return (PROBE_OUTPUT,) if self.kind in PROBE_KINDS else tuple(m.name for m in self.pool)
+
+    @property
+    def target(self) -> str | None:
+        """A probe's target (:data:`PROBE_TARGETS`; ``small_ok`` when not recorded); ``None``
+        for LatentRouter."""
+        return self.raw.get("target", "small_ok") if self.kind in PROBE_KINDS else None
+
+    @property
+    def large(self) -> str | None:
+        """The large backend a ``gain`` probe was trained against (else ``None``)."""
+        return self.raw.get("large") if self.kind in PROBE_KINDS else None
 
     @property
     def max_tokens(self) -> int | None:
@@ -195,7 +242,10 @@ class CheckpointConfig:
     def threshold(self, large_share: float | None = None) -> float:
         """The calibrated threshold for ``large_share`` (default: the last one stored)."""
         if not self.thresholds:
-            raise CheckpointError(f"{self.folder} has no calibrated threshold; run `switchyard calibrate`.")
+            raise CheckpointError(
+                f"{self.folder} has no calibrated threshold; run `switchyard calibrate --checkpoint {self.folder} "
+                "--data <labelled.jsonl> --large-share 0.2`."
+            )
         if large_share is None:
             return self.thresholds[-1].threshold
         for entry in self.thresholds:
@@ -299,8 +349,12 @@ def _thresholds(raw: Any, path: Path) -> tuple[Threshold, ...]:
             raise CheckpointError(f"{where}.large_share` must be in [0, 1], got {share!r}.")
         achieved = entry.get("achieved_share")
         n = entry.get("n")
+        large_when = entry.get("large_when", "below")
+        if large_when not in ("below", "above"):
+            raise CheckpointError(f"{where}.large_when` must be 'below' or 'above', got {large_when!r}.")
         out.append(
             Threshold(
+                large_when=large_when,
                 large_share=share,
                 threshold=_number(entry.get("threshold"), f"{where}.threshold`"),
                 achieved_share=None if achieved is None else _number(achieved, f"{where}.achieved_share`"),
@@ -310,6 +364,43 @@ def _thresholds(raw: Any, path: Path) -> tuple[Threshold, ...]:
             )
         )
     return tuple(out)
+
+
+def _lambdas(raw: Any, path: Path, names: Sequence[str]) -> tuple[LambdaCalibration, ...]:
+    if raw is None:
+        return ()
+    if not isinstance(raw, list):
+        raise CheckpointError(f"{path}: `lambdas` must be a list, got {type(raw).__name__}.")
+    out = []
+    for i, entry in enumerate(raw):
+        where = f"{path}: `lambdas[{i}]"
+        if not isinstance(entry, dict):
+            raise CheckpointError(f"{where}` must be an object.")
+        share = _number(entry.get("large_share"), f"{where}.large_share`")
+        if not 0.0 <= share <= 1.0:
+            raise CheckpointError(f"{where}.large_share` must be in [0, 1], got {share!r}.")
+        lam = _number(entry.get("lambda"), f"{where}.lambda`")
+        if lam < 0:
+            raise CheckpointError(f"{where}.lambda` must be >= 0, got {lam!r}.")
+        if entry.get("large") not in names:
+            raise CheckpointError(f"{where}.large` must name a pool model ({', '.join(names)}), got {entry.get('large')!r}.")
+        achieved, n = entry.get("achieved_share"), entry.get("n")
+        out.append(LambdaCalibration(
+            large_share=share, lam=lam, large=entry["large"],
+            achieved_share=None if achieved is None else _number(achieved, f"{where}.achieved_share`"),
+            data=None if entry.get("data") is None else str(entry["data"]),
+            data_hash=None if entry.get("data_hash") is None else str(entry["data_hash"]),
+            n=n if isinstance(n, int) and not isinstance(n, bool) else None,
+        ))
+    return tuple(out)
+
+
+def _target(data: Mapping[str, Any], path: Path) -> None:
+    target = data.get("target", "small_ok")
+    if target not in PROBE_TARGETS:
+        raise CheckpointError(f"{path}: `target` must be one of {', '.join(PROBE_TARGETS)}, got {target!r}.")
+    if target == "gain" and not (isinstance(data.get("large"), str) and data["large"]):
+        raise CheckpointError(f"{path}: a `gain` probe needs `large`, the large backend's name, got {data.get('large')!r}.")
 
 
 def _pool(raw: dict[str, Any], path: Path) -> tuple[PoolModel, ...]:
@@ -352,6 +443,7 @@ def read_config(folder: str | Path) -> CheckpointConfig:
         "raw": MappingProxyType(data),
     }
     if kind in PROBE_KINDS:
+        _target(data, path)
         return CheckpointConfig(
             **common,
             backbone=_backbone(data.get("backbone"), path),
@@ -367,11 +459,13 @@ def read_config(folder: str | Path) -> CheckpointConfig:
     training = data.get("training")
     if training is None:
         training = {k: v for k, v in data.items() if k not in _LATENT_SECTIONS}
+    pool = _pool(_section(data, "pool", path), path)
     return CheckpointConfig(
         **common,
         backbone=None if data.get("backbone") is None else _backbone(data["backbone"], path),
         truncation=_truncation(data.get("truncation"), path),
-        pool=_pool(_section(data, "pool", path), path),
+        pool=pool,
+        lambdas=_lambdas(data.get("lambdas"), path, [m.name for m in pool]),
         encoder=_frozen(encoder),
         model=_frozen(_section(data, "model", path)),
         training=_frozen(training),
@@ -468,9 +562,10 @@ def _weights_bytes(state: Mapping[str, Any], kind: str) -> bytes:
     return save(tensors, metadata={"kind": kind})
 
 
-def _write(folder: Path, config: dict[str, Any], weights: bytes) -> None:
+def _write(folder: Path, config: dict[str, Any], weights: bytes, extra: Mapping[str, bytes] | None = None) -> None:
+    """Publish the checkpoint; ``extra``: more files written with it (``validation.jsonl``)."""
     config["weights_sha256"] = hashlib.sha256(weights).hexdigest()
-    _publish(folder, {WEIGHTS_FILE: weights, CONFIG_FILE: _json_bytes(config)})
+    _publish(folder, {**(extra or {}), WEIGHTS_FILE: weights, CONFIG_FILE: _json_bytes(config)})
 
 
 def _read_weights(config: CheckpointConfig) -> dict[str, Any]:
@@ -506,20 +601,28 @@ def save_probe(
     *,
     training: Mapping[str, Any] | None = None,
     thresholds: Sequence[Mapping[str, Any]] | None = None,
+    target: str = "small_ok",
+    large: str | None = None,
+    validation_rows: bytes | None = None,
 ) -> CheckpointConfig:
-    """Write ``probe`` (trained on ``backbone``) to ``folder``, replacing any checkpoint
-    there atomically; the backbone's truncation is recorded with it."""
+    """Write ``probe`` (trained on ``backbone`` to predict ``target``) to ``folder``,
+    replacing any checkpoint there atomically; the backbone's truncation is recorded with
+    it, and ``validation_rows`` (labelled JSONL) as :data:`VALIDATION_FILE` when given."""
     config = {
         "format_version": FORMAT_VERSION,
         "kind": probe.kind,
+        "target": target,
+        "large": large,
         "backbone": backbone.describe(probe.layer),
         "truncation": backbone.truncation.to_dict(),
         "probe": probe.config.to_dict(),
         "training": dict(training or {}),
         "thresholds": [dict(t) for t in thresholds or ()],
     }
+    _target(config, Path(folder) / CONFIG_FILE)
     state = {k: v.float() for k, v in probe.saved_state().items()}
-    _write(Path(folder), config, _weights_bytes(state, probe.kind))
+    extra = {VALIDATION_FILE: validation_rows} if validation_rows is not None else None
+    _write(Path(folder), config, _weights_bytes(state, probe.kind), extra)
     return read_checkpoint(folder)
 
 
@@ -604,11 +707,25 @@ def load_backbone(checkpoints: Sequence[CheckpointConfig], **runtime: Any) -> An
 def store_threshold(folder: str | Path, entry: Mapping[str, Any]) -> CheckpointConfig:
     """Add (or replace, for the same ``large_share``) a calibrated threshold in
     ``config.json``, rewritten atomically (the weights are untouched)."""
-    checkpoint = read_checkpoint(folder)
+    read_checkpoint(folder)  # a probe's
+    return _store_calibration(folder, "thresholds", entry)
+
+
+def store_lambda(folder: str | Path, entry: Mapping[str, Any]) -> CheckpointConfig:
+    """Add (or replace, for the same ``large_share``) a calibrated LatentRouter λ in
+    ``config.json`` (``lambdas``), rewritten atomically (the weights are untouched)."""
+    config = read_config(folder)
+    if config.kind != LATENT_ROUTER_KIND:
+        raise CheckpointError(f"{config.folder / CONFIG_FILE}: λ is calibrated for LatentRouter checkpoints, not {config.kind!r}.")
+    return _store_calibration(folder, "lambdas", entry)
+
+
+def _store_calibration(folder: str | Path, key: str, entry: Mapping[str, Any]) -> CheckpointConfig:
+    checkpoint = read_config(folder)
     data = read_raw_config(checkpoint.folder)
     share = float(entry["large_share"])
-    kept = [t for t in data.get("thresholds") or [] if abs(float(t["large_share"]) - share) > 1e-9]
-    data["thresholds"] = [*kept, dict(entry)]
+    kept = [t for t in data.get(key) or [] if abs(float(t["large_share"]) - share) > 1e-9]
+    data[key] = [*kept, dict(entry)]
     path = checkpoint.folder / CONFIG_FILE
     tmp = checkpoint.folder / f".{CONFIG_FILE}.{uuid.uuid4().hex[:8]}.tmp"
     try:
@@ -618,15 +735,18 @@ def store_threshold(folder: str | Path, entry: Mapping[str, Any]) -> CheckpointC
     except OSError as exc:
         tmp.unlink(missing_ok=True)
         raise CheckpointError(f"Cannot write {path}: {exc}.") from exc
-    return read_checkpoint(folder)
+    return read_config(folder)
 
 
 # ---- LatentRouter -------------------------------------------------------------------------
 
 
-def save_latent_router(router: Any, folder: str | Path, *, training: Mapping[str, Any] | None = None) -> Path:
+def save_latent_router(
+    router: Any, folder: str | Path, *, training: Mapping[str, Any] | None = None, validation_rows: bytes | None = None
+) -> Path:
     """Write ``router`` to ``folder``, replacing any checkpoint there atomically; returns
-    the folder. ``training`` is merged over what training recorded (``router.extra``)."""
+    the folder. ``training`` is merged over what training recorded (``router.extra``);
+    ``validation_rows`` (labelled JSONL) is written as :data:`VALIDATION_FILE` when given."""
     encoder = router.encoder
     config: dict[str, Any] = {
         "format_version": FORMAT_VERSION,
@@ -641,7 +761,8 @@ def save_latent_router(router: Any, folder: str | Path, *, training: Mapping[str
     if encoder.spec.kind == "backbone" and hasattr(encoder, "backbone"):
         config["backbone"] = encoder.backbone.describe(encoder.spec.layer)
     folder = Path(folder)
-    _write(folder, config, _weights_bytes(router.model.state_dict(), LATENT_ROUTER_KIND))
+    extra = {VALIDATION_FILE: validation_rows} if validation_rows is not None else None
+    _write(folder, config, _weights_bytes(router.model.state_dict(), LATENT_ROUTER_KIND), extra)
     return folder
 
 

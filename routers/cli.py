@@ -7,8 +7,9 @@ import time: each handler imports torch & co. when it runs.
 - ``switchyard train probe ...``          -> routers.probe_cli
 - ``switchyard train latent-router ...``  -> routers.latent_cli
 - ``switchyard eval --checkpoint DIR ...`` dispatches on ``config.json``'s ``kind``
-- ``switchyard calibrate ...``            -> routers.probe_cli
+- ``switchyard calibrate ...``            -> routers.probe_cli (probes), routers.latent_cli (λ)
 - ``switchyard scorer serve ...``         -> routers.scorer_cli
+- ``switchyard label ...``                -> routers.label_cli (needs no torch: registered without the ml extra)
 """
 
 from __future__ import annotations
@@ -18,10 +19,12 @@ import importlib
 from collections.abc import Callable
 from pathlib import Path
 
-__all__ = ["register", "COMMANDS"]
+__all__ = ["register", "COMMANDS", "TORCH_FREE_COMMANDS"]
 
 #: Top-level command names this module adds to the CLI.
-COMMANDS = ("train", "eval", "calibrate", "scorer")
+COMMANDS = ("train", "eval", "calibrate", "scorer", "label")
+#: The commands of :data:`COMMANDS` that run without the ``ml`` extra.
+TORCH_FREE_COMMANDS = ("label",)
 
 #: Modules the command parsers take their defaults from (they need torch & co.).
 _PARSER_MODULES = (
@@ -37,16 +40,20 @@ _INSTALL_HINT = "install the learned-scorer extra: pip install torch==2.13.0 'sw
 
 
 def register(subparsers: argparse._SubParsersAction) -> None:
-    """Add ``train``, ``eval``, ``calibrate`` and ``scorer`` to the top-level CLI's subparsers.
+    """Add ``train``, ``eval``, ``calibrate``, ``scorer`` and ``label`` to the top-level CLI's subparsers.
 
-    Without the ``ml`` extra (torch & co.), each command is added as a stub that says how to
-    install it. To add a command group, name it in :data:`COMMANDS` and add its parser here.
+    Without the ``ml`` extra (torch & co.), each command but :data:`TORCH_FREE_COMMANDS` is
+    added as a stub that says how to install it. To add a command group, name it in
+    :data:`COMMANDS` and add its parser here.
     """
+    from routers import label_cli
+
+    label_cli.add_label_parser(subparsers)
     try:
         for module in _PARSER_MODULES:
             importlib.import_module(module)
     except ModuleNotFoundError as exc:
-        for command in COMMANDS:
+        for command in (c for c in COMMANDS if c not in TORCH_FREE_COMMANDS):
             stub = subparsers.add_parser(command, help=f"(needs the ml extra: {exc.name} is missing)")
             stub.add_argument("rest", nargs=argparse.REMAINDER)
             stub.set_defaults(handler=_missing_extra(exc))
@@ -82,6 +89,11 @@ def _register(subparsers: argparse._SubParsersAction) -> None:
     ev.add_argument("--large", help="Large backend name (probes; two-model LatentRouter pools).")
     ev.add_argument("--plot", type=Path, help="Write a PNG plot here.")
     ev.add_argument("--out", type=Path, help="Write the JSON report here (default: stdout only).")
+    ev.add_argument(
+        "--scores-out", type=Path, metavar="FILE",
+        help="Write each row's scores here, one JSON object a line ({id, score} for a probe; {id, quality, "
+        "cost} per pool model for LatentRouter).",
+    )
     ev.add_argument(
         "--pool-shift",
         choices=("none", "strongest", "cheapest", "random30", "all"),

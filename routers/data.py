@@ -3,9 +3,13 @@
     {"id": "q1", "messages": [...OpenAI chat messages...],
      "outcomes": {"small": {"correct": 1, "cost": 0.2}, "large": {"score": 0.8}}}
 
-``correct`` is 0/1 (or a JSON boolean), ``score`` any finite number, ``cost`` a finite
-number >= 0; each outcome needs ``correct`` or ``score``. Errors name ``file:line`` and the
-field. Lines end at ``\n`` only: JSON strings may hold U+2028, U+2029 and U+0085 raw.
+``correct`` is 0/1 (or a JSON boolean), or a grader's graded value: a number in [0, 1];
+``score`` any finite number, ``cost`` a finite number >= 0; each outcome needs ``correct``
+or ``score``, unless the call failed: ``{"error": "<kind>", "cost": 0.0}`` (what
+``switchyard label`` writes for a timeout, a 5xx, a refusal) is a failed outcome, neither
+right nor wrong. Training and evaluation skip a request whose needed outcome failed
+(:func:`without_failed`, which logs how many). Errors name ``file:line`` and the field.
+Lines end at ``\n`` only: JSON strings may hold U+2028, U+2029 and U+0085 raw.
 
 Training without a separate validation set holds out :data:`DEFAULT_VAL_FRACTION` of the
 training set (:func:`holdout_split`), for probes and LatentRouter alike. Nothing here
@@ -16,6 +20,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import logging
 import math
 import random
 from collections.abc import Mapping, Sequence
@@ -33,12 +38,16 @@ __all__ = [
     "Outcome",
     "LabelledRequest",
     "load_labelled",
+    "without_failed",
+    "select_lines",
     "parse_labelled",
     "split_lines",
     "holdout_split",
     "val_fraction_option",
     "dataset_hash",
 ]
+
+log = logging.getLogger(__name__)
 
 #: Share of the training set held out for validation (early stopping) when no validation
 #: set is given: the one default of ``train probe`` and ``train latent-router``.
@@ -64,11 +73,18 @@ class DataError(SwitchyardError):
 
 @dataclass(frozen=True)
 class Outcome:
-    """How one backend did on one request."""
+    """How one backend did on one request: ``correct`` (0/1, or a graded value in [0, 1])
+    and/or ``score``, and ``cost``; or ``error`` (the call failed: neither right nor wrong)."""
 
-    correct: int | None = None
+    correct: int | float | None = None
     score: float | None = None
     cost: float | None = None
+    error: str | None = None
+
+    @property
+    def failed(self) -> bool:
+        """The call failed (``error`` set): no quality to learn from."""
+        return self.error is not None
 
     @property
     def quality(self) -> float | None:
@@ -103,25 +119,44 @@ def _number(value: Any, where: str, name: str) -> float:
     return float(value)
 
 
+def _correct(value: Any, where: str) -> int | float:
+    """0/1 (a boolean too) as an int; a graded value in [0, 1] as a float."""
+    if isinstance(value, bool):
+        return int(value)
+    if not isinstance(value, (int, float)) or not math.isfinite(value) or not 0.0 <= value <= 1.0:
+        raise DataError(f"{where}: `correct` must be 0, 1, true, false or a graded value in [0, 1], got {value!r}.")
+    return int(value) if value in (0, 1) else float(value)
+
+
+def _cost(raw: Mapping[str, Any], where: str) -> float | None:
+    cost = raw.get("cost")
+    if cost is None:
+        return None
+    cost = _number(cost, where, "cost")
+    if cost < 0:
+        raise DataError(f"{where}: `cost` must be >= 0, got {cost!r}.")
+    return cost
+
+
 def _outcome(raw: Any, where: str) -> Outcome:
     if not isinstance(raw, Mapping):
         raise DataError(f"{where}: must be an object, got {type(raw).__name__}.")
+    error = raw.get("error")
+    if error is not None:
+        if not isinstance(error, str) or not error:
+            raise DataError(f"{where}: `error` must be a non-empty string (the kind of failure), got {error!r}.")
+        if raw.get("correct") is not None or raw.get("score") is not None:
+            raise DataError(f"{where}: a failed outcome (`error` {error!r}) cannot also have `correct` or `score`.")
+        return Outcome(cost=_cost(raw, where), error=error)
     correct = raw.get("correct")
     if correct is not None:
-        if correct not in (0, 1) or isinstance(correct, float):
-            raise DataError(f"{where}: `correct` must be 0, 1, true or false, got {correct!r}.")
-        correct = int(correct)
+        correct = _correct(correct, where)
     score = raw.get("score")
     if score is not None:
         score = _number(score, where, "score")
     if correct is None and score is None:
-        raise DataError(f"{where}: needs `correct` (0/1) or `score` (number).")
-    cost = raw.get("cost")
-    if cost is not None:
-        cost = _number(cost, where, "cost")
-        if cost < 0:
-            raise DataError(f"{where}: `cost` must be >= 0, got {cost!r}.")
-    return Outcome(correct=correct, score=score, cost=cost)
+        raise DataError(f"{where}: needs `correct` (0/1 or graded in [0, 1]), `score` (number) or `error` (failed).")
+    return Outcome(correct=correct, score=score, cost=_cost(raw, where))
 
 
 def _request(raw: Any, where: str) -> LabelledRequest:
@@ -175,6 +210,34 @@ def load_labelled(path: str | Path) -> list[LabelledRequest]:
     except (OSError, UnicodeDecodeError) as exc:
         raise DataError(f"Cannot read labelled data file {path}: {exc}.") from exc
     return parse_labelled(split_lines(text), source=str(path))
+
+
+def without_failed(
+    requests: Sequence[LabelledRequest], backends: Sequence[str], what: str = "use"
+) -> list[LabelledRequest]:
+    """``requests`` less those whose outcome for one of ``backends`` failed (``error``);
+    how many were skipped is logged (``what``: what the requests are for). A missing
+    outcome is not a failure: the caller's own check still reports it."""
+    kept = [r for r in requests if not any(b in r.outcomes and r.outcomes[b].failed for b in backends)]
+    skipped = len(requests) - len(kept)
+    if skipped:
+        log.warning(
+            "Skipped %d of %d requests whose outcome for %s failed (no quality to %s).",
+            skipped, len(requests), ", ".join(backends), what,
+        )
+    return kept
+
+
+def select_lines(path: str | Path, ids: Sequence[str]) -> bytes:
+    """The lines of the labelled file ``path`` whose ``id`` is in ``ids``, as written (file
+    order, ``\n``-terminated): how training writes its held-out rows to
+    ``validation.jsonl``. The file must have parsed with :func:`load_labelled` already."""
+    wanted = set(ids)
+    kept = []
+    for line in split_lines(Path(path).read_text(encoding="utf-8")):
+        if line.strip() and str(json.loads(line)["id"]) in wanted:
+            kept.append(line + "\n")
+    return "".join(kept).encode("utf-8")
 
 
 def split_lines(text: str) -> list[str]:

@@ -14,7 +14,12 @@ from typing import Any
 
 from routers.config_options import add_config_options, config_values
 
-__all__ = ["add_train_latent_router_parser", "run_train_latent_router", "run_latent_router_eval"]
+__all__ = [
+    "add_train_latent_router_parser",
+    "run_train_latent_router",
+    "run_latent_router_eval",
+    "run_latent_router_calibrate",
+]
 
 log = logging.getLogger(__name__)
 
@@ -70,8 +75,8 @@ def add_train_latent_router_parser(train_subparsers: argparse._SubParsersAction)
 def run_train_latent_router(args: argparse.Namespace) -> int:
     """Handler of ``switchyard train latent-router``; returns the exit code."""
     from extproc import SwitchyardError
-    from routers.checkpoints import save_latent_router
-    from routers.data import dataset_hash, load_labelled
+    from routers.checkpoints import VALIDATION_FILE, save_latent_router
+    from routers.data import dataset_hash, load_labelled, select_lines
     from routers.latent_router import LatentRouterConfig
     from routers.latent_training import LatentTrainConfig, train_latent_router
     from routers.query_encoders import EncoderSpec, build_encoder
@@ -94,13 +99,58 @@ def run_train_latent_router(args: argparse.Namespace) -> int:
         "val_data": str(args.val) if args.val else None,
         "val_data_hash": dataset_hash(args.val) if args.val else None,
     }
-    out = save_latent_router(result.router, args.out, training=training)
+    rows = select_lines(args.data, result.validation_ids) if result.validation_ids else None
+    if rows is not None:
+        result.router.extra["validation"]["file"] = VALIDATION_FILE
+    out = save_latent_router(result.router, args.out, training=training, validation_rows=rows)
     validation = result.router.extra.get("validation", {})
     where = {"given": "--val", "held_out": f"{100 * cfg.val_fraction:g}% held out"}.get(validation.get("source"))
     scored = f"validation utility {result.best_val_utility:.4f} ({where})" if where else "no validation set"
     print(
         f"Saved LatentRouter ({encoder.spec.kind} encoder, pool {', '.join(result.router.pool.names)}) to {out}; "
         f"best epoch {result.best_epoch}, {scored}."
+    )
+    return 0
+
+
+def _write_scores(path: Path, router: Any, requests: list[Any], features: Any) -> None:
+    """``eval --scores-out``: each row's predicted quality μ̃ per pool model (the whole pool
+    available) and the normalised costs its utility subtracts."""
+    from routers.probe_cli import write_scores
+
+    out = router.predict_features(features, router.pool.mask(None))
+    names, costs = list(router.pool.names), router.pool.cost_normalised
+    write_scores(Path(path), [
+        {"id": r.id, "quality": dict(zip(names, (round(float(x), 6) for x in row), strict=True)),
+         "cost": dict(zip(names, costs, strict=True))}
+        for r, row in zip(requests, out.mu_tilde.cpu(), strict=True)
+    ])
+
+
+def run_latent_router_calibrate(args: argparse.Namespace) -> int:
+    """``switchyard calibrate`` for a LatentRouter: store the λ that sends ``--large-share``
+    of the requests to the ``--large`` pool model (default: the most expensive)."""
+    from extproc import SwitchyardError
+    from routers.checkpoints import load_latent_router, store_lambda
+    from routers.data import dataset_hash, load_labelled
+    from routers.latent_eval import lambda_for_share
+
+    router = load_latent_router(args.checkpoint, device=getattr(args, "device", None) or _default_device())
+    names, costs = list(router.pool.names), list(router.pool.cost_normalised)
+    large = getattr(args, "large", None) or names[max(range(len(names)), key=costs.__getitem__)]
+    if large not in names:
+        raise SwitchyardError(f"--large {large!r} is not a pool model of {args.checkpoint}; the pool: {', '.join(names)}.")
+    requests = load_labelled(args.data)
+    features = router.encoder.encode([r.messages for r in requests], batch_size=args.batch_size or 16, progress=False)
+    mu = router.predict_features(features, router.pool.mask(None)).mu_tilde.cpu()
+    lam, achieved = lambda_for_share(mu, router.cost_tensor().cpu(), names.index(large), args.large_share)
+    store_lambda(args.checkpoint, {
+        "large_share": args.large_share, "lambda": lam, "large": large, "achieved_share": achieved,
+        "data": str(args.data), "data_hash": dataset_hash(args.data), "n": len(requests),
+    })
+    print(
+        f"Stored lambda {lam:.6f} in {args.checkpoint}/config.json: at it {100 * achieved:.1f}% of "
+        f"{len(requests)} requests on {args.data} go to {large} (a utility rule's `large_share: {args.large_share:g}`)."
     )
     return 0
 
@@ -160,6 +210,8 @@ def run_latent_router_eval(args: argparse.Namespace) -> int:
         json.dump({k: {"auc": v["auc"], **({"two_model": v["two_model"]} if "two_model" in v else {})}
                    for k, v in reports.items()}, sys.stdout)
         print()
+    if getattr(args, "scores_out", None):
+        _write_scores(args.scores_out, router, requests, features)
     if getattr(args, "plot", None):
         plot_frontier({"LatentRouter": reports["none"]}, str(args.plot), title=f"LatentRouter on {Path(args.data).name}")
         print(f"Wrote {args.plot}")

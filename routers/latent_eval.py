@@ -33,6 +33,7 @@ __all__ = [
     "reference_rows",
     "evaluate_router",
     "evaluate_choices",
+    "lambda_for_share",
     "format_report",
     "plot_frontier",
 ]
@@ -156,6 +157,34 @@ def evaluate_router(
     if len(names) == 2:
         report["two_model"] = _two_model(names, quality, cost, mu, small, large)
     return report
+
+
+def lambda_for_share(
+    mu_tilde: torch.Tensor, cost_normalised: torch.Tensor, large: int, share: float
+) -> tuple[float, float]:
+    """``(λ, achieved share)``: the cost weight at which ``share`` of the rows choose model
+    ``large`` (by :func:`choose`), for ``switchyard calibrate`` on a LatentRouter.
+
+    For row *i* the large model wins while λ < λ*ᵢ = minⱼ (μ̃_large − μ̃ⱼ) / (c_large − cⱼ)
+    over the cheaper models j, so the share is a step function of λ, falling as λ grows
+    (when ``large`` is the priciest model; a pricier one makes it only approximate). λ is
+    the midpoint between the two λ*ᵢ around the wanted share (as a probe threshold is),
+    never below 0; the achieved share is measured with :func:`choose`.
+    """
+    from routers.metrics import threshold_for_share
+
+    mu = mu_tilde.double()
+    cost = cost_normalised.double()
+    cheaper = cost < cost[large]
+    if not bool(cheaper.any()):
+        lam = 0.0
+    else:
+        gap = (mu[:, large : large + 1] - mu[:, cheaper]) / (cost[large] - cost[cheaper])
+        crossing = gap.min(dim=1).values.numpy()
+        # the rows whose crossing is above λ choose large: 1 - share of them lie below it
+        lam = max(0.0, threshold_for_share(crossing, 1.0 - share))
+    achieved = float((choose(mu_tilde, cost_normalised, lam) == large).float().mean())
+    return lam, achieved
 
 
 def _two_model(names: list[str], quality: torch.Tensor, cost: torch.Tensor, mu: torch.Tensor,

@@ -10,10 +10,14 @@ Losses (weights in :class:`LatentTrainConfig`):
 - correction: mean (correction / b)², keeping the capsule correction small.
 
 Each batch hides a random subset of models (``pool_dropout``) so the router learns to score
-any sub-pool. Early stopping keeps the epoch with the best validation utility: realised
-quality − λ·cost of the chosen model, averaged over ``val_lambdas``. Without a validation
-set, ``val_fraction`` of the training set is held out (:func:`routers.data.holdout_split`,
-the same split the probes use).
+any sub-pool. Early stopping watches the validation utility: realised quality − λ·cost of
+the chosen model, averaged over ``val_lambdas``, smoothed over the last ``smoothing``
+epochs (:class:`EarlyStopping`), so one lucky epoch neither wins nor ends training: an
+epoch counts as better only when the smoothed utility beats the best by ``min_delta``,
+training stops after ``patience`` epochs without one, and the best epoch's weights are
+restored. Training is seeded (``seed``, default 0). Without a validation set,
+``val_fraction`` of the training set is held out (:func:`routers.data.holdout_split`, the
+same split the probes use). Requests whose outcome for a pool model failed are skipped.
 """
 
 from __future__ import annotations
@@ -30,11 +34,12 @@ import torch
 from torch.nn import functional as F
 
 from routers.config_options import option
-from routers.data import DataError, LabelledRequest, holdout_split, val_fraction_option
+from routers.data import DataError, LabelledRequest, holdout_split, val_fraction_option, without_failed
 from routers.latent_router import LatentRouter, LatentRouterConfig, LatentRouterModel, ModelPool, choose
 
 __all__ = [
     "LatentTrainConfig",
+    "EarlyStopping",
     "outcome_matrix",
     "build_pool",
     "train_latent_router",
@@ -54,7 +59,9 @@ class LatentTrainConfig:
     batch_size: int = option(64, "Queries per step.")
     lr: float = option(1e-3, "AdamW learning rate.")
     weight_decay: float = option(1e-2, "AdamW weight decay.")
-    patience: int = option(10, "Epochs without a better validation utility before stopping.")
+    patience: int = option(10, "Epochs without a better (smoothed) validation utility before stopping.")
+    min_delta: float = option(1e-3, "Least rise of the smoothed validation utility that counts as better.")
+    smoothing: int = option(3, "Epochs the validation utility is averaged over for early stopping (1: none).")
     seed: int = option(0, "Seeds the split, initialisation, batch order and pool dropout.")
     val_fraction: float = val_fraction_option()
     nll_weight: float = option(1.0, "Weight of the Gaussian NLL of the observed quality.")
@@ -69,7 +76,7 @@ class LatentTrainConfig:
     )
 
     def __post_init__(self) -> None:
-        for name in ("epochs", "batch_size", "num_categories"):
+        for name in ("epochs", "batch_size", "num_categories", "smoothing"):
             value = getattr(self, name)
             if isinstance(value, bool) or not isinstance(value, int) or value < 1:
                 raise ValueError(f"`{name}` should be a positive integer, got {value!r}.")
@@ -79,7 +86,7 @@ class LatentTrainConfig:
             value = getattr(self, name)
             if not (isinstance(value, (int, float)) and math.isfinite(value) and value > 0):
                 raise ValueError(f"`{name}` should be a number > 0, got {value!r}.")
-        for name in ("weight_decay", "nll_weight", "rank_weight", "listwise_weight", "correction_weight"):
+        for name in ("weight_decay", "nll_weight", "rank_weight", "listwise_weight", "correction_weight", "min_delta"):
             value = getattr(self, name)
             if not (isinstance(value, (int, float)) and math.isfinite(value) and value >= 0):
                 raise ValueError(f"`{name}` should be a number >= 0, got {value!r}.")
@@ -227,6 +234,36 @@ def _random_availability(b: int, m: int, p: float, g: torch.Generator) -> torch.
     return avail
 
 
+class EarlyStopping:
+    """Which epoch to keep and when to stop, on a noisy validation metric (higher is better).
+
+    The metric is averaged over the last ``smoothing`` epochs; an epoch is *better* when that
+    average beats the best so far by more than ``min_delta``; :meth:`update` says to stop
+    after ``patience`` epochs in a row without a better one (never with ``patience`` 0).
+    """
+
+    def __init__(self, patience: int, min_delta: float = 0.0, smoothing: int = 1) -> None:
+        self.patience, self.min_delta, self.smoothing = patience, min_delta, smoothing
+        self.values: list[float] = []
+        self.best = -math.inf
+        self.best_epoch: int | None = None
+        self.stale = 0
+
+    def smoothed(self) -> float:
+        window = self.values[-self.smoothing :]
+        return sum(window) / len(window)
+
+    def update(self, epoch: int, value: float) -> tuple[bool, bool]:
+        """Record ``epoch``'s metric; ``(better, stop)``."""
+        self.values.append(value)
+        score = self.smoothed()
+        if score > self.best + self.min_delta or self.best_epoch is None:
+            self.best, self.best_epoch, self.stale = score, epoch, 0
+            return True, False
+        self.stale += 1
+        return False, bool(self.patience) and self.stale >= self.patience
+
+
 @dataclass
 class TrainResult:
     """The trained router and its training history (one dict per epoch)."""
@@ -235,6 +272,9 @@ class TrainResult:
     history: list[dict[str, float]] = field(default_factory=list)
     best_epoch: int = 0
     best_val_utility: float = float("nan")
+    #: ids of the held-out validation requests (``train latent-router`` writes them to
+    #: ``validation.jsonl``); empty when ``val`` was given or nothing was held out.
+    validation_ids: list[str] = field(default_factory=list)
 
 
 def seed_everything(seed: int) -> None:
@@ -273,11 +313,18 @@ def train_latent_router(
     if not train:
         raise DataError("The training set is empty.")
     names = list(names or train[0].outcomes)
+    if train_features is None:  # precomputed features are row-aligned: the caller filtered
+        train = without_failed(train, names, "train on")
+        if not train:
+            raise DataError("No training request is left once those whose outcome failed are skipped.")
+    if val and val_features is None:
+        val = without_failed(val, names, "validate on")
     if train_features is None:
         log.info("Encoding %d training queries with the %s encoder.", len(train), encoder.spec.kind)
         train_features = encoder.encode([r.messages for r in train], progress=progress)
     quality, cost = outcome_matrix(train, names)
 
+    held_ids: list[str] = []
     if val:
         if val_features is None:
             val_features = encoder.encode([r.messages for r in val], progress=progress)
@@ -287,6 +334,7 @@ def train_latent_router(
         validation: dict[str, Any] = {"source": "given", "fraction": None}
     else:
         kept, held = holdout_split(len(train), cfg.val_fraction, cfg.seed)
+        held_ids = [train[i].id for i in held]
         if held:
             tr_idx, val_idx = torch.tensor(kept), torch.tensor(held)
             vx, vq, vc = train_features[val_idx], quality[val_idx], cost[val_idx]
@@ -313,8 +361,9 @@ def train_latent_router(
     cost_pool = router.cost_tensor()
     opt = torch.optim.AdamW(model.parameters(), lr=cfg.lr, weight_decay=cfg.weight_decay)
     g = torch.Generator().manual_seed(cfg.seed)
-    result = TrainResult(router=router)
-    best_state, best_score, stale = None, -math.inf, 0
+    result = TrainResult(router=router, validation_ids=held_ids)
+    best_state, best_score = None, -math.inf
+    stopping = EarlyStopping(cfg.patience if vx is not None else 0, cfg.min_delta, cfg.smoothing)
     bar = tqdm(range(cfg.epochs), desc="latent-router", disable=not progress, unit="epoch")
     for epoch in bar:
         model.train()
@@ -340,15 +389,15 @@ def train_latent_router(
         row["val_utility"] = realised_utility(mt, score_q, score_c / pool.cost_scale, cost_pool, cfg.val_lambdas)
         result.history.append(row)
         bar.set_postfix(loss=f"{row['total']:.3f}", val_utility=f"{row['val_utility']:.4f}")
-        if row["val_utility"] > best_score + 1e-6:
-            best_score, stale = row["val_utility"], 0
+        log.info("epoch %d/%d: train loss %.4f, val utility %.4f", epoch + 1, cfg.epochs, row["total"], row["val_utility"])
+        better, stop = stopping.update(epoch, row["val_utility"])
+        if better:
+            best_score = row["val_utility"]
             best_state = copy.deepcopy(model.state_dict())
             result.best_epoch = epoch
-        else:
-            stale += 1
-            if vx is not None and stale > cfg.patience:
-                log.info("Early stop at epoch %d (best %d).", epoch, result.best_epoch)
-                break
+        if stop:
+            log.info("Early stop at epoch %d (best %d).", epoch, result.best_epoch)
+            break
     if best_state is not None:
         model.load_state_dict(best_state)
     model.eval()

@@ -1,10 +1,10 @@
 """``switchyard train probe``, ``switchyard eval`` (probe checkpoints) and ``switchyard calibrate``.
 
     switchyard train probe --method relope --backbone ./Qwen2.5-1.5B-Instruct --layer 14 \\
-        --data train.jsonl --val val.jsonl --small qwen-1.5b --out ckpt/relope
+        --data train.jsonl --small qwen-1.5b --out ckpt/relope
     switchyard eval --checkpoint ckpt/relope --data test.jsonl --small qwen-1.5b \\
         --large qwen-72b --plot curve.png --out report.json
-    switchyard calibrate --checkpoint ckpt/relope --data val.jsonl --large-share 0.2
+    switchyard calibrate --checkpoint ckpt/relope --data ckpt/relope/validation.jsonl --large-share 0.2
 
 Flags, their defaults and help come from the config dataclasses (:class:`TrainConfig`,
 :class:`MLPConfig`, the probe configs, :class:`BackboneConfig`) through
@@ -69,6 +69,7 @@ def _mlp_default_text() -> dict[str, str]:
 def add_train_probe_parser(train_subparsers: argparse._SubParsersAction) -> argparse.ArgumentParser:
     """Add ``probe`` to ``switchyard train``; flag defaults and help come from the configs."""
     from routers.backbone import BackboneConfig
+    from routers.checkpoints import PROBE_TARGETS
     from routers.mlp import MLPConfig
     from routers.probe_training import TrainConfig
     from routers.probes import PROBE_KINDS, LastTokenProbeConfig, ReLopeConfig
@@ -76,14 +77,22 @@ def add_train_probe_parser(train_subparsers: argparse._SubParsersAction) -> argp
     p = train_subparsers.add_parser(
         "probe",
         help="Train a hidden-state probe (last_token, attention, relope).",
-        description="Train a probe that predicts P(small model answers correctly) from the "
-        "small model's hidden states, and save it as a checkpoint folder.",
+        description="Train a probe on the small model's hidden states that predicts P(the small model "
+        "answers well enough) (--target small_ok) or how much better the large model does (--target gain), "
+        "and save it as a checkpoint folder (with its held-out validation rows in validation.jsonl).",
     )
     p.add_argument("--method", choices=tuple(PROBE_KINDS), required=True, help="Probe kind.")
     p.add_argument("--backbone", type=Path, required=True, help="Local folder of the small model (HF format).")
     p.add_argument("--layer", type=int, help="Probe layer l, 1-based (default: half the model's layers).")
     p.add_argument("--data", type=Path, required=True, help="Labelled JSONL training set.")
-    p.add_argument("--small", required=True, help="Backend whose `outcomes.<small>.correct` is the label.")
+    p.add_argument("--small", required=True, help="The small backend: `outcomes.<small>.correct` is the small_ok label.")
+    p.add_argument(
+        "--target", choices=PROBE_TARGETS, default=PROBE_TARGETS[0],
+        help="What the score predicts: small_ok, P(the small model is good enough; a high score keeps it on "
+        "--small), or gain, how much better --large does (quality(large) - quality(small) clipped to [0, 1]; "
+        f"a high score sends it to --large). Saved in the checkpoint (default: {PROBE_TARGETS[0]}).",
+    )
+    p.add_argument("--large", help="The large backend (needed by --target gain).")
     p.add_argument(
         "--val", type=Path, help="Labelled JSONL validation set for early stopping (default: hold out --val-fraction of --data)."
     )
@@ -123,13 +132,16 @@ def add_calibrate_parser(top_subparsers: argparse._SubParsersAction) -> argparse
     """Add ``calibrate`` to the top-level CLI."""
     p = top_subparsers.add_parser(
         "calibrate",
-        help="Store the probe threshold that sends a given share of requests to the large model.",
-        description="Score a labelled set with a probe checkpoint and store, in its config.json, "
-        "the threshold below which that share of requests would go to the large model.",
+        help="Store the probe threshold, or the LatentRouter λ, that sends a given share of requests to the large model.",
+        description="Score a labelled set with a checkpoint and store, in its config.json, what sends that share "
+        "of requests to the large model: a probe's threshold (a small_ok probe's requests scoring below it, a "
+        "gain probe's scoring at or above it), or a LatentRouter's cost weight λ (the requests whose best "
+        "utility is the --large pool model's; a utility rule's `large_share` uses it).",
     )
-    p.add_argument("--checkpoint", type=Path, required=True, help="Probe checkpoint folder.")
+    p.add_argument("--checkpoint", type=Path, required=True, help="Probe or LatentRouter checkpoint folder.")
     p.add_argument("--data", type=Path, required=True, help="Labelled JSONL set to calibrate on (only its messages are used).")
     p.add_argument("--large-share", type=float, required=True, help="Share of requests for the large model, 0..1.")
+    p.add_argument("--large", help="LatentRouter: the pool model counted as large (default: the most expensive).")
     add_scoring_options(p)
     p.set_defaults(handler=run_calibrate)
     return p
@@ -152,10 +164,11 @@ def run_train_probe(args: argparse.Namespace) -> int:
     import torch
 
     from routers.backbone import BackboneConfig, TruncatedBackbone, default_layer
-    from routers.checkpoints import save_probe
-    from routers.data import dataset_hash, load_labelled
-    from routers.probe_training import TrainConfig, train_probe
+    from routers.checkpoints import VALIDATION_FILE, save_probe
+    from routers.data import dataset_hash, load_labelled, select_lines
+    from routers.probe_training import TrainConfig, needed_backends, train_probe
 
+    needed_backends(args.target, args.small, args.large)  # a --target gain without --large fails first
     layer = args.layer or default_layer(args.backbone)
     train = load_labelled(args.data)
     val = load_labelled(args.val) if args.val else None
@@ -167,22 +180,29 @@ def run_train_probe(args: argparse.Namespace) -> int:
         probe = _build_probe(args, backbone, layer)
     except ValueError as exc:
         raise SwitchyardError(str(exc)) from exc
-    result = train_probe(probe, backbone, train, args.small, val, config)
+    result = train_probe(probe, backbone, train, args.small, val, config, target=args.target, large=args.large)
+    rows = select_lines(args.data, result.validation_ids) if result.validation_ids else None
+    if rows is not None:
+        result.validation["file"] = VALIDATION_FILE
     training = {
         "config": asdict(config),
         "small": args.small,
+        "large": args.large,
         "train_data": str(args.data),
         "train_data_hash": dataset_hash(args.data),
         "val_data": str(args.val) if args.val else None,
         "val_data_hash": dataset_hash(args.val) if args.val else None,
         **result.to_dict(),
     }
-    save_probe(args.out, probe, backbone, training=training)
+    save_probe(args.out, probe, backbone, training=training, target=args.target, large=args.large, validation_rows=rows)
     print(
-        f"Saved {args.method} probe (layer {layer}, epoch {result.best_epoch}, "
+        f"Saved {args.method} probe (target {args.target}, layer {layer}, epoch {result.best_epoch}, "
         f"{_validation_text(result.validation, result.best_val_auc)}; prompts cut to "
         f"{backbone.truncation.max_tokens} tokens) to {args.out}"
     )
+    if rows is not None:
+        print(f"Held-out validation rows: {args.out / VALIDATION_FILE} (calibrate on them: "
+              f"switchyard calibrate --checkpoint {args.out} --data {args.out / VALIDATION_FILE} --large-share 0.2)")
     return 0
 
 
@@ -242,20 +262,49 @@ def eval_report(
     }
 
 
+def _keep_small(target: str, scores: list[float]) -> list[float]:
+    """Scores ordered like P(small is good enough): the lowest go to the large model first
+    (a ``gain`` probe's high score means "send to large", so it is negated)."""
+    return [-s for s in scores] if target == "gain" else list(scores)
+
+
+def _auc_truth(target: str, small: list[Any], large: list[Any]) -> list[int] | None:
+    """Per request, 1 when keeping the small model is right by the checkpoint's target, for
+    ROC AUC against :func:`_keep_small` (graded values rounded at 0.5); ``None`` when an
+    outcome lacks what the target reads."""
+    if target == "gain":
+        if any(o.quality is None for o in (*small, *large)):
+            return None
+        return [int(min(1.0, max(0.0, lo.quality - so.quality)) < 0.5) for so, lo in zip(small, large, strict=True)]
+    if any(o.correct is None for o in small):
+        return None
+    return [int(o.correct >= 0.5) for o in small]
+
+
+def write_scores(path: Path, rows: list[dict[str, Any]]) -> None:
+    """``eval --scores-out``: one JSON object a line, one line per request evaluated."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text("".join(json.dumps(row, ensure_ascii=False) + "\n" for row in rows), encoding="utf-8")
+
+
 def run_probe_eval(args: argparse.Namespace) -> int:
-    """``switchyard eval`` for probe checkpoints."""
-    from routers.data import dataset_hash, load_labelled
+    """``switchyard eval`` for probe checkpoints (ordered by the checkpoint's target)."""
+    from routers.checkpoints import read_checkpoint
+    from routers.data import dataset_hash, load_labelled, without_failed
 
     if not args.small or not args.large:
         raise SwitchyardError("Evaluating a probe needs --small and --large backend names.")
-    requests = load_labelled(args.data)
+    target = read_checkpoint(args.checkpoint).target
+    requests = without_failed(load_labelled(args.data), (args.small, args.large), "evaluate on")
+    if not requests:
+        raise SwitchyardError(f"No request of {args.data} is left once those whose outcome failed are skipped.")
     small = [r.outcome(args.small) for r in requests]
     large = [r.outcome(args.large) for r in requests]
-    checkpoint, p_small = _scores(args, [r.messages for r in requests])
-    correct = [o.correct for o in small]
+    checkpoint, scores = _scores(args, [r.messages for r in requests])
     report = {
         "checkpoint": str(args.checkpoint),
         "kind": checkpoint.kind,
+        "target": target,
         "data": str(args.data),
         "data_hash": dataset_hash(args.data),
         "small": args.small,
@@ -263,10 +312,12 @@ def run_probe_eval(args: argparse.Namespace) -> int:
         **eval_report(
             [o.quality for o in small],
             [o.quality for o in large],
-            p_small,
-            None if any(c is None for c in correct) else correct,
+            _keep_small(target, scores),
+            _auc_truth(target, small, large),
         ),
     }
+    if getattr(args, "scores_out", None):
+        write_scores(args.scores_out, [{"id": r.id, "score": s} for r, s in zip(requests, scores, strict=True)])
     _print_report(report)
     if args.plot:
         _plot(report, args.plot)
@@ -284,7 +335,7 @@ def _fmt(x: float | None, pct: bool = False) -> str:
 
 def _print_report(report: dict[str, Any]) -> None:
     out = sys.stdout
-    out.write(f"{report['kind']} probe on {report['data']} (n={report['n']})\n")
+    out.write(f"{report['kind']} probe ({report['target']}) on {report['data']} (n={report['n']})\n")
     rows = [
         ("small accuracy", _fmt(report["small_accuracy"])),
         ("large accuracy", _fmt(report["large_accuracy"])),
@@ -324,32 +375,51 @@ def _plot(report: dict[str, Any], path: Path) -> None:
 
 
 def run_calibrate(args: argparse.Namespace) -> int:
-    """``switchyard calibrate``."""
+    """``switchyard calibrate``: a probe's threshold, or a LatentRouter's λ, for a large share."""
+    from routers.checkpoints import read_config
+
+    if not 0.0 <= args.large_share <= 1.0:
+        raise SwitchyardError(f"--large-share must be in [0, 1], got {args.large_share}.")
+    if read_config(args.checkpoint).scorer_kind != "probe":
+        from routers import latent_cli
+
+        return latent_cli.run_latent_router_calibrate(args)
+    return _calibrate_probe(args)
+
+
+def _calibrate_probe(args: argparse.Namespace) -> int:
+    """The threshold that sends ``--large-share`` to the large model: below it for a
+    ``small_ok`` probe, at or above it for a ``gain`` probe."""
     import numpy as np
 
     from routers.checkpoints import store_threshold
     from routers.data import dataset_hash, load_labelled
     from routers.metrics import threshold_for_share
 
-    if not 0.0 <= args.large_share <= 1.0:
-        raise SwitchyardError(f"--large-share must be in [0, 1], got {args.large_share}.")
     requests = load_labelled(args.data)
-    _, p_small = _scores(args, [r.messages for r in requests])
-    threshold = threshold_for_share(p_small, args.large_share)
-    achieved = float(np.mean(np.asarray(p_small) < threshold))
+    checkpoint, scores = _scores(args, [r.messages for r in requests])
+    gain = checkpoint.target == "gain"
+    if gain:  # the share scoring highest goes to large: the same cut on negated scores
+        threshold = -threshold_for_share([-s for s in scores], args.large_share)
+        achieved = float(np.mean(np.asarray(scores) >= threshold))
+    else:
+        threshold = threshold_for_share(scores, args.large_share)
+        achieved = float(np.mean(np.asarray(scores) < threshold))
     store_threshold(
         args.checkpoint,
         {
             "large_share": args.large_share,
             "threshold": threshold,
+            "large_when": "above" if gain else "below",
             "achieved_share": achieved,
             "data": str(args.data),
             "data_hash": dataset_hash(args.data),
-            "n": len(p_small),
+            "n": len(scores),
         },
     )
+    where = "at or above" if gain else "below"
     print(
-        f"Stored threshold {threshold:.6f} in {args.checkpoint}/config.json: requests scoring below it "
-        f"go to the large model ({100 * achieved:.1f}% of {len(p_small)} on {args.data})."
+        f"Stored threshold {threshold:.6f} in {args.checkpoint}/config.json: requests scoring {where} it "
+        f"go to the large model ({100 * achieved:.1f}% of {len(scores)} on {args.data})."
     )
     return 0

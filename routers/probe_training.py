@@ -4,8 +4,18 @@ Requests are sorted by length and cut into fixed batches (little padding). The b
 runs once per batch and the states a probe needs are cached on the CPU (last-token states
 for the last-token probe; layer l-1 states for the Attention Probe; layer l-1 states plus
 layer l's call for ReLope, so each ReLope step runs one layer, not the prefix). When the
-cache would pass ``cache_budget_gb`` the prefix is re-run every epoch instead. Label: the
-small backend's ``correct`` (1 = the small model answered correctly). Without a validation
+cache would pass ``cache_budget_gb`` the prefix is re-run every epoch instead.
+
+The label is the probe's **target** (:data:`PROBE_TARGETS`, saved in the checkpoint):
+
+- ``small_ok``: the small backend's ``correct`` (1 = the small model answered correctly; a
+  graded value in [0, 1] is a soft label). A high score means "the small model will do".
+- ``gain``: how much better the large backend does, ``quality(large) − quality(small)``
+  clipped to [0, 1] (with 0/1 outcomes: 1 exactly when the large model is right and the
+  small one wrong). A high score means "send it to the large model".
+
+A request whose needed outcome failed (``error``) is skipped and counted. Validation AUC is
+taken against the label rounded at 0.5. Without a validation
 set, ``val_fraction`` of the training set is held out for early stopping
 (:func:`routers.data.holdout_split`, the same split LatentRouter uses).
 """
@@ -24,12 +34,13 @@ import torch
 
 from extproc import ScorerError, conversation_text
 from routers.backbone import BackboneStates, TruncatedBackbone
+from routers.checkpoints import PROBE_TARGETS
 from routers.config_options import option
-from routers.data import DataError, LabelledRequest, holdout_split, val_fraction_option
+from routers.data import DataError, LabelledRequest, holdout_split, val_fraction_option, without_failed
 from routers.metrics import roc_auc
 from routers.probes._base import reads_output
 
-__all__ = ["TrainConfig", "TrainResult", "labels_for", "train_probe", "predict"]
+__all__ = ["TrainConfig", "TrainResult", "labels_for", "target_labels", "needed_backends", "train_probe", "predict"]
 
 log = logging.getLogger(__name__)
 
@@ -85,20 +96,63 @@ class TrainResult:
     history: list[dict[str, float | None]] = field(default_factory=list)
     cached: bool = True
     validation: dict[str, Any] = field(default_factory=dict)
+    #: ids of the held-out validation requests (``validation.source == "held_out"``); not
+    #: saved in ``config.json``: ``train probe`` writes those rows to ``validation.jsonl``.
+    validation_ids: list[str] = field(default_factory=list)
 
     def to_dict(self) -> dict[str, Any]:
-        return asdict(self)
+        out = asdict(self)
+        del out["validation_ids"]
+        return out
 
 
 def labels_for(requests: Sequence[LabelledRequest], backend: str) -> np.ndarray:
-    """0/1 array of ``outcomes.<backend>.correct``; :class:`DataError` naming a request without it."""
+    """Array of ``outcomes.<backend>.correct`` (0/1, or graded values in [0, 1]);
+    :class:`DataError` naming a request without it."""
     labels = []
     for request in requests:
         correct = request.outcome(backend).correct
         if correct is None:
             raise DataError(f"Request {request.id!r}: `outcomes.{backend}.correct` is needed to train a probe.")
         labels.append(correct)
-    return np.asarray(labels, dtype=np.int64)
+    graded = any(isinstance(x, float) for x in labels)
+    return np.asarray(labels, dtype=np.float64 if graded else np.int64)
+
+
+def needed_backends(target: str, small: str, large: str | None) -> tuple[str, ...]:
+    """The backends whose outcomes a ``target`` label reads; :class:`DataError` when a
+    ``gain`` target has no large backend or the target is unknown."""
+    if target not in PROBE_TARGETS:
+        raise DataError(f"The probe target must be one of {', '.join(PROBE_TARGETS)}, got {target!r}.")
+    if target == "small_ok":
+        return (small,)
+    if not large:
+        raise DataError("The `gain` target needs the large backend's name (--large).")
+    if large == small:
+        raise DataError(f"The `gain` target needs two backends; --small and --large are both {small!r}.")
+    return (small, large)
+
+
+def target_labels(
+    requests: Sequence[LabelledRequest], target: str, small: str, large: str | None = None
+) -> np.ndarray:
+    """Labels in [0, 1] for ``target`` (see the module docstring); :class:`DataError` naming a
+    request without the outcome it needs."""
+    if target == "small_ok":
+        return labels_for(requests, small).astype(np.float64)
+    needed_backends(target, small, large)
+    labels = []
+    for request in requests:
+        small_q, large_q = request.outcome(small).quality, request.outcome(large).quality
+        if small_q is None or large_q is None:
+            raise DataError(f"Request {request.id!r}: the `gain` target needs the quality of {small!r} and {large!r}.")
+        labels.append(min(1.0, max(0.0, large_q - small_q)))
+    return np.asarray(labels, dtype=np.float64)
+
+
+def _auc_labels(labels: np.ndarray) -> np.ndarray:
+    """0/1 labels for ROC AUC: graded labels rounded at 0.5."""
+    return (labels >= 0.5).astype(np.int64)
 
 
 def _bar(iterable: Any, enabled: bool, **kwargs: Any) -> Any:
@@ -185,24 +239,34 @@ def train_probe(
     small: str,
     val: Sequence[LabelledRequest] | None = None,
     config: TrainConfig | None = None,
+    target: str = "small_ok",
+    large: str | None = None,
 ) -> TrainResult:
-    """Train ``probe`` in place to predict ``outcomes.<small>.correct``; keeps the weights of
-    the best validation-AUC epoch. Without ``val``, ``config.val_fraction`` of ``train`` is
-    held out; with neither, the last epoch's weights are kept."""
+    """Train ``probe`` in place to predict ``target`` (``small_ok``: ``outcomes.<small>.correct``;
+    ``gain``: how much better ``large`` does); keeps the weights of the best validation-AUC
+    epoch. Without ``val``, ``config.val_fraction`` of ``train`` is held out; with neither,
+    the last epoch's weights are kept. Requests whose needed outcome failed are skipped."""
     config = config or TrainConfig()
     torch.manual_seed(config.seed)
     rng = random.Random(config.seed)
+    needed = needed_backends(target, small, large)
+    train = without_failed(train, needed, "train on")
+    val = without_failed(val, needed, "validate on") if val else val
+    if not train:
+        raise DataError("No training request is left once those whose outcome failed are skipped.")
+    held_ids: list[str] = []
     if val:
         validation = {"source": "given", "fraction": None}
     else:
         kept, held = holdout_split(len(train), config.val_fraction, config.seed)
         train, val = [train[i] for i in kept], [train[i] for i in held]
+        held_ids = [r.id for r in val]
         validation = {"source": "held_out" if val else "none", "fraction": config.val_fraction if val else 0.0}
         if not val:
             log.warning("No validation set: training %d epochs without early stopping.", config.epochs)
     validation.update(n_train=len(train), n_val=len(val))
-    y_train = torch.tensor(labels_for(train, small), dtype=torch.float32)
-    y_val = labels_for(val, small) if val else None
+    y_train = torch.tensor(target_labels(train, target, small, large), dtype=torch.float32)
+    y_val = _auc_labels(target_labels(val, target, small, large)) if val else None
     budget = config.cache_budget_gb * 2**30
     data = _Batches(backbone, train, probe.layer, probe.needs, config.batch_size, budget, config.progress, "caching train")
     val_batches = (
@@ -256,4 +320,5 @@ def train_probe(
         history=history,
         cached=data.cache is not None,
         validation=validation,
+        validation_ids=held_ids,
     )

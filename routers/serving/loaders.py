@@ -112,7 +112,8 @@ class LatentRouterLoader:
         backbones = {}
         if config.encoder.get("kind") == "backbone" and config.backbone is not None:
             backbones = dict.fromkeys(names, _backbone_identity(config))
-        return ScorerDescription(outputs=names, backbones=backbones, pool=names)
+        lambdas = {c.large_share: (c.lam, c.large) for c in config.lambdas}
+        return ScorerDescription(outputs=names, backbones=backbones, pool=names, lambdas=lambdas)
 
     def load(self, spec: ScorerSpec) -> Any:
         from routers.checkpoints import load_latent_router

@@ -39,8 +39,16 @@ scorers:
     checkpoint: /checkpoints/hard-probe
 """
 
+#: The shipped default policy, writing a capture file into the chart's capture volume.
+CAPTURE_POLICY = (REPO / "policies" / "default.yaml").read_text() + """
+capture:
+  path: /var/lib/switchyard/capture/requests.jsonl
+  sample_rate: 0.05
+"""
+
 VALUE_SETS: dict[str, dict[str, Any]] = {
     "defaults": {},
+    "capture": {"capture": {"enabled": True, "sizeLimit": "2Gi"}, "policy": {"content": CAPTURE_POLICY}},
     "tls-and-credentials": {
         "backends": {
             "small": {"host": "vllm-small.llm.svc.cluster.local", "port": 8000},
@@ -479,6 +487,34 @@ def test_service_monitor_scrapes_both_metrics_ports():
     assert {e["port"] for e in monitor["spec"]["endpoints"]} <= ports
 
 
+def _capture_mounts(manifests: list[dict[str, Any]]) -> dict[str, list[dict[str, Any]]]:
+    spec = find(manifests, "Deployment")["spec"]["template"]["spec"]
+    return {c["name"]: [m for m in c.get("volumeMounts", []) if m["name"] == "capture"] for c in _containers(
+        find(manifests, "Deployment"))} | {"volumes": [v for v in spec["volumes"] if v["name"] == "capture"]}
+
+
+def test_capture_volume_is_writable_by_switchyard_alone_where_the_policy_writes():
+    manifests = render(VALUE_SETS["capture"])
+    mounts = _capture_mounts(manifests)
+    assert mounts == {
+        "envoy-config": [], "envoy": [],
+        "switchyard": [{"name": "capture", "mountPath": "/var/lib/switchyard/capture"}],  # not readOnly
+        "volumes": [{"name": "capture", "emptyDir": {"sizeLimit": "2Gi"}}],
+    }
+    policy = find(manifests, "ConfigMap", f"{FULLNAME}-policy")["data"]["policy.yaml"]
+    assert "path: /var/lib/switchyard/capture/requests.jsonl" in policy
+    assert _capture_mounts(render())["volumes"] == []  # off by default
+
+
+def test_capture_volume_from_an_existing_claim():
+    import kubernetes_validate
+
+    manifests = render({"capture": {"enabled": True, "existingClaim": "captured-requests"}})
+    assert _capture_mounts(manifests)["volumes"] == [
+        {"name": "capture", "persistentVolumeClaim": {"claimName": "captured-requests"}}]
+    kubernetes_validate.validate(find(manifests, "Deployment"), KUBE_VERSION, strict=True)
+
+
 # -- values that must fail ---------------------------------------------------------------------------
 @pytest.mark.parametrize(
     ("values", "where"),
@@ -495,9 +531,10 @@ def test_service_monitor_scrapes_both_metrics_ports():
         ({"envoy": {"drainSeconds": 1.5}}, "drainSeconds"),
         ({"terminationGracePeriodSeconds": 0}, "terminationGracePeriodSeconds"),
         ({"networkPolicy": {"metricsFrom": [{"podSelecter": {}}]}}, "podSelecter"),
+        ({"capture": {"enabled": True, "mountPath": "relative/dir"}}, "mountPath"),
     ],
     ids=["top-level", "envoy", "tls", "port-type", "port-missing", "credential-key", "enum", "scorer",
-         "drain-negative", "envoy-drain-integer", "termination-zero", "network-peer"],
+         "drain-negative", "envoy-drain-integer", "termination-zero", "network-peer", "capture-mount-path"],
 )
 def test_values_typo_fails(values, where):
     import helm_python

@@ -243,6 +243,18 @@ def test_exported_names():
          # learned scorers: the interface routers implements
          "BatchConfig", "ImageLimits", "RemoteConfig", "RemoteTls", "Scorer", "ScorerDescription", "ScorerFailure",
          "ScorerLoader",
-         "ScorerSpec", "Scores", "describe_scorer", "load_scorer", "read_scorer_specs"]
+         "ScorerSpec", "Scores", "describe_scorer", "load_scorer", "read_scorer_specs",
+         # the YAML schema machinery (routers.labelling's config)
+         "Obj", "Key", "MapOf", "Str", "Int", "Num", "Validation"]
     )
     assert all(hasattr(extproc, name) for name in extproc.__all__)
+
+
+@pytest.mark.parametrize("argv", [["--log-level", "debug", "train", "--help"], ["--log-level=debug", "train", "--help"],
+                                  ["train", "--help"]])
+def test_a_learned_scorer_command_is_found_after_the_log_level(argv, capsys):
+    """`switchyard --log-level debug train ...` used to take `debug` for the command and
+    answered "invalid choice: 'train'"."""
+    with pytest.raises(SystemExit) as info:
+        main(argv)
+    assert info.value.code == 0 and "probe" in capsys.readouterr().out

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import pytest
 
-from extproc import PolicyEngine, RequestError, RoutingRequest, load_policy, parse_policy
+from extproc import PolicyEngine, PolicyError, RequestError, RoutingRequest, load_policy, parse_policy
 from tests.extproc.conftest import POLICIES, chat
 
 POLICY = """
@@ -240,3 +240,35 @@ def test_a_scorers_fallback_must_name_a_backend():
     line = text.splitlines().index("    fallback: nowhere") + 1
     assert f"p.yaml:{line}:" in str(error.value)
     assert "`scorers.probe.fallback` names backend 'nowhere', which is not defined" in str(error.value)
+
+
+CATCH_ALL = """
+version: 1
+backends:
+  small: {cluster: small, model: s, supports_images: false}
+  large: {cluster: large, model: l}
+default: small
+signals:
+  code: {kind: keywords, keywords: [python]}
+rules:
+  - {name: code, when: code, backend: large}
+  - {name: rest, backend: large}
+  - {name: never, when: code, backend: small}
+"""
+
+
+@pytest.mark.parametrize("when", ["", "when: always, "])
+def test_a_rule_without_when_or_with_always_is_a_catch_all(when):
+    text = CATCH_ALL.replace("{name: rest, ", "{name: rest, " + when)
+    engine = PolicyEngine(parse_policy(text))
+    decision = engine.decide(RoutingRequest.from_json(chat("hello there")))
+    assert (decision.rule, decision.backend.name) == ("rest", "large")
+    assert engine.decide(RoutingRequest.from_json(chat("python please"))).rule == "code"
+    assert set(decision.signals) == {"code"}  # only the rule before it evaluated one
+
+
+def test_always_is_a_reserved_signal_name():
+    text = CATCH_ALL.replace("  code: {kind", "  always: {kind: keywords, keywords: [x]}\n  code: {kind")
+    with pytest.raises(PolicyError) as info:
+        parse_policy(text, source="p.yaml")
+    assert "p.yaml:8:3: `always` is reserved" in str(info.value)

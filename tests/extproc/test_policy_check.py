@@ -144,7 +144,7 @@ def test_cli_check_prints_path_line_column_and_exits_1(write_policy, capsys):
     path = write_policy(BASE + "rulez: []\n")
     assert main(["policy", "check", str(path)]) == 1
     out = capsys.readouterr().out.strip()
-    assert out == f"{path}:6:1: Unknown key `rulez` in `<document>`; known keys: version, backends, default, fallback, scorers, signals, rules, models, tenants, routing."
+    assert out == f"{path}:6:1: Unknown key `rulez` in `<document>`; known keys: version, backends, default, fallback, scorers, signals, rules, models, tenants, routing, capture."
 
 
 def test_cli_check_accepts_valid_policies(capsys):
