@@ -122,7 +122,7 @@ def test_train_eval_calibrate_serve_use_the_saved_cut(short_model, tmp_path, cap
     saved = read_config(out)
     assert saved.truncation == Truncation(POSITIONS, 4) and saved.max_tokens == POSITIONS
     validation = saved.training["validation"]  # no --val: the default share held out, early stopping on it
-    assert validation == {"source": "held_out", "fraction": 0.15, "n_train": 51, "n_val": 9}
+    assert validation == {"source": "held_out", "fraction": 0.15, "n_train": 51, "n_val": 9, "file": "validation.jsonl"}
     assert all(row["val_auc"] is not None for row in saved.training["history"])
     assert main(["eval", "--checkpoint", str(out), "--data", str(test), "--small", "small", "--large", "large"]) == 0
     assert main(["calibrate", "--checkpoint", str(out), "--data", str(test), "--large-share", "0.5"]) == 0
