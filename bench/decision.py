@@ -292,7 +292,7 @@ class EnvoyStack:
 
     def __init__(self, name: str, policy: Path, workdir: Path) -> None:
         from bench.extproc_overhead import envoy_config
-        from demo.stack import Child, envoy_binary, free_port
+        from harness import Child, envoy_binary, free_port
 
         import yaml
 
@@ -311,7 +311,7 @@ class EnvoyStack:
 
     def __enter__(self) -> EnvoyStack:
         from bench.extproc_overhead import _wait
-        from demo.stack import grpc_serving, http_ok
+        from harness import grpc_serving, http_ok
 
         try:
             deadline = time.monotonic() + 120

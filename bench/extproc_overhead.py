@@ -52,9 +52,8 @@ sys.path.insert(0, str(ROOT))
 
 import yaml  # noqa: E402
 
-from demo.envoy_config import render_envoy_config  # noqa: E402
 from extproc._policy import load_policy  # noqa: E402
-from demo.stack import Child, envoy_binary, free_port, grpc_serving, http_ok  # noqa: E402
+from harness import Child, envoy_binary, free_port, grpc_serving, http_ok, render_envoy_config  # noqa: E402
 
 CONFIGS = ("no-extproc", "noop", "switchyard", "switchyard-capture", "switchyard-2-workers")
 POLICY = ROOT / "bench" / "policies" / "twenty_rules.yaml"

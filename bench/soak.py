@@ -3,7 +3,7 @@ and one ``kill -9`` + restart of switchyard in the middle. Every answer is check
 
     python bench/soak.py [--requests 10000] [--rate 100] [--reload-every 10] [--outage 1] [--out PATH]
 
-Everything runs on loopback (demo backends, switchyard, Envoy: demo/stack.py) on a copy of
+Everything runs on loopback (demo backends, switchyard, Envoy: harness/stack.py) on a copy of
 policies/default.yaml. Requests are drawn (seeded) from a fixed mix: cheap rule hits
 (code, maths, reasoning, long context, images, tools, the default), direct model names,
 SSE streams, bad inputs (not JSON, not an object, no messages, bad model, invalid UTF-8,
@@ -57,7 +57,7 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
-from demo.stack import Stack, envoy_binary  # noqa: E402
+from harness import Stack, envoy_binary  # noqa: E402
 from extproc import PolicyEngine, RequestError, RoutingRequest, load_policy, parse_json_body  # noqa: E402
 
 POLICY = ROOT / "policies" / "default.yaml"

@@ -20,7 +20,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from demo import learned
-from demo.stack import ROOT, Ports, Stack, StackError, policy_backends, port_in_use
+from harness import ROOT, Ports, Stack, StackError, policy_backends, port_in_use
 
 __all__ = ["DEMO_POLICY", "SAMPLES", "Answer", "main", "score_shown", "send_samples"]
 

@@ -10,8 +10,7 @@ helpers without pulling in the server). To export a new name, add one entry.
 
 from __future__ import annotations
 
-import importlib
-from typing import Any
+from extproc._lazy import lazy_exports
 
 #: Public name -> module that defines it. Append here to export more.
 _EXPORTS: dict[str, str] = {
@@ -26,6 +25,10 @@ _EXPORTS: dict[str, str] = {
     "scorer_message": "extproc._errors",
     "CheckpointError": "extproc._errors",
     "EnvoyConfigError": "extproc._errors",
+    # defaults other packages state too (routers' CLI and scorer server)
+    "DEFAULT_GRACE_S": "extproc._defaults",
+    "LEARNED_COMMANDS": "extproc._defaults",
+    "ML_INSTALL_HINT": "extproc._defaults",
     # requests and messages
     "RoutingRequest": "extproc._request",
     "parse_json_body": "extproc._request",
@@ -52,6 +55,8 @@ _EXPORTS: dict[str, str] = {
     "ScorerSpec": "extproc._scorers",
     "Scores": "extproc._scorers",
     "ScorerFailure": "extproc._scorers",
+    "pem_problem": "extproc._scorers",
+    "score_within": "extproc._scoring",
     "read_scorer_specs": "extproc._policy",
     "describe_scorer": "extproc._scorer_loading",
     "load_scorer": "extproc._scorer_loading",
@@ -67,17 +72,6 @@ _EXPORTS: dict[str, str] = {
     "Validation": "extproc._schema",
 }
 
-__all__ = sorted(_EXPORTS)
+__all__ = sorted([*_EXPORTS, "lazy_exports"])
 
-
-def __getattr__(name: str) -> Any:
-    module = _EXPORTS.get(name)
-    if module is None:
-        raise AttributeError(f"module 'extproc' has no attribute {name!r}")
-    value = getattr(importlib.import_module(module), name)
-    globals()[name] = value
-    return value
-
-
-def __dir__() -> list[str]:
-    return sorted(set(globals()) | set(_EXPORTS))
+__getattr__, __dir__ = lazy_exports(__name__, _EXPORTS, globals())

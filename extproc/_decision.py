@@ -13,7 +13,7 @@ from extproc._policy import Backend
 from extproc._scorers import Scores
 from extproc._signals import SignalResult
 
-__all__ = ["Decision", "DIRECT_RULE", "DEFAULT_RULE", "FALLBACK_RULE", "PASSTHROUGH_RULE"]
+__all__ = ["Decision", "DIRECT_RULE", "DEFAULT_RULE", "FALLBACK_RULE"]
 
 #: ``rule`` of a decision made because the request named a backend's model.
 DIRECT_RULE = "direct"
@@ -21,8 +21,6 @@ DIRECT_RULE = "direct"
 DEFAULT_RULE = "default"
 #: ``rule`` of a decision made because a scorer a rule needed failed (``Decision.fallback`` says why).
 FALLBACK_RULE = "fallback"
-#: ``rule`` recorded for requests that are not routed (other paths, methods, content types).
-PASSTHROUGH_RULE = "passthrough"
 
 
 @dataclass

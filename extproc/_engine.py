@@ -34,7 +34,7 @@ from extproc._scorers import Scorer, ScorerFailure, Scores, ScoresNeeded, Scorin
 from extproc._signals import SignalContext, SignalResult
 from extproc._tokens import ESTIMATE
 
-__all__ = ["PolicyEngine"]
+__all__ = ["PolicyEngine", "SignalMemo"]
 
 
 #: A compiled condition: called with the request's memoised ``signal(name) -> bool``.
@@ -104,6 +104,20 @@ class _Evaluation:
         return out
 
 
+class SignalMemo:
+    """One request's signal results, kept across the engine's re-entries while its scorers
+    answer, so that each signal is evaluated once per request. Never shared between requests:
+    the caller makes one per request (:func:`~extproc._scoring.decide_with_scores` does) and
+    passes it to every :meth:`PolicyEngine.decide` of that request. A signal whose score is
+    missing raises before its result is kept, so what is kept never changes as scores arrive."""
+
+    __slots__ = ("request", "evaluation")
+
+    def __init__(self, request: RoutingRequest) -> None:
+        self.request = request
+        self.evaluation: _Evaluation | None = None
+
+
 class PolicyEngine:
     """Evaluates one :class:`Policy`. Safe to share between concurrent requests."""
 
@@ -146,9 +160,12 @@ class PolicyEngine:
             return tenants.otherwise
         return tuple(self.policy.backends)
 
-    def decide(self, request: RoutingRequest, scores: Mapping[str, Scores | ScorerFailure] | None = None) -> Decision:
+    def decide(self, request: RoutingRequest, scores: Mapping[str, Scores | ScorerFailure] | None = None,
+               memo: SignalMemo | None = None) -> Decision:
         """Pick the backend for ``request``; raises :class:`RequestError` when none may serve it,
-        and :class:`ScoresNeeded` when a rule needs a scorer missing from ``scores``."""
+        and :class:`ScoresNeeded` when a rule needs a scorer missing from ``scores``. ``memo``:
+        the request's :class:`SignalMemo`, so that deciding again with more scores does not
+        evaluate again the signals an earlier call evaluated."""
         policy = self.policy
         tenant = request.header(policy.tenants.header)
         allowed = self.allowed_backends(tenant)
@@ -169,7 +186,7 @@ class PolicyEngine:
             if policy.models.unknown == "reject":
                 raise RequestError(f"The model {model!r} does not exist.", status=404, code="model_not_found")
 
-        evaluation = _Evaluation(policy, request, scores)
+        evaluation = self._evaluation(request, scores, memo)
         unusable = evaluation.unusable(policy.backends, allowed)
         signal = evaluation.signal
         skipped: list[tuple[str, str]] = []
@@ -202,6 +219,20 @@ class PolicyEngine:
             status=503,
             code="no_eligible_backend",
         )
+
+    def _evaluation(self, request: RoutingRequest, scores: Mapping[str, Scores | ScorerFailure] | None,
+                    memo: SignalMemo | None) -> _Evaluation:
+        """This decide's evaluation: the memo's (given the scores known now), else a new one."""
+        if memo is None:
+            return _Evaluation(self.policy, request, scores)
+        if memo.request is not request:
+            raise ValueError("A SignalMemo belongs to one request; this decide was given another request's.")
+        evaluation = memo.evaluation
+        if evaluation is None or evaluation.signals is not self.policy.signals:
+            evaluation = memo.evaluation = _Evaluation(self.policy, request, scores)
+        else:
+            evaluation.ctx.scores = scores if scores is not None else {}
+        return evaluation
 
     @staticmethod
     def _by_utility(route: UtilityRoute, usable: list[str], evaluation: _Evaluation) -> tuple[str, dict[str, float]]:

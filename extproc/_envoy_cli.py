@@ -14,6 +14,7 @@ import argparse
 import sys
 from pathlib import Path
 
+from extproc._defaults import DEFAULT_EXTPROC_ADDRESS
 from extproc._envoy_render import Address, Credential, EnvoyOptions, Upstream, render_envoy
 from extproc._errors import EnvoyConfigError
 from extproc._policy import load_policy
@@ -46,8 +47,8 @@ def register(sub: argparse._SubParsersAction) -> None:
                         help="Text before NAME's credential, e.g. 'large=Bearer ' for an Authorization header.")
     render.add_argument("--listen", default="127.0.0.1:10000", help="Envoy's listener (default 127.0.0.1:10000).")
     render.add_argument("--admin", default="127.0.0.1:9901", help="Envoy's admin endpoint (default 127.0.0.1:9901).")
-    render.add_argument("--extproc", default="127.0.0.1:50051",
-                        help="Where switchyard serves ext_proc: HOST:PORT or unix:/PATH (default 127.0.0.1:50051).")
+    render.add_argument("--extproc", default=DEFAULT_EXTPROC_ADDRESS,
+                        help=f"Where switchyard serves ext_proc: HOST:PORT or unix:/PATH (default {DEFAULT_EXTPROC_ADDRESS}).")
     render.add_argument("--ready", metavar="HOST:PORT",
                         help="Also listen here for GET /ready (Envoy's readiness) and GET /stats/prometheus.")
     render.add_argument("--no-access-log", action="store_true", help="No JSON access log on stdout.")

@@ -21,7 +21,7 @@ MESSAGE_TIMEOUT_MS = 1000
 #: ``MESSAGE_TIMEOUT_MS``: ``deadline_ms + DEADLINE_MARGIN_MS <= MESSAGE_TIMEOUT_MS``. After a
 #: missed deadline switchyard still decides again with the fallback, builds the mutation and
 #: sends it, and Envoy receives it; that takes about 1 ms at p50 on a quiet sidecar (the
-#: request-path measurement in DESIGN.md), but on a busy 2-core sidecar the event loop also
+#: request-path measurement in docs/benchmarks.md), but on a busy 2-core sidecar the event loop also
 #: queues behind other requests' work and the occasional GC pause: a 999 ms deadline against
 #: the 1 s timeout gave 62 504s in 96 requests at 16 concurrent clients. 50 ms is a margin
 #: chosen well above those costs, not a measured bound; raise it if 504s show at deadlines

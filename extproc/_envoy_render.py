@@ -32,6 +32,7 @@ from typing import Any
 
 import yaml
 
+from extproc._defaults import DEFAULT_EXTPROC_ADDRESS
 from extproc._envoy_limits import MESSAGE_TIMEOUT_MS
 from extproc._errors import EnvoyConfigError
 from extproc._mutations import HEADER_PREFIX, METADATA_NAMESPACE, ROUTING_HEADER, RULE_HEADER
@@ -194,7 +195,7 @@ class EnvoyOptions:
 
     listen: Address = field(default_factory=lambda: Address("127.0.0.1", 10000))
     admin: Address = field(default_factory=lambda: Address("127.0.0.1", 9901))
-    extproc: Address = field(default_factory=lambda: Address("127.0.0.1", 50051))
+    extproc: Address = field(default_factory=lambda: Address.parse(DEFAULT_EXTPROC_ADDRESS))
     ready: Address | None = None
     access_log: bool = True
     credentials_dir: str | None = None

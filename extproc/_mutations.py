@@ -1,6 +1,6 @@
 """Turning decisions and errors into ext_proc ``ProcessingResponse`` messages.
 
-What Envoy needs from each phase (see DESIGN.md, "The request path"):
+What Envoy needs from each phase (see docs/envoy.md, "The Envoy contract"):
 
 - body phase, routed: set ``x-switchyard-backend``, ``clear_route_cache``, the rewritten
   body with its ``content-length`` when ``body.model`` changes, and the decision as dynamic

@@ -19,6 +19,7 @@ import yaml
 from extproc._capture import CaptureConfig
 from extproc._errors import PolicyError, PolicyProblem
 from extproc._policy_schema import POLICY_SCHEMA, SCORERS_FILE_SCHEMA
+from extproc._policy_sections import Backend, ModelsConfig, RoutingConfig, TenantsConfig
 from extproc._schema import REQUIRED, ListOf, MapOf, Validation, dotted
 from extproc._scorer_specs import build_scorer_specs, check_score_signal, check_utility_route
 from extproc._scorers import BreakerConfig, ScorerSpec
@@ -45,16 +46,6 @@ __all__ = [
     "read_scorer_specs",
     "DEFAULT_MAX_POLICY_BYTES",
 ]
-
-
-@dataclass(frozen=True)
-class Backend:
-    name: str
-    cluster: str
-    model: str
-    cost: float = 1.0
-    supports_images: bool = True
-    max_context_tokens: int | None = None
 
 
 @dataclass(frozen=True)
@@ -111,27 +102,6 @@ class Rule:
     def targets(self) -> tuple[str, ...]:
         """The backends this rule can send a request to."""
         return self.route.among if self.route is not None else (self.backend,)
-
-
-@dataclass(frozen=True)
-class ModelsConfig:
-    routed: frozenset[str] = frozenset({"auto"})
-    direct: bool = True
-    unknown: str = "route"
-
-
-@dataclass(frozen=True)
-class TenantsConfig:
-    header: str = "x-tenant-id"
-    allow: dict[str, tuple[str, ...]] = field(default_factory=dict)
-    otherwise: tuple[str, ...] | None = None
-
-
-@dataclass(frozen=True)
-class RoutingConfig:
-    paths: frozenset[str] = frozenset({"/v1/chat/completions"})
-    max_body_bytes: int = 1 << 20
-    rewrite_model: bool = True
 
 
 @dataclass(frozen=True)

@@ -15,6 +15,7 @@ import yaml
 
 from extproc._capture import CaptureConfig
 from extproc._envoy_limits import DEADLINE_MARGIN_MS, MESSAGE_TIMEOUT_MS
+from extproc._policy_sections import Backend, ModelsConfig, RoutingConfig, TenantsConfig
 from extproc._scorers import BatchConfig, BreakerConfig, ImageLimits, ScorerSpec
 from extproc._signals import signal_schemas
 from extproc._schema import (
@@ -112,6 +113,10 @@ _BREAKER = BreakerConfig()
 _IMAGES = ImageLimits()
 _SPEC = ScorerSpec(name="", kind="probe")
 _CAPTURE = CaptureConfig()
+_BACKEND = Backend(name="", cluster="", model="")
+_MODELS = ModelsConfig()
+_TENANTS = TenantsConfig()
+_ROUTING = RoutingConfig()
 
 _scorer_common = {
     "device": Key(
@@ -325,12 +330,12 @@ BACKEND_SCHEMA = Obj(
     keys={
         "cluster": Key(Str(min_length=1), "The Envoy cluster serving this backend (shown in `explain` and metadata)."),
         "model": Key(Str(min_length=1), "The model name this backend serves; `body.model` is rewritten to it."),
-        "cost": Key(Num(minimum=0), "Relative cost per request (any unit; used by reports and later by utility routing).", 1.0),
-        "supports_images": Key(Bool(), "Set `false` for text-only backends: requests with images are then never routed there.", True),
+        "cost": Key(Num(minimum=0), "Relative cost per request (any unit; used by reports and later by utility routing).", _BACKEND.cost),
+        "supports_images": Key(Bool(), "Set `false` for text-only backends: requests with images are then never routed there.", _BACKEND.supports_images),
         "max_context_tokens": Key(
             Int(minimum=1),
             "Largest prompt (in counted tokens) the backend accepts; longer prompts never go there. Default: no limit.",
-            None,
+            _BACKEND.max_context_tokens,
         ),
         "description": _description,
     },
@@ -376,16 +381,17 @@ POLICY_SCHEMA = Obj(
             Obj(
                 title="models",
                 keys={
-                    "routed": Key(ListOf(Str(min_length=1)), "Requested model names that the policy decides.", ["auto"]),
+                    "routed": Key(ListOf(Str(min_length=1)), "Requested model names that the policy decides.",
+                                  sorted(_MODELS.routed)),
                     "direct": Key(
                         Bool(),
                         "A request naming a backend's `model` (or the backend's name) goes straight to that backend, no rules.",
-                        True,
+                        _MODELS.direct,
                     ),
                     "unknown": Key(
                         Str(enum=("route", "reject")),
                         "Any other model name: `route` decides it by the rules, `reject` answers 404 `model_not_found`.",
-                        "route",
+                        _MODELS.unknown,
                     ),
                 },
             ),
@@ -400,17 +406,17 @@ POLICY_SCHEMA = Obj(
                         "Request header naming the tenant. It must be set by a trusted layer (your auth proxy), not by clients. "
                         "Surrounding spaces are ignored; a repeated header or a comma list gets only the backends every "
                         "listed tenant (and an unlisted one) may reach, or 403 `ambiguous_tenant` when they share none.",
-                        "x-tenant-id",
+                        _TENANTS.header,
                     ),
                     "allow": Key(
                         MapOf(ListOf(Str(min_length=1), min_items=1)),
                         "Tenant → the backends it may reach, in preference order (its first is its default).",
-                        {},
+                        dict(_TENANTS.allow),
                     ),
                     "otherwise": Key(
                         ListOf(Str(min_length=1), min_items=1),
                         "Backends for requests whose tenant is missing or not listed. Default: every backend.",
-                        None,
+                        _TENANTS.otherwise,
                     ),
                 },
             ),
@@ -423,14 +429,14 @@ POLICY_SCHEMA = Obj(
                     "paths": Key(
                         ListOf(Str(min_length=1), min_items=1),
                         "Request paths (query string ignored) whose JSON bodies are routed; anything else passes through to the default route.",
-                        ["/v1/chat/completions"],
+                        sorted(_ROUTING.paths),
                     ),
                     "max_body_bytes": Key(
                         Int(minimum=1024),
                         "Largest body switchyard parses; larger ones get 413. Keep it at or below Envoy's buffer limit.",
-                        1048576,
+                        _ROUTING.max_body_bytes,
                     ),
-                    "rewrite_model": Key(Bool(), "Rewrite `body.model` to the chosen backend's model.", True),
+                    "rewrite_model": Key(Bool(), "Rewrite `body.model` to the chosen backend's model.", _ROUTING.rewrite_model),
                 },
             ),
             "Which requests are routed and how.",

@@ -50,10 +50,9 @@ import asyncio
 import hashlib
 import json
 import logging
-import math
 import time
 import weakref
-from collections.abc import Collection, Mapping
+from collections.abc import Collection
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -243,11 +242,11 @@ class RemoteScorer(Scorer):
             response = await stub.Score(call, timeout=timeout, wait_for_ready=False)
         except grpc.aio.AioRpcError as exc:
             raise self._error(exc, timeout) from exc
-        return Scores(
-            values=self._finite("values", response.values),
-            costs=self._finite("costs", response.costs),
-            batch_size=response.batch_size,
-        )
+        scores = Scores(values=dict(response.values), costs=dict(response.costs), batch_size=response.batch_size)
+        bad = scores.non_finite()
+        if bad is not None:
+            raise ScorerError(f"Remote scorer {self.spec.name!r} at {self.target} returned a non-finite {bad}.")
+        return scores
 
     def _error(self, exc: grpc.aio.AioRpcError, timeout: float) -> ScorerError:
         """The :class:`ScorerError` (kind by :data:`_ERROR_OF_CODE`) for a failed call."""
@@ -262,16 +261,6 @@ class RemoteScorer(Scorer):
             return kind(f"Remote scorer {self.spec.name!r} at {self.target} did not answer within "
                         f"{timeout * 1000:.0f} ms (DEADLINE_EXCEEDED: {details})")
         return kind(f"Remote scorer {self.spec.name!r} at {self.target} failed: {code.name}: {details}")
-
-    def _finite(self, field: str, numbers: Mapping[str, float]) -> dict[str, float]:
-        out = dict(numbers)
-        for name, value in out.items():
-            if not math.isfinite(value):
-                raise ScorerError(
-                    f"Remote scorer {self.spec.name!r} at {self.target} returned a non-finite "
-                    f"{field}[{name!r}] = {value}."
-                )
-        return out
 
     async def close(self) -> None:
         """Stop using the shared channel; the last scorer of a target closes it."""

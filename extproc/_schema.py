@@ -12,6 +12,7 @@ lists, scalars) plus a :class:`Located` index from each value path to its positi
 
 from __future__ import annotations
 
+import math
 import re
 from dataclasses import dataclass, field
 from typing import Any
@@ -194,7 +195,7 @@ class Num(Schema):
             v.problem(node, f"`{dotted(path)}` must be a number, got {_describe(node)}.")
             return None
         value = float(_scalar_value(node))
-        if value != value or value in (float("inf"), float("-inf")):
+        if not math.isfinite(value):
             v.problem(node, f"`{dotted(path)}` must be a finite number, got {node.value!r}.")
             return None
         return _check_range(value, self.minimum, self.maximum, node, path, v)

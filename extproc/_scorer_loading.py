@@ -11,6 +11,7 @@ from __future__ import annotations
 from functools import lru_cache
 from importlib import metadata
 
+from extproc._defaults import ML_INSTALL_HINT
 from extproc._errors import CheckpointError, ScorerError
 from extproc._scorers import ScorerDescription, ScorerLoader, ScorerSpec, Scorer
 
@@ -19,19 +20,17 @@ __all__ = ["ENTRY_POINT_GROUP", "scorer_loader", "describe_scorer", "load_scorer
 #: The entry-point group in-process scorer loaders register under, by kind.
 ENTRY_POINT_GROUP = "switchyard.scorers"
 
-_INSTALL_HINT = "install the learned-scorer extra: pip install torch==2.13.0 'switchyard[ml]'"
-
 
 @lru_cache(maxsize=None)
 def scorer_loader(kind: str) -> ScorerLoader:
     """The loader registered for ``kind``; :class:`ScorerError` saying how to get one."""
     found = [ep for ep in metadata.entry_points(group=ENTRY_POINT_GROUP) if ep.name == kind]
     if not found:
-        raise ScorerError(f"No in-process loader for scorer kind {kind!r} is installed; {_INSTALL_HINT}.")
+        raise ScorerError(f"No in-process loader for scorer kind {kind!r} is installed; {ML_INSTALL_HINT}.")
     try:
         return found[0].load()
     except ImportError as exc:
-        raise ScorerError(f"Cannot load the {kind!r} scorer runtime ({exc}); {_INSTALL_HINT}.") from exc
+        raise ScorerError(f"Cannot load the {kind!r} scorer runtime ({exc}); {ML_INSTALL_HINT}.") from exc
 
 
 def describe_scorer(spec: ScorerSpec) -> ScorerDescription:

@@ -9,7 +9,6 @@ is reported at the key it comes from, so ``policy check`` prints ``file:line:col
 from __future__ import annotations
 
 import hashlib
-import re
 from collections.abc import Callable, Collection, Mapping
 from pathlib import Path
 from typing import Any
@@ -17,7 +16,9 @@ from typing import Any
 from extproc._envoy_limits import DEADLINE_MARGIN_MS, MESSAGE_TIMEOUT_MS
 from extproc._errors import CheckpointError, ScorerError, scorer_message
 from extproc._scorer_loading import describe_scorer
-from extproc._scorers import BatchConfig, BreakerConfig, ImageLimits, RemoteConfig, RemoteTls, ScorerDescription, ScorerSpec
+from extproc._scorers import (
+    BatchConfig, BreakerConfig, ImageLimits, RemoteConfig, RemoteTls, ScorerDescription, ScorerSpec, pem_problem,
+)
 
 __all__ = ["build_scorer_specs", "check_score_signal", "check_utility_route", "checkpoint_fingerprint", "calibrate_hint"]
 
@@ -78,9 +79,8 @@ def _folder(base_dir: Path, raw: str, key: tuple, report: Report, seen: dict[str
     return str(path)
 
 
-#: What each ``remote.tls`` file must hold: a PEM block whose BEGIN line ends so.
-_PEM_KINDS = {"ca": ("certificate", b"CERTIFICATE-----"), "cert": ("certificate", b"CERTIFICATE-----"),
-              "key": ("private key", b"PRIVATE KEY-----")}
+#: What each ``remote.tls`` file must hold (a kind of :func:`pem_problem`).
+_PEM_KINDS = {"ca": "certificate", "cert": "certificate", "key": "private key"}
 
 
 def _pem_file(base_dir: Path, raw: str, key: tuple, report: Report) -> str | None:
@@ -96,9 +96,9 @@ def _pem_file(base_dir: Path, raw: str, key: tuple, report: Report) -> str | Non
     except OSError as exc:
         report(key, f"{what} cannot be read: {exc.strerror or exc}.")
         return None
-    kind, ending = _PEM_KINDS[key[-1]]
-    if re.search(rb"^-----BEGIN [A-Z0-9 ]*" + re.escape(ending), head, re.MULTILINE) is None:
-        report(key, f"{what} holds no PEM {kind} (no `-----BEGIN ...{ending.decode()}` line).")
+    problem = pem_problem(head, _PEM_KINDS[key[-1]])
+    if problem is not None:
+        report(key, f"{what} {problem}.")
         return None
     return str(path)
 

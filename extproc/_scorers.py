@@ -23,6 +23,8 @@ imports ``routers`` by name; a remote spec never needs a loader.
 from __future__ import annotations
 
 import abc
+import math
+import re
 import urllib.parse
 from collections.abc import Collection, Mapping
 from dataclasses import dataclass, field
@@ -31,7 +33,6 @@ from typing import Any, Protocol
 from extproc._request import RoutingRequest
 
 __all__ = [
-    "SCORER_KINDS",
     "BatchConfig",
     "BreakerConfig",
     "ImageLimits",
@@ -46,10 +47,8 @@ __all__ = [
     "ScoresNeeded",
     "ScoringFailed",
     "score_key",
+    "pem_problem",
 ]
-
-#: The ``kind`` values of ``scorers.<name>``.
-SCORER_KINDS = ("probe", "latent_router")
 
 
 @dataclass(frozen=True)
@@ -137,6 +136,20 @@ def _host_entry(entry: str) -> tuple[str, int | None]:
     if not parts.hostname:
         raise ValueError(f"`images.allow_hosts` entry {entry!r} is not a host; {shape}.")
     return parts.hostname.lower(), port
+
+
+#: The kinds of PEM file a TLS setting needs, and how the BEGIN line of each kind's block ends.
+_PEM_ENDINGS = {"certificate": b"CERTIFICATE-----", "private key": b"PRIVATE KEY-----"}
+
+
+def pem_problem(data: bytes, kind: str) -> str | None:
+    """Why ``data`` holds no PEM ``kind`` (``certificate`` or ``private key``), as the end of a
+    sentence naming the file (``holds no PEM certificate (no `-----BEGIN ...CERTIFICATE-----` line)``);
+    None when it holds one. The policy's ``remote.tls`` files and ``scorer serve``'s are checked here."""
+    ending = _PEM_ENDINGS[kind]
+    if re.search(rb"^-----BEGIN [A-Z0-9 ]*" + re.escape(ending), data, re.MULTILINE) is None:
+        return f"holds no PEM {kind} (no `-----BEGIN ...{ending.decode()}` line)"
+    return None
 
 
 @dataclass(frozen=True)
@@ -231,6 +244,15 @@ class Scores:
     values: Mapping[str, float]
     costs: Mapping[str, float] = field(default_factory=dict)
     batch_size: int = 0
+
+    def non_finite(self) -> str | None:
+        """The first value or cost that is not a finite number, as ``values['small'] = nan``;
+        None when every one is. Whoever receives scores checks them here."""
+        for part, numbers in (("values", self.values), ("costs", self.costs)):
+            for name, value in numbers.items():
+                if not isinstance(value, (int, float)) or not math.isfinite(value):
+                    return f"{part}[{name!r}] = {value!r}"
+        return None
 
 
 @dataclass(frozen=True)

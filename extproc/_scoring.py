@@ -19,26 +19,19 @@ from __future__ import annotations
 import asyncio
 import functools
 import logging
-import math
 import time
 
 from extproc._breaker import BREAKERS, COUNTED_REASONS, Admission, Breakers
 from extproc._decision import Decision
-from extproc._engine import PolicyEngine
+from extproc._engine import PolicyEngine, SignalMemo
 from extproc._errors import ScorerDeadline, ScorerError, ScorerOverloaded
 from extproc._request import RoutingRequest
-from extproc._scorers import Scorer, ScorerFailure, ScorerSpec, Scores, ScoresNeeded
+from extproc._scorers import Scorer, ScorerFailure, Scores, ScoresNeeded
 from extproc._telemetry import Telemetry, scorer_span
 
-__all__ = ["decide_with_scores", "score_request"]
+__all__ = ["decide_with_scores", "score_request", "score_within"]
 
 log = logging.getLogger("switchyard.scoring")
-
-
-def _finite(scores: Scores) -> bool:
-    return all(math.isfinite(v) for v in scores.values.values()) and all(
-        math.isfinite(v) for v in scores.costs.values()
-    )
 
 
 @functools.cache
@@ -88,7 +81,7 @@ async def _score(
         else:
             since = breaker.now()
             try:
-                outcome = await _call(scorer, spec, request, deadline, available)
+                outcome = await score_within(scorer, request, deadline, available)
             except BaseException:  # cancelled with its request: neither a success nor a failure
                 breaker.abandon(admission)
                 raise
@@ -97,14 +90,16 @@ async def _score(
     return outcome, (time.monotonic() - started) * 1000.0
 
 
-async def _call(scorer: Scorer, spec: ScorerSpec, request: RoutingRequest, deadline: float,
-                available: tuple[str, ...] | None) -> Scores | ScorerFailure:
-    """One call of ``scorer``, bounded by ``deadline``; every failure is a :class:`ScorerFailure`."""
+async def score_within(scorer: Scorer, request: RoutingRequest, deadline: float,
+                       available: tuple[str, ...] | None = None) -> Scores | ScorerFailure:
+    """One call of ``scorer``, bounded by ``deadline`` (a ``time.monotonic()`` time); every
+    failure is a :class:`ScorerFailure` (reasons in the module docstring), never an exception.
+    The sidecar's scoring loop and the remote scorer server (``routers``) both call through here."""
+    budget = deadline - time.monotonic()
     try:
-        outcome = await asyncio.wait_for(scorer.score(request, deadline=deadline, available=available),
-                                         timeout=deadline - time.monotonic())
+        outcome = await asyncio.wait_for(scorer.score(request, deadline=deadline, available=available), timeout=budget)
     except asyncio.TimeoutError:
-        return ScorerFailure("deadline", f"no scores within the {spec.deadline_ms:g} ms deadline")
+        return ScorerFailure("deadline", f"did not answer within {max(budget, 0.0) * 1000:.0f} ms")
     except ScorerDeadline as exc:  # e.g. a remote call's DEADLINE_EXCEEDED, the server's cap included
         return ScorerFailure("deadline", str(exc))
     except ScorerOverloaded as exc:
@@ -117,10 +112,13 @@ async def _call(scorer: Scorer, spec: ScorerSpec, request: RoutingRequest, deadl
     except asyncio.CancelledError:
         raise
     except Exception as exc:  # noqa: BLE001 - a scorer bug must give the fallback, not a 5xx
-        log.exception("scorer raised", extra={"scorer": spec.name})
+        log.exception("scorer raised", extra={"scorer": scorer.spec.name})
         return ScorerFailure("error", f"{type(exc).__name__}: {exc}")
-    if not isinstance(outcome, Scores) or not _finite(outcome):
-        return ScorerFailure("non_finite", "the scorer returned a NaN or infinite score")
+    if not isinstance(outcome, Scores):
+        return ScorerFailure("non_finite", f"the scorer returned a {type(outcome).__name__}, not scores")
+    bad = outcome.non_finite()
+    if bad is not None:
+        return ScorerFailure("non_finite", f"non-finite score {bad}")
     return outcome
 
 
@@ -130,6 +128,7 @@ async def decide_with_scores(
     *,
     arrival: float | None = None,
     first_need: ScoresNeeded | None = None,
+    memo: SignalMemo | None = None,
     telemetry: Telemetry | None = None,
     span=None,
     breakers: Breakers = BREAKERS,
@@ -138,7 +137,8 @@ async def decide_with_scores(
 
     ``arrival``: ``time.monotonic()`` when the request reached switchyard (deadlines count
     from it; default now). ``first_need``: the :class:`ScoresNeeded` of a decide call the
-    caller already made. ``telemetry`` / ``span``: record each scorer call (metrics, and a
+    caller already made, and ``memo`` the :class:`SignalMemo` it made that call with (default: a
+    new one; either way each signal is evaluated once for the request). ``telemetry`` / ``span``: record each scorer call (metrics, and a
     child span of the decide ``span``). ``breakers``: the scorers' circuit breakers (tests
     pass their own, on a fake clock). Raises :class:`RequestError` like :meth:`PolicyEngine.decide`.
     """
@@ -147,6 +147,7 @@ async def decide_with_scores(
     latency: dict[str, float] = {}
     breaker_states: dict[str, str] = {}
     need = first_need
+    memo = SignalMemo(request) if memo is None else memo  # re-entries evaluate no signal twice
     while True:
         if need is not None:
             name, key = need.scorer, need.key
@@ -159,7 +160,7 @@ async def decide_with_scores(
             if scorer is not None:
                 breaker_states[name] = breakers.of(scorer).state.label
         try:
-            decision = engine.decide(request, scores)
+            decision = engine.decide(request, scores, memo)
         except ScoresNeeded as again:
             need = again
             continue

@@ -58,7 +58,7 @@ MAX_MESSAGE_BYTES = 256 * 1024 * 1024
 
 
 def parse_listen(listen: str, option: str = "--listen") -> tuple[str, int]:
-    """``"127.0.0.1:50051"`` -> ``("127.0.0.1", 50051)``; ``[::1]:50051`` for IPv6.
+    """``"127.0.0.1:8080"`` -> ``("127.0.0.1", 8080)``; ``[::1]:8080`` for IPv6.
     ``option`` names the setting in the error."""
     host, sep, port = listen.rpartition(":")
     if not sep or not port.isdigit() or not host:

@@ -26,7 +26,7 @@ from envoy.service.ext_proc.v3 import external_processor_pb2_grpc as ext_grpc
 
 from extproc._capture import CaptureWriter
 from extproc._decision import Decision
-from extproc._engine import PolicyEngine
+from extproc._engine import PolicyEngine, SignalMemo
 from extproc._errors import RequestError
 from extproc._mutations import (
     CONTINUE,
@@ -113,18 +113,21 @@ class RequestStream:
         span = start_decide_span(self.telemetry, self.request.headers)  # joins the caller's traceparent
         try:
             self.request.body = parse_json_body(raw, max_bytes=self.engine.policy.routing.max_body_bytes)
-            decision = self.engine.decide(self.request)
+            memo = SignalMemo(self.request)
+            decision = self.engine.decide(self.request, memo=memo)
         except RequestError as error:
             return self._rejected(error, span)
         except ScoresNeeded as need:
-            return self._route_scored(raw, need, started, span)
+            return self._route_scored(raw, need, memo, started, span)
         return self._routed(raw, decision, started, span)
 
-    async def _route_scored(self, raw: bytes, need: ScoresNeeded, started: float, span) -> ext.ProcessingResponse:
+    async def _route_scored(self, raw: bytes, need: ScoresNeeded, memo: SignalMemo, started: float,
+                            span) -> ext.ProcessingResponse:
         assert self.request is not None
         try:
             decision = await decide_with_scores(
-                self.engine, self.request, arrival=self.arrival, first_need=need, telemetry=self.telemetry, span=span
+                self.engine, self.request, arrival=self.arrival, first_need=need, memo=memo, telemetry=self.telemetry,
+                span=span,
             )
         except RequestError as error:
             return self._rejected(error, span)

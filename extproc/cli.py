@@ -27,6 +27,7 @@ import math
 import sys
 from pathlib import Path
 
+from extproc._defaults import DEFAULT_EXTPROC_ADDRESS, DEFAULT_GRACE_S, LEARNED_COMMANDS
 from extproc._engine import PolicyEngine
 from extproc._errors import PolicyError, RequestError, SwitchyardError
 from extproc._decision import Decision
@@ -35,14 +36,10 @@ from extproc._request import RoutingRequest, parse_json_body
 
 __all__ = ["main", "build_parser"]
 
-ROUTERS_COMMANDS = ("train", "eval", "calibrate", "scorer", "label")
-
 #: ``serve --drain-seconds``: after SIGTERM/SIGINT the server keeps taking new streams this
 #: long, its health NOT_SERVING, so that Envoy and the load balancers in front stop sending
 #: to it before it refuses anything.
 DEFAULT_DRAIN_S = 5.0
-#: ``serve --grace``: once the drain is over, the seconds that streams still open get to finish.
-DEFAULT_GRACE_S = 5.0
 #: ``serve --reload-interval``: seconds between checks of the policy file (0: only on SIGHUP).
 DEFAULT_RELOAD_INTERVAL_S = 5.0
 
@@ -77,7 +74,8 @@ def build_parser(with_routers: bool = False) -> argparse.ArgumentParser:
 
     serve = sub.add_parser("serve", help="Run the ext_proc gRPC server.")
     serve.add_argument("--policy", type=Path, required=True, help="Policy YAML file.")
-    serve.add_argument("--listen", default="127.0.0.1:50051", help="HOST:PORT to listen on (default 127.0.0.1:50051).")
+    serve.add_argument("--listen", default=DEFAULT_EXTPROC_ADDRESS,
+                       help=f"HOST:PORT to listen on (default {DEFAULT_EXTPROC_ADDRESS}).")
     serve.add_argument("--workers", type=int, default=1, help="Processes sharing the port via SO_REUSEPORT (default 1).")
     serve.add_argument("--drain-seconds", type=float, default=DEFAULT_DRAIN_S, metavar="SECONDS",
                        help="After SIGTERM/SIGINT, keep routing new requests this long while the health check says "
@@ -248,7 +246,7 @@ def _command(argv: list[str]) -> str | None:
 def main(argv: list[str] | None = None) -> int:
     """Entry point; returns the exit code (0 ok, 1 invalid input/problems, 2 request error)."""
     argv = list(sys.argv[1:] if argv is None else argv)
-    parser = build_parser(with_routers=_command(argv) in ROUTERS_COMMANDS)
+    parser = build_parser(with_routers=_command(argv) in LEARNED_COMMANDS)
     args = parser.parse_args(argv)
     from extproc._telemetry import configure_logging
 

@@ -7,8 +7,7 @@ only when a name that needs them is first used. To export a new name, add one en
 
 from __future__ import annotations
 
-import importlib
-from typing import Any
+from extproc import lazy_exports
 
 #: Public name -> module that defines it. Append here to export more.
 _EXPORTS: dict[str, str] = {
@@ -75,15 +74,4 @@ _EXPORTS: dict[str, str] = {
 
 __all__ = sorted(_EXPORTS)
 
-
-def __getattr__(name: str) -> Any:
-    module = _EXPORTS.get(name)
-    if module is None:
-        raise AttributeError(f"module 'routers' has no attribute {name!r}")
-    value = getattr(importlib.import_module(module), name)
-    globals()[name] = value
-    return value
-
-
-def __dir__() -> list[str]:
-    return sorted(set(globals()) | set(_EXPORTS))
+__getattr__, __dir__ = lazy_exports(__name__, _EXPORTS, globals())

@@ -19,11 +19,11 @@ import importlib
 from collections.abc import Callable
 from pathlib import Path
 
-__all__ = ["register", "COMMANDS", "TORCH_FREE_COMMANDS"]
+from extproc import LEARNED_COMMANDS, ML_INSTALL_HINT
 
-#: Top-level command names this module adds to the CLI.
-COMMANDS = ("train", "eval", "calibrate", "scorer", "label")
-#: The commands of :data:`COMMANDS` that run without the ``ml`` extra.
+__all__ = ["register", "TORCH_FREE_COMMANDS"]
+
+#: The commands of ``extproc.LEARNED_COMMANDS`` (the ones this module adds) that run without the ``ml`` extra.
 TORCH_FREE_COMMANDS = ("label",)
 
 #: Modules the command parsers take their defaults from (they need torch & co.).
@@ -36,7 +36,6 @@ _PARSER_MODULES = (
     "routers.latent_training",
     "routers.query_encoders",
 )
-_INSTALL_HINT = "install the learned-scorer extra: pip install torch==2.13.0 'switchyard[ml]'"
 
 
 def register(subparsers: argparse._SubParsersAction) -> None:
@@ -44,7 +43,7 @@ def register(subparsers: argparse._SubParsersAction) -> None:
 
     Without the ``ml`` extra (torch & co.), each command but :data:`TORCH_FREE_COMMANDS` is
     added as a stub that says how to install it. To add a command group, name it in
-    :data:`COMMANDS` and add its parser here.
+    ``extproc.LEARNED_COMMANDS`` and add its parser here.
     """
     from routers import label_cli
 
@@ -53,7 +52,7 @@ def register(subparsers: argparse._SubParsersAction) -> None:
         for module in _PARSER_MODULES:
             importlib.import_module(module)
     except ModuleNotFoundError as exc:
-        for command in (c for c in COMMANDS if c not in TORCH_FREE_COMMANDS):
+        for command in (c for c in LEARNED_COMMANDS if c not in TORCH_FREE_COMMANDS):
             stub = subparsers.add_parser(command, help=f"(needs the ml extra: {exc.name} is missing)")
             stub.add_argument("rest", nargs=argparse.REMAINDER)
             stub.set_defaults(handler=_missing_extra(exc))
@@ -65,7 +64,7 @@ def _missing_extra(exc: ModuleNotFoundError) -> Callable[[argparse.Namespace], i
     def handler(args: argparse.Namespace) -> int:
         from extproc import SwitchyardError
 
-        raise SwitchyardError(f"`switchyard {args.command}` needs {exc.name}, which is not installed; {_INSTALL_HINT}.")
+        raise SwitchyardError(f"`switchyard {args.command}` needs {exc.name}, which is not installed; {ML_INSTALL_HINT}.")
 
     return handler
 

@@ -1,4 +1,4 @@
-"""Labelled routing sets: JSONL, one request a line (DESIGN.md, "Data formats").
+"""Labelled routing sets: JSONL, one request a line (docs/learned-scorers.md, "Data").
 
     {"id": "q1", "messages": [...OpenAI chat messages...],
      "outcomes": {"small": {"correct": 1, "cost": 0.2}, "large": {"score": 0.8}}}

@@ -18,6 +18,8 @@ from __future__ import annotations
 import argparse
 from pathlib import Path
 
+from extproc import DEFAULT_GRACE_S
+
 __all__ = ["add_scorer_parser", "run_serve"]
 
 #: ServerLimits field -> (metavar, help); the default is appended from ServerLimits.
@@ -50,8 +52,8 @@ def add_scorer_parser(subparsers: argparse._SubParsersAction) -> None:
                        help="YAML file whose `scorers:` section (same format as a policy's) lists the scorers to serve.")
     serve.add_argument("--listen", required=True, metavar="HOST:PORT",
                        help="Address to listen on, e.g. 0.0.0.0:50061 (port 0 picks a free port).")
-    serve.add_argument("--grace", type=float, default=5.0, metavar="SECONDS",
-                       help="Seconds in-flight calls get to finish on shutdown (default 5).")
+    serve.add_argument("--grace", type=float, default=DEFAULT_GRACE_S, metavar="SECONDS",
+                       help=f"Seconds in-flight calls get to finish on shutdown (default {DEFAULT_GRACE_S:g}).")
     serve.add_argument("--tls-cert", type=Path, metavar="FILE",
                        help="PEM certificate (chain) to serve TLS with; needs --tls-key. Default: plaintext. "
                             "The health service answers on the same port over the same TLS.")

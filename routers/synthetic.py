@@ -10,7 +10,7 @@ category, with different costs:
     large        1.00   0.90  0.85  0.85  0.85
 
 So the best route depends on the category and on λ: the oracle uses the specialist (or
-tiny for chat) and ``large`` only for law. Rows follow DESIGN.md's labelled JSONL format.
+tiny for chat) and ``large`` only for law. Rows follow the labelled JSONL format (docs/learned-scorers.md, "Data").
 No torch here.
 """
 

@@ -58,18 +58,20 @@ from grpc_health.v1 import health_pb2, health_pb2_grpc
 from grpc_health.v1._async import HealthServicer
 
 from extproc import (
+    DEFAULT_GRACE_S,
     RoutingRequest,
     Scorer,
     ScorerDescription,
-    ScorerError,
-    ScorerOverloaded,
+    ScorerFailure,
     ScorerSpec,
     Scores,
     SwitchyardError,
     describe_scorer,
     load_scorer,
+    pem_problem,
+    score_within,
+    scorer_message,
 )
-from routers.serving.batcher import scorer_error
 from switchyard.v1 import scorer_pb2, scorer_pb2_grpc
 
 __all__ = ["SERVICE_NAME", "SERVER_OPTIONS", "ScorerServer", "ScorerServicer", "ServerLimits", "ServerTls",
@@ -205,8 +207,9 @@ class ServerTls:
                 raise SwitchyardError(
                     f"{self.FLAGS[field]} file {str(path)!r} cannot be read: {exc.strerror or exc}."
                 ) from exc
-            if b"-----BEGIN " not in data:
-                raise SwitchyardError(f"{self.FLAGS[field]} file {str(path)!r} is not a PEM file (no `-----BEGIN` line).")
+            problem = pem_problem(data, "private key" if field == "key" else "certificate")
+            if problem is not None:
+                raise SwitchyardError(f"{self.FLAGS[field]} file {str(path)!r} {problem}.")
             return data
 
         key, cert = read("key"), read("cert")
@@ -224,6 +227,13 @@ CallerOf = Callable[[grpc.aio.ServicerContext], str]
 _SHOWN_CHARS = 64
 #: The longest sentence an error answer carries.
 _DETAIL_CHARS = 1024
+#: The status a failed call answers with, by the :class:`~extproc.ScorerFailure` reason.
+_CODE_OF_REASON = {
+    "deadline": grpc.StatusCode.DEADLINE_EXCEEDED,
+    "overload": grpc.StatusCode.RESOURCE_EXHAUSTED,  # refused at once by the scorer's own queue: busy
+    "error": grpc.StatusCode.INTERNAL,
+    "non_finite": grpc.StatusCode.INTERNAL,
+}
 
 
 def peer_host(context: grpc.aio.ServicerContext) -> str:
@@ -284,14 +294,6 @@ def _available(request: scorer_pb2.ScoreRequest, description: ScorerDescription 
             raise ValueError(f"`available` names {len(unknown)} model(s) not in this scorer's pool, "
                              f"first {_shown(unknown[0])}; the pool: {', '.join(pool)}.")
     return available
-
-
-def _bad_number(scores: Scores) -> str | None:
-    for field, numbers in (("values", scores.values), ("costs", scores.costs)):
-        for name, value in numbers.items():
-            if not isinstance(value, (int, float)) or not math.isfinite(value):
-                return f"{field}[{name!r}] = {value!r}"
-    return None
 
 
 async def _abort(context: grpc.aio.ServicerContext, code: grpc.StatusCode, detail: str) -> None:
@@ -397,28 +399,14 @@ class ScorerServicer(scorer_pb2_grpc.ScorerServiceServicer):
     async def _run(self, scorer: Scorer, messages: list[dict[str, Any]], deadline: float,
                    available: tuple[str, ...] | None = None) -> tuple[Scores | None, grpc.StatusCode, str]:
         """The scores, or None with the status code and sentence to answer with."""
-        name = scorer.spec.name
-        budget = deadline - time.monotonic()
         request = RoutingRequest.from_json({"messages": messages})
         try:
-            scores = await asyncio.wait_for(scorer.score(request, deadline=deadline, available=available), budget)
-        except (asyncio.TimeoutError, TimeoutError):
-            return None, grpc.StatusCode.DEADLINE_EXCEEDED, f"Scorer {name!r} did not answer within {budget * 1000:.0f} ms."
-        except ScorerOverloaded as exc:  # refused at once by the scorer's own queue: busy
-            return None, grpc.StatusCode.RESOURCE_EXHAUSTED, str(scorer_error(exc, name))
-        except ScorerError as exc:
-            late = time.monotonic() >= deadline
-            code = grpc.StatusCode.DEADLINE_EXCEEDED if late else grpc.StatusCode.INTERNAL
-            return None, code, str(scorer_error(exc, name))
-        except Exception as exc:  # noqa: BLE001 - a scorer bug answers INTERNAL, the server keeps serving
-            log.exception("scorer raised", extra={"scorer": name})
-            return None, grpc.StatusCode.INTERNAL, f"Scorer {name!r} failed: {type(exc).__name__}: {exc}"
+            outcome = await score_within(scorer, request, deadline, available)
         finally:
             _abandon(request)  # answered, late or cancelled: what is still queued for it goes
-        bad = _bad_number(scores)
-        if bad is not None:
-            return None, grpc.StatusCode.INTERNAL, f"Scorer {name!r} produced a non-finite score: {bad}."
-        return scores, grpc.StatusCode.OK, ""
+        if isinstance(outcome, ScorerFailure):
+            return None, _CODE_OF_REASON[outcome.reason], scorer_message(scorer.spec.name, outcome.detail)
+        return outcome, grpc.StatusCode.OK, ""
 
     async def Describe(self, request: scorer_pb2.DescribeRequest,
                        context: grpc.aio.ServicerContext) -> scorer_pb2.DescribeResponse:
@@ -441,7 +429,7 @@ class ScorerServer:
     ``tls`` None: a plaintext port. ``limits``: what one call may ask (default :class:`ServerLimits`).
     """
 
-    def __init__(self, specs: Mapping[str, ScorerSpec], listen: str, *, grace: float = 5.0,
+    def __init__(self, specs: Mapping[str, ScorerSpec], listen: str, *, grace: float = DEFAULT_GRACE_S,
                  loader: Loader = load_scorer, describer: Describer = describe_scorer,
                  tls: ServerTls | None = None, limits: ServerLimits | None = None,
                  caller: CallerOf = peer_host) -> None:
@@ -536,7 +524,7 @@ async def _serve_async(server: ScorerServer) -> None:
         await server.stop()
 
 
-def serve_scorers(config: Path, listen: str, *, grace: float = 5.0, tls: ServerTls | None = None,
+def serve_scorers(config: Path, listen: str, *, grace: float = DEFAULT_GRACE_S, tls: ServerTls | None = None,
                   limits: ServerLimits | None = None) -> int:
     """Serve the scorers of ``config`` on ``listen`` (over ``tls`` when given, within
     ``limits``, default :class:`ServerLimits`) until SIGTERM / SIGINT (blocking).

@@ -25,7 +25,7 @@ import time
 from pathlib import Path
 from typing import Any
 
-from demo.stack import Child, envoy_binary
+from harness import Child, envoy_binary
 
 __all__ = ["POD_IP", "LocalPod", "atomic_write", "reachable"]
 

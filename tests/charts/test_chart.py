@@ -12,7 +12,7 @@ from typing import Any
 import pytest
 import yaml
 
-from demo.stack import envoy_binary
+from harness import envoy_binary
 from extproc._policy import load_policy
 from tests.charts.conftest import CHART, NAMESPACE, RELEASE, find, kinds, notes, render
 from tests.charts.pod import LocalPod

@@ -25,7 +25,7 @@ from typing import Any
 
 import pytest
 
-from demo.stack import Child, free_port, grpc_serving, http_ok
+from harness import Child, free_port, grpc_serving, http_ok
 from tests.charts.conftest import find, render
 from tests.charts.pod import POD_IP, LocalPod, atomic_write, reachable
 from tests.integration.harness import REPO, chat

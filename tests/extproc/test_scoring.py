@@ -396,3 +396,38 @@ def test_two_scorers_with_the_same_settings_share_one_loaded_model(monkeypatch):
         'remote: {target: "127.0.0.1:9", scorer: probe}\n    deadline_ms: 150\n  probe2')
     scorers = ScorerCache().prepare(parse_policy(text))
     assert scorers["probe"] is scorers["probe2"] and loads.count("probe") + loads.count("probe2") == 1
+
+
+class _Counted:
+    """A signal that counts in ``counts`` its evaluations that gave a result (a score signal
+    asked before its scores arrived raises ScoresNeeded instead, having done nothing)."""
+
+    def __init__(self, signal, counts):
+        self.signal, self.counts = signal, counts
+
+    def evaluate(self, ctx):
+        result = self.signal.evaluate(ctx)
+        self.counts[self.signal.name] = self.counts.get(self.signal.name, 0) + 1
+        return result
+
+
+def test_each_signal_is_evaluated_once_across_the_scorer_re_entries():
+    """A decide that needs both scorers enters the engine three times (no scores, the probe's,
+    then the utility's); the signals an earlier entry evaluated are not evaluated again."""
+    text = POLICY.replace("LAMBDA", "0.0").replace(
+        "  - {name: utility, when: tools, route: {utility: utility, lambda: 0.0, among: [small, large]}}\n"
+        "  - {name: probe, when: {not: small_ok}, backend: large}\n",
+        "  - {name: probe, when: {all: [tools, {not: small_ok}]}, backend: large}\n"
+        "  - {name: utility, when: {all: [tools, not_huge]}, route: {utility: utility, lambda: 0.0, among: [small, large]}}\n",
+    ).replace("signals:\n", "signals:\n  not_huge: {kind: token_count, below: 100000, scope: last_user}\n")
+    policy = parse_policy(text)
+    counts: dict[str, int] = {}
+    for name, signal in list(policy.signals.items()):
+        policy.signals[name] = _Counted(signal, counts)
+    scorers = {"probe": FixedScorer(policy.scorers["probe"], {"relope": 0.9}),  # small_ok holds: no probe route
+               "utility": FixedScorer(policy.scorers["utility"], {"m-small": 0.6, "m-large": 0.9})}
+    decision = decide(PolicyEngine(policy, scorers), chat(LONG, tools=[{"type": "function"}]))
+    assert (decision.rule, decision.backend.name) == ("utility", "large")
+    assert scorers["probe"].calls == 1 and scorers["utility"].calls == 1
+    assert counts == {"short": 1, "tools": 1, "small_ok": 1, "not_huge": 1}
+    assert list(decision.signals) == ["short", "tools", "small_ok", "not_huge"]

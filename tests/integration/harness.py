@@ -1,6 +1,6 @@
 """A real gateway for tests: demo backends + switchyard + Envoy on free loopback ports.
 
-``Gateway`` wraps :class:`demo.stack.Stack` with small HTTP helpers. Responses are plain
+``Gateway`` wraps :class:`harness.Stack` with small HTTP helpers. Responses are plain
 ``Response`` objects (status, lower-cased headers, body), never exceptions, so a test can
 assert on 4xx/5xx answers directly.
 """
@@ -17,7 +17,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from demo.stack import Stack
+from harness import Stack
 
 __all__ = ["DEFAULT_POLICY", "REPO", "Gateway", "Response", "chat"]
 

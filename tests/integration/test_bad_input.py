@@ -25,7 +25,7 @@ from pathlib import Path
 import pytest
 import yaml
 
-import demo.stack
+import harness.stack
 from tests.integration.harness import Gateway, Response
 
 POLICY = """\
@@ -81,7 +81,7 @@ def gw(tmp_path_factory, monkeypatch_module) -> Gateway:
     workdir = tmp_path_factory.mktemp("bad-input")
     policy = workdir / "policy.yaml"
     policy.write_text(POLICY)
-    monkeypatch_module.setattr(demo.stack, "write_envoy_config", _short_timeouts(demo.stack.write_envoy_config))
+    monkeypatch_module.setattr(harness.stack, "write_envoy_config", _short_timeouts(harness.stack.write_envoy_config))
     gateway = Gateway(policy, workdir).start()
     try:
         yield gateway

@@ -16,7 +16,7 @@ import pytest
 
 from demo import learned
 from demo.run import DEMO_POLICY, SAMPLES, score_shown, send_samples
-from demo.stack import Stack
+from harness import Stack
 from tests.integration.harness import DEFAULT_POLICY, REPO
 
 #: Few rows and epochs: the test checks the path, not the quality.

@@ -13,8 +13,6 @@ from pathlib import Path
 import pytest
 import yaml
 
-from demo.envoy_config import render_envoy_config
-from demo.stack import Child, envoy_binary, free_port, grpc_serving, http_ok
 from extproc import cli
 from extproc._envoy_render import (
     MESSAGE_TIMEOUT_MS,
@@ -31,6 +29,7 @@ from extproc._envoy_render import (
 from extproc._errors import EnvoyConfigError
 from extproc._mutations import ROUTING_HEADER
 from extproc._policy import load_policy, parse_policy
+from harness import Child, envoy_binary, free_port, grpc_serving, http_ok, render_envoy_config
 from tests.integration.harness import REPO, Gateway
 
 DEFAULT_POLICY = REPO / "policies" / "default.yaml"

@@ -212,7 +212,7 @@ def test_a_remote_scorer_killed_gives_the_fallback_and_scores_again_once_restart
     import subprocess
     import sys
 
-    from demo.stack import free_port, grpc_serving
+    from harness import free_port, grpc_serving
 
     _, scores, HARD, EASY = gateway
     port = free_port()

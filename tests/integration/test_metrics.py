@@ -31,7 +31,7 @@ from opentelemetry.proto.collector.metrics.v1 import metrics_service_pb2, metric
 from opentelemetry.proto.collector.trace.v1 import trace_service_pb2, trace_service_pb2_grpc
 from prometheus_client.parser import text_string_to_metric_families
 
-from demo.stack import free_port
+from harness import free_port
 from tests.extproc.test_telemetry import dashboard_metric_names, exposition_names
 from tests.integration.harness import DEFAULT_POLICY, Gateway, chat
 

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import argparse
-import importlib.util
 import json
 
 import pytest
@@ -88,7 +87,6 @@ def test_bad_lambdas_is_a_data_error(checkpoint):
         latent_cli.run_latent_router_eval(_eval_args(ck, test, lambdas="0,abc"))
 
 
-@pytest.mark.skipif(importlib.util.find_spec("routers.probe_cli") is None, reason="routers.probe_cli not there yet")
 def test_top_level_cli_dispatches_to_latent_router(checkpoint, tmp_path):
     from extproc.cli import main
 

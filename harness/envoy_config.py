@@ -39,4 +39,4 @@ def render_envoy_config(policy: Path | Policy, **kwargs: Any) -> dict[str, Any]:
 
 def write_envoy_config(path: Path, policy: Path | Policy, **kwargs: Any) -> Path:
     """Render (see :func:`render_envoy_config`) and write the YAML to ``path``; returns ``path``."""
-    return _rendered(policy, **kwargs).write(path, "Rendered for the local stack by demo/envoy_config.py.")
+    return _rendered(policy, **kwargs).write(path, "Rendered for the local stack by harness/envoy_config.py.")
