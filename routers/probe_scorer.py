@@ -1,10 +1,13 @@
-"""Batched scoring with several probes that share one truncated prefill.
+"""Offline scoring (``switchyard eval`` and ``calibrate``) with several probes on one backbone.
 
-:class:`ProbeScorer` sorts a batch of requests by token length, cuts it into the forwards with
-the least predicted time (bounded in requests and padded tokens; :mod:`routers.forward_cost`),
-pads each chunk once, runs the backbone once up to the deepest probe layer, and applies every
-probe to the states it reads (ReLope re-runs only its own layer). Scores are P(small model answers correctly).
-A NaN or infinite score raises :class:`ScorerError`, so the policy takes its fallback.
+:class:`ProbeScorer` runs the serving prefill's forward
+(:func:`routers.serving.prefill.prefill_forward`: encode → chunk plan → states → each
+probe), with no event loop or micro-batcher, so what evaluation measures is what serving
+scores, to the same numbers. It sorts a whole set by token length and hands it to that
+forward in windows bounded in requests and padded tokens (:meth:`ProbeScorer.chunks`, with
+the least predicted time: :mod:`routers.forward_cost`). Scores are P(small model answers
+correctly). A request that cannot be scored (a prompt that cannot be encoded, a NaN or
+infinite score) raises its :class:`ScorerError`: offline, one failed request fails the run.
 """
 
 from __future__ import annotations
@@ -13,11 +16,9 @@ from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
-import torch
-
 from extproc import CheckpointError, ScorerError
 from routers.forward_cost import ForwardCost, plan_chunks
-from routers.probes._base import output_layers
+from routers.serving.prefill import ProbeMember, prefill_forward
 
 __all__ = ["ProbeScorer"]
 
@@ -43,17 +44,11 @@ class ProbeScorer:
             if isinstance(value, bool) or not isinstance(value, int) or value < 1:
                 raise ValueError(f"`{name}` must be a positive integer, got {value!r}.")
         self.backbone = backbone
-        self.probes = {name: probe.eval() for name, probe in probes.items()}
+        self.member = ProbeMember(probes)  # what a served probe scorer is, in its prefill group
+        self.probes = self.member.probes
         self.batch_size = batch_size
         self.max_batch_tokens = max_batch_tokens
         self._cost = cost
-        self.layers = sorted({probe.layer for probe in self.probes.values()})
-        # no probe needs the full output of its layer (the last-token probe reads its last
-        # token; ReLope and the Attention Probe read its input), so the backbone may cut the
-        # deepest layer's feed-forward block to the last token
-        self.last_only = self.layers
-        # and a layer no probe reads the output of need not run at all
-        self.input_only = sorted(set(self.layers) - output_layers(self.probes.values()))
 
     @classmethod
     def from_checkpoints(
@@ -83,25 +78,16 @@ class ProbeScorer:
 
     def score(self, conversations: Sequence[Sequence[Mapping[str, Any]]]) -> dict[str, list[float]]:
         """P(small model correct) per probe name, one float per conversation, input order."""
-        logits = self.logits(conversations)
-        return {name: torch.sigmoid(values).tolist() for name, values in logits.items()}
-
-    def logits(self, conversations: Sequence[Sequence[Mapping[str, Any]]]) -> dict[str, torch.Tensor]:
-        """Raw probe logits per name, [N] float32 on CPU, input order."""
-        n = len(conversations)
-        out = {name: torch.empty(n) for name in self.probes}
-        if n == 0:
-            return out
-        with torch.inference_mode():
-            for index in self.chunks(conversations):
-                states = self.backbone.run(
-                    [conversations[i] for i in index], self.layers, last_only=self.last_only, input_only=self.input_only
-                )
-                for name, probe in self.probes.items():
-                    values = probe(states.at(probe.layer)).float().cpu()
-                    if not torch.isfinite(values).all():
-                        raise ScorerError(f"Probe {name!r} returned a NaN or infinite score.")
-                    out[name][index] = values
+        out = {name: [0.0] * len(conversations) for name in self.probes}
+        for window in self.chunks(conversations) if conversations else []:
+            items = [conversations[i] for i in window]
+            for indices, rows in prefill_forward(self.backbone, [self.member], items, self.cost):
+                for j, row in zip(indices, rows, strict=True):
+                    values = row if isinstance(row, ScorerError) else row[self.member.key]
+                    if isinstance(values, ScorerError):
+                        raise values
+                    for name, value in values.items():
+                        out[name][window[j]] = value
         return out
 
     def chunks(self, conversations: Sequence[Sequence[Mapping[str, Any]]]) -> list[list[int]]:

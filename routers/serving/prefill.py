@@ -23,6 +23,10 @@ What is shared, and when:
   be answered before its deadline.
 - A failure of one request (a bad image, a chat template error, a NaN) fails that request
   only; a failure of the forward itself fails its batch.
+- **One forward.** :func:`prefill_forward` (encode → chunk plan → states → each member's
+  ``compute``) is the only probe forward: offline scoring (``switchyard eval`` and
+  ``calibrate``, through :class:`routers.probe_scorer.ProbeScorer`) runs it too, without the
+  micro-batcher, so offline and served scores are the same numbers.
 """
 
 from __future__ import annotations
@@ -41,7 +45,17 @@ from routers.forward_cost import ForwardCost, LiveCost, plan_chunks
 from routers.serving.batcher import MicroBatcher
 from routers.serving.images import has_images, with_loaded_images
 
-__all__ = ["BATCH_SIZE", "BackboneKey", "PrefillGroup", "ProbeMember", "PooledMember", "acquire_group", "release_group"]
+__all__ = [
+    "BATCH_SIZE",
+    "BackboneKey",
+    "PrefillGroup",
+    "ProbeMember",
+    "PooledMember",
+    "acquire_group",
+    "chunk_plan",
+    "prefill_forward",
+    "release_group",
+]
 
 #: Key of a prefill row holding how many requests shared its forward.
 BATCH_SIZE = "__batch_size__"
@@ -196,64 +210,97 @@ class PrefillGroup:
     # ---- worker thread ------------------------------------------------------------------
 
     def _forward(self, items: list[list[Mapping[str, Any]]]) -> Iterator[tuple[list[int], list[Any]]]:
-        """Each request's prefill row, yielded forward by forward (shortest prompts first),
-        so a request is answered as soon as its own forward is done."""
-        import torch
-
+        """Each request's prefill row, yielded forward by forward (:func:`prefill_forward`
+        with this group's members and live cost), each row also telling how many requests
+        shared the batch (:data:`BATCH_SIZE`)."""
         members = list(self._members.values())  # copy-on-write: a consistent snapshot
-        good = list(range(len(items)))
-        encoding = time.perf_counter()
-        try:
-            batch = self.backbone.encode(items)
-        except ScorerError:  # find the request(s) that cannot be encoded; score the rest
-            good, failed = [], []
-            for i, item in enumerate(items):
-                try:
-                    self.backbone.encode([item])
-                    good.append(i)
-                except ScorerError as exc:
-                    failed.append((i, exc))
-            yield [i for i, _ in failed], [exc for _, exc in failed]
-            if not good:
-                return
-            batch = self.backbone.encode([items[i] for i in good])
-        layers = sorted(set().union(*(m.layers for m in members))) or [self.kept_layers]
-        full = set().union(*(m.full_layers for m in members))
-        last_only = [layer for layer in layers if layer not in full]
-        outputs = set().union(*(m.output_layers for m in members))
-        input_only = [layer for layer in layers if layer not in outputs]
-        timed = set(batch) <= _SLICEABLE  # the cost model knows text forwards only
-        # a request's share of tokenizing is part of what its forward costs it: admission
-        # and batch cutting predict the whole wait, not the model's part alone
-        encode_share = (time.perf_counter() - encoding) / len(good)
-        for chunk in self._chunks(batch):
-            requests = [good[j] for j in chunk]
-            rows = _rows(batch, chunk)
-            started = time.perf_counter()
-            try:
-                with torch.inference_mode():
-                    out = self.backbone.states(rows, layers, last_only=last_only, input_only=input_only)
-                    values = {m.key: m.compute(out, len(chunk)) for m in members}
-            except ScorerError as exc:  # this chunk's forward failed: its requests fail
-                yield requests, [exc] * len(chunk)
-                continue
-            if timed:
-                took = time.perf_counter() - started + encode_share * len(chunk)
-                self.live_cost.observe(len(chunk), int(rows["attention_mask"].shape[1]), took)
-            answers = [{key: column[k] for key, column in values.items()} for k in range(len(chunk))]
+        for requests, answers in prefill_forward(self.backbone, members, items, self.cost, self.live_cost.observe):
             for answer in answers:
-                answer[BATCH_SIZE] = len(items)
+                if isinstance(answer, dict):
+                    answer[BATCH_SIZE] = len(items)
             yield requests, answers
 
     def _chunks(self, batch: Mapping[str, Any]) -> list[list[int]]:
-        """Rows of ``batch`` grouped into the forwards with the least predicted time
-        (:func:`~routers.forward_cost.plan_chunks` with :attr:`cost`). Batches with
-        images run as one forward."""
-        mask = batch["attention_mask"]
-        n = int(mask.shape[0])
-        if n == 1 or not set(batch) <= _SLICEABLE:
-            return [list(range(n))]
-        return plan_chunks(mask.sum(dim=1).tolist(), self.cost, pad_multiple=self.backbone.pad_multiple)
+        """Rows of ``batch`` grouped into forwards by :attr:`cost` (:func:`chunk_plan`)."""
+        return chunk_plan(self.backbone, batch, self.cost)
+
+
+# ---- the probe forward (serving and offline scoring alike) -------------------------------
+
+
+def prefill_forward(
+    backbone: Any,
+    members: Sequence[Any],
+    items: Sequence[Sequence[Mapping[str, Any]]],
+    cost: ForwardCost,
+    observe: Callable[[int, int, float], None] | None = None,
+) -> Iterator[tuple[list[int], list[Any]]]:
+    """The one forward that scores with a backbone's prefill, served
+    (:class:`PrefillGroup`) or offline (:class:`routers.probe_scorer.ProbeScorer`).
+
+    ``items`` (OpenAI ``messages`` lists) are encoded as one right-padded batch, cut into the
+    forwards ``cost`` predicts cheapest (:func:`chunk_plan`), and each forward runs the
+    backbone up to the deepest layer a member reads, then every member's ``compute``.
+    Yields ``(indices into items, rows)`` forward by forward, shortest prompts first; a row
+    maps each member's ``key`` to its result, or is the :class:`ScorerError` that failed
+    that request (one that cannot be encoded fails alone; a failed forward fails its
+    requests). ``observe(requests, width, seconds)`` is told what each text forward took,
+    its share of encoding included (a :class:`~routers.forward_cost.LiveCost` refits from
+    it).
+    """
+    import torch
+
+    good = list(range(len(items)))
+    encoding = time.perf_counter()
+    try:
+        batch = backbone.encode(items)
+    except ScorerError:  # find the request(s) that cannot be encoded; score the rest
+        good, failed = [], []
+        for i, item in enumerate(items):
+            try:
+                backbone.encode([item])
+                good.append(i)
+            except ScorerError as exc:
+                failed.append((i, exc))
+        yield [i for i, _ in failed], [exc for _, exc in failed]
+        if not good:
+            return
+        batch = backbone.encode([items[i] for i in good])
+    layers = sorted(set().union(*(m.layers for m in members))) or [int(backbone.config.layer)]
+    full = set().union(*(m.full_layers for m in members))
+    last_only = [layer for layer in layers if layer not in full]
+    outputs = set().union(*(m.output_layers for m in members))
+    input_only = [layer for layer in layers if layer not in outputs]
+    timed = observe is not None and set(batch) <= _SLICEABLE  # the cost model knows text forwards only
+    # a request's share of tokenizing is part of what its forward costs it: admission
+    # and batch cutting predict the whole wait, not the model's part alone
+    encode_share = (time.perf_counter() - encoding) / len(good)
+    for chunk in chunk_plan(backbone, batch, cost):
+        requests = [good[j] for j in chunk]
+        rows = _rows(batch, chunk)
+        started = time.perf_counter()
+        try:
+            with torch.inference_mode():
+                out = backbone.states(rows, layers, last_only=last_only, input_only=input_only)
+                values = {m.key: m.compute(out, len(chunk)) for m in members}
+        except ScorerError as exc:  # this chunk's forward failed: its requests fail
+            yield requests, [exc] * len(chunk)
+            continue
+        if timed:
+            took = time.perf_counter() - started + encode_share * len(chunk)
+            observe(len(chunk), int(rows["attention_mask"].shape[1]), took)
+        yield requests, [{key: column[k] for key, column in values.items()} for k in range(len(chunk))]
+
+
+def chunk_plan(backbone: Any, batch: Mapping[str, Any], cost: ForwardCost) -> list[list[int]]:
+    """Rows of an encoded ``batch`` grouped into the forwards with the least predicted time
+    (:func:`~routers.forward_cost.plan_chunks` with ``cost``). Batches with images run as
+    one forward."""
+    mask = batch["attention_mask"]
+    n = int(mask.shape[0])
+    if n == 1 or not set(batch) <= _SLICEABLE:
+        return [list(range(n))]
+    return plan_chunks(mask.sum(dim=1).tolist(), cost, pad_multiple=backbone.pad_multiple)
 
 
 #: Encoded inputs that can be cut into row chunks (text only; images are not sliced).
