@@ -24,7 +24,9 @@ import argparse
 import json
 import math
 import random
+import subprocess
 import sys
+import tempfile
 import time
 from pathlib import Path
 from typing import Any
@@ -131,12 +133,20 @@ def references(names: list[str], quality: torch.Tensor, cost: torch.Tensor, scal
     return out
 
 
+def _split(args: argparse.Namespace, n: int, seed: int) -> tuple[list[int], int]:
+    """Row order and train/test cut: the last ``--test-rows`` rows held out when given (the same
+    split for every seed), else a random ``--train-fraction`` split seeded by ``seed``."""
+    order = list(range(n))
+    if args.test_rows:
+        return order, n - args.test_rows
+    random.Random(seed).shuffle(order)
+    return order, int(round(args.train_fraction * n))
+
+
 def _one_split(args: argparse.Namespace, requests: list[Any], features: dict[str, Any], names: list[str],
                lambdas: list[float], seed: int) -> tuple[list[dict[str, Any]], dict[str, dict[str, float]], int, int]:
-    """Train and evaluate every encoder and the references on one seeded split."""
-    order = list(range(len(requests)))
-    random.Random(seed).shuffle(order)
-    cut = int(round(args.train_fraction * len(order)))
+    """Train (seeded by ``seed``) and evaluate every encoder and the references on one split."""
+    order, cut = _split(args, len(requests), seed)
     train = [requests[i] for i in order[:cut]]
     test = [requests[i] for i in order[cut:]]
     tr_idx, te_idx = torch.tensor(order[:cut]), torch.tensor(order[cut:])
@@ -177,6 +187,71 @@ def _one_split(args: argparse.Namespace, requests: list[Any], features: dict[str
     return rows, shifts, len(train), len(test)
 
 
+_CLI = "import sys\nfrom extproc.cli import main\nsys.exit(main(sys.argv[1:]))\n"
+TARGET_FIGURES = ("roc_auc", "apgr", "cpt50", "cpt80")
+
+
+def _switchyard(*argv: str) -> None:
+    """Run the real ``switchyard`` CLI; its output goes to stderr, a failure stops the bench."""
+    subprocess.run([sys.executable, "-c", _CLI, *argv], cwd=ROOT, check=True, stdout=sys.stderr)
+
+
+def _write_split(data: Path, test_rows: int, work: Path) -> tuple[Path, Path]:
+    """The file's first rows as ``train.jsonl`` and its last ``test_rows`` rows as ``test.jsonl``."""
+    lines = [line for line in data.read_text(encoding="utf-8").splitlines() if line.strip()]
+    train, test = work / "train.jsonl", work / "test.jsonl"
+    train.write_text("\n".join(lines[:-test_rows]) + "\n", encoding="utf-8")
+    test.write_text("\n".join(lines[-test_rows:]) + "\n", encoding="utf-8")
+    return train, test
+
+
+def probe_targets(args: argparse.Namespace, requests: list[Any], names: list[str]) -> dict[str, Any]:
+    """``--targets``: for each seed, a probe trained with ``--target small_ok`` and one with
+    ``--target gain`` on the same train rows, each scored by ``switchyard eval`` on the held-out
+    rows; mean and std of its figures per target (small, large: the cheapest and the dearest model)."""
+    mean_cost = outcome_matrix(requests, names)[1].mean(0)
+    small, large = names[int(mean_cost.argmin())], names[int(mean_cost.argmax())]
+    backbone, layer = args.backbone or str(minilm_path()), args.layer or 3
+    per_seed: dict[str, list[dict[str, Any]]] = {}
+    with tempfile.TemporaryDirectory(prefix="quality-targets-") as tmp:
+        work = Path(tmp)
+        train, test = _write_split(Path(args.data), args.test_rows, work)
+        for target in ("small_ok", "gain"):
+            for seed in range(args.seed, args.seed + args.repeats):
+                ckpt, out = work / f"{target}-{seed}", work / f"{target}-{seed}.json"
+                t = time.perf_counter()
+                _switchyard("train", "probe", "--method", args.probe_method, "--backbone", backbone,
+                            "--layer", str(layer), "--data", str(train), "--small", small, "--large", large,
+                            "--target", target, "--seed", str(seed), "--no-progress", "--out", str(ckpt))
+                _switchyard("eval", "--checkpoint", str(ckpt), "--data", str(test), "--small", small,
+                            "--large", large, "--out", str(out))
+                report = json.loads(out.read_text())
+                row = {k: report[k] for k in TARGET_FIGURES}
+                row.update(seed=seed, seconds=round(time.perf_counter() - t, 1))
+                per_seed.setdefault(target, []).append(row)
+                print(f"  {target} seed {seed}: APGR {row['apgr']:.3f}, CPT(50%) {row['cpt50']:.3f}", file=sys.stderr)
+    summary = {
+        target: {k: {"mean": float(np.mean([r[k] for r in rows])), "std": float(np.std([r[k] for r in rows]))}
+                 for k in TARGET_FIGURES}
+        for target, rows in per_seed.items()
+    }
+    return {"method": args.probe_method, "backbone": backbone, "layer": layer, "small": small, "large": large,
+            "summary": summary, "per_seed": per_seed}
+
+
+def format_targets(res: dict[str, Any], n_train: int, n_test: int) -> str:
+    """Markdown table of ``--targets``."""
+    t = res["targets"]
+    backbone = "the bundled MiniLM-L6 (stand-in)" if t["backbone"] == str(minilm_path()) else t["backbone"]
+    lines = [f"{t['method']} probe on {backbone}, layer {t['layer']}: train {n_train}, test {n_test} "
+             f"(the last rows); mean ± std over {res['repeats']} seeds", "",
+             "| target | ROC AUC | APGR | CPT(50%) | CPT(80%) |", "|---|---|---|---|---|"]
+    for target, figures in t["summary"].items():
+        cells = [f"{_f(figures[k]['mean'])} ± {_f(figures[k]['std'])}" for k in TARGET_FIGURES]
+        lines.append(f"| {target} | " + " | ".join(cells) + " |")
+    return "\n".join(lines)
+
+
 def _aggregate(per_split: list[list[dict[str, Any]]]) -> list[dict[str, Any]]:
     """Mean over splits of every numeric field (``<field>_std`` for AUC and APGR)."""
     out = []
@@ -191,7 +266,7 @@ def _aggregate(per_split: list[list[dict[str, Any]]]) -> list[dict[str, Any]]:
                 continue
             arr = np.asarray(values, dtype=float)
             row[key] = float(np.nanmean(arr)) if not np.all(np.isnan(arr)) else math.nan
-            if key in ("auc", "apgr") and len(values) > 1:
+            if key in ("auc", "apgr", "cpt50") and len(values) > 1:
                 row[f"{key}_std"] = float(np.nanstd(arr))
         out.append(row)
     return out
@@ -204,7 +279,14 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--backbone", help="local backbone model folder (default: the bundled MiniLM-L6 as a stand-in)")
     ap.add_argument("--layer", type=int, help="backbone layer to pool (default: 3 for the stand-in, else half the layers)")
     ap.add_argument("--train-fraction", type=float, default=0.7)
-    ap.add_argument("--repeats", type=int, default=3, help="random train/test splits (seeds seed..seed+repeats-1)")
+    ap.add_argument("--test-rows", type=int, default=0,
+                    help="hold out the file's last N rows (one split; --repeats then varies the training seed only)")
+    ap.add_argument("--targets", action="store_true",
+                    help="also train a probe per target (small_ok, gain) and seed on that split and compare them "
+                         "with `switchyard eval` (needs --test-rows and a two-model file)")
+    ap.add_argument("--probe-method", default="attention", help="probe kind for --targets")
+    ap.add_argument("--repeats", type=int, default=3,
+                    help="random train/test splits, or training seeds with --test-rows (seeds seed..seed+repeats-1)")
     ap.add_argument("--n-synthetic", type=int, default=1600)
     ap.add_argument("--epochs", type=int, default=60)
     ap.add_argument("--mid-lambda", type=float, default=0.2)
@@ -212,11 +294,14 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--threads", type=int, default=1, help="torch threads (the router is tiny; 1 avoids oversubscription)")
     ap.add_argument("--out", type=Path)
     args = ap.parse_args(argv)
+    if args.targets and (not args.test_rows or args.data == "synthetic"):
+        ap.error("--targets needs --test-rows N and a labelled file as --data")
     torch.set_num_threads(args.threads)
     t0 = time.perf_counter()
 
     dataset, requests = _load(args.data, args.n_synthetic, args.seed)
     names = list(requests[0].outcomes)
+    targets = probe_targets(args, requests, names) if args.targets else None
     lambdas = sorted(set(DEFAULT_LAMBDAS) | {args.mid_lambda})
     skipped: dict[str, str] = {}
     notes: dict[str, str] = {}
@@ -251,6 +336,7 @@ def main(argv: list[str] | None = None) -> int:
         "n_train": n_train,
         "n_test": n_test,
         "repeats": args.repeats,
+        "fixed_split": bool(args.test_rows),
         "pool": names,
         "mid_lambda": args.mid_lambda,
         "rows": _aggregate(per_split),
@@ -262,10 +348,15 @@ def main(argv: list[str] | None = None) -> int:
         "seconds": round(time.perf_counter() - t0, 1),
         "threads": args.threads,
     }
+    if targets is not None:
+        result_json["targets"] = targets
     out = args.out or ROOT / "bench" / "results" / f"quality-{dataset}.json"
     out.parent.mkdir(parents=True, exist_ok=True)
     out.write_text(json.dumps(result_json, indent=2) + "\n")
     print(format_table(result_json))
+    if targets is not None:
+        print()
+        print(format_targets(result_json, n_train, n_test))
     print(f"wrote {out}")
     return 0
 
@@ -290,14 +381,16 @@ def format_table(res: dict[str, Any]) -> str:
     head = ["router", "AUC", "max quality", "cost @max", f"quality @λ={res['mid_lambda']}", f"cost @λ={res['mid_lambda']}"]
     if two:
         head += ["APGR", "CPT(50%)", "CPT(80%)"]
+    over = (f"{res['repeats']} training seeds on one split (the last {res['n_test']} rows held out)"
+            if res.get("fixed_split") else f"{res['repeats']} random splits")
     lines = [f"{res['dataset']}: pool {', '.join(res['pool'])}; train {res['n_train']}, test {res['n_test']}; "
-             f"mean (± std) over {res['repeats']} random splits", "",
+             f"mean (± std) over {over}", "",
              "| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
     for r in res["rows"]:
         cells = [r["router"], _pm(r, "auc"), _f(r["quality_max"]), _f(r["cost_at_quality_max"], 5),
                  _f(r.get("quality_mid")), _f(r.get("cost_mid"), 5)]
         if two:
-            cells += [_pm(r, "apgr"), _f(r.get("cpt50")), _f(r.get("cpt80"))]
+            cells += [_pm(r, "apgr"), _pm(r, "cpt50"), _f(r.get("cpt80"))]
         lines.append("| " + " | ".join(cells) + " |")
     if res["pool_shift_auc"]:
         shifts = list(next(iter(res["pool_shift_auc"].values())))

@@ -261,15 +261,18 @@ def dataset_hash(path: str | Path) -> str:
     return digest.hexdigest()
 
 
-def holdout_split(n: int, fraction: float, seed: int = 0) -> tuple[list[int], list[int]]:
-    """``(train, validation)`` indices of ``range(n)``: a seeded random ``fraction`` held out
-    (rounded, at least 1), the rest in their original order. Nothing is held out when
-    ``fraction`` is 0 or ``n`` < :data:`MIN_HOLDOUT_SIZE`."""
+def holdout_split(ids: Sequence[str], fraction: float, seed: int = 0) -> tuple[list[int], list[int]]:
+    """``(train, validation)`` indices of the requests whose ids are ``ids``: a seeded
+    ``fraction`` held out (rounded, at least 1), the rest in their original order. Which
+    requests are held out depends on their ids and ``seed`` only, never on their order in
+    the file (``switchyard label`` writes rows in the order they finish), so the same
+    labelled rows give the same split. Nothing is held out when ``fraction`` is 0 or there
+    are fewer than :data:`MIN_HOLDOUT_SIZE` requests."""
     if not 0.0 <= fraction < 1.0:
         raise ValueError(f"`val_fraction` must be in [0, 1), got {fraction!r}.")
+    n = len(ids)
     if fraction == 0.0 or n < MIN_HOLDOUT_SIZE:
         return list(range(n)), []
-    order = list(range(n))
-    random.Random(seed).shuffle(order)
-    held = set(order[: max(1, round(fraction * n))])
+    rank = sorted(range(n), key=lambda i: hashlib.sha256(f"{seed}\0{ids[i]}".encode()).digest())
+    held = set(rank[: max(1, round(fraction * n))])
     return [i for i in range(n) if i not in held], sorted(held)

@@ -333,7 +333,7 @@ def train_latent_router(
         tx, tq, tc = train_features, quality, cost
         validation: dict[str, Any] = {"source": "given", "fraction": None}
     else:
-        kept, held = holdout_split(len(train), cfg.val_fraction, cfg.seed)
+        kept, held = holdout_split([r.id for r in train], cfg.val_fraction, cfg.seed)
         held_ids = [train[i].id for i in held]
         if held:
             tr_idx, val_idx = torch.tensor(kept), torch.tensor(held)

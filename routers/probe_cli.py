@@ -201,9 +201,24 @@ def run_train_probe(args: argparse.Namespace) -> int:
         f"{backbone.truncation.max_tokens} tokens) to {args.out}"
     )
     if rows is not None:
-        print(f"Held-out validation rows: {args.out / VALIDATION_FILE} (calibrate on them: "
-              f"switchyard calibrate --checkpoint {args.out} --data {args.out / VALIDATION_FILE} --large-share 0.2)")
+        share = _labelled_large_share(train, result.validation_ids, args)
+        print(f"Held-out validation rows: {args.out / VALIDATION_FILE}; the labels send {share:.0%} of them to "
+              f"the large model (calibrate on them: switchyard calibrate --checkpoint {args.out} "
+              f"--data {args.out / VALIDATION_FILE} --large-share {max(0.01, round(share, 2)):g})")
     return 0
+
+
+def _labelled_large_share(train: list, ids: list[str], args: argparse.Namespace) -> float:
+    """The share of the held-out requests whose labels say "large": the small model failed
+    (``small_ok``), or the large one does better (``gain``); graded labels cut at 0.5."""
+    from routers.data import without_failed
+    from routers.probe_training import needed_backends, target_labels
+
+    wanted = set(ids)
+    held = without_failed([r for r in train if r.id in wanted], needed_backends(args.target, args.small, args.large))
+    labels = target_labels(held, args.target, args.small, args.large)
+    large = labels < 0.5 if args.target == "small_ok" else labels >= 0.5
+    return float(large.mean()) if len(labels) else 0.0
 
 
 def _validation_text(validation: dict[str, Any], auc: float | None) -> str:

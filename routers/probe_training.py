@@ -258,7 +258,7 @@ def train_probe(
     if val:
         validation = {"source": "given", "fraction": None}
     else:
-        kept, held = holdout_split(len(train), config.val_fraction, config.seed)
+        kept, held = holdout_split([r.id for r in train], config.val_fraction, config.seed)
         train, val = [train[i] for i in kept], [train[i] for i in held]
         held_ids = [r.id for r in val]
         validation = {"source": "held_out" if val else "none", "fraction": config.val_fraction if val else 0.0}

@@ -15,13 +15,20 @@ so the text-only encoders still see that a request carries images. Long texts ar
 model's own limit; the encoder's ``truncation`` is what it applies, and a checkpoint records it.
 Every encoder cuts a text by characters before reading it (the ``hashing`` encoder to what
 the default token limit keeps), so its work is bounded whatever the prompt's length.
+
+Serving cuts a ``text`` encoder's batch like the probes' (:mod:`routers.forward_cost`): its
+forward cost is measured once per loaded encoder (:attr:`TextEncoder.forward_cost`), and
+:meth:`TextEncoder.encode_planned` tokenizes a batch once and runs it as the forwards that
+cost predicts cheapest, reporting what each took.
 """
 
 from __future__ import annotations
 
+import functools
 import logging
 import math
 import re
+import time
 import zlib
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, replace
@@ -31,6 +38,7 @@ from typing import Any
 import torch
 
 from extproc import CheckpointError, conversation_text, image_urls, last_user_text
+from routers.forward_cost import MEASURED_WIDTHS, UNMEASURED_COST, ForwardCost, measure, plan_chunks
 from routers.truncation import Truncation, position_limit
 
 __all__ = [
@@ -100,6 +108,11 @@ def _query_text(messages: Conversation) -> str:
     return last_user_text(messages) or conversation_text(messages)
 
 
+def _with_side_features(base: torch.Tensor, conversations: Sequence[Conversation]) -> torch.Tensor:
+    side = torch.tensor([side_features(c) for c in conversations], dtype=torch.float32)
+    return torch.cat([base.float(), side.reshape(len(conversations), SIDE_FEATURES)], dim=1)
+
+
 class QueryEncoder:
     """Base: ``encode`` a list of conversations to a ``(N, dim)`` float32 tensor.
 
@@ -109,6 +122,9 @@ class QueryEncoder:
     spec: EncoderSpec
     dim: int
     truncation: Truncation | None = None
+    #: What one forward of the encoder costs, for cutting served batches (``None``: the
+    #: encoder runs no forward of its own worth planning; see :class:`TextEncoder`).
+    forward_cost: ForwardCost | None = None
 
     def encode(self, conversations: Sequence[Conversation], batch_size: int = 32, progress: bool = False) -> torch.Tensor:
         """Features ``(N, dim)``; ``progress`` shows a bar (for long offline encodes)."""
@@ -121,9 +137,7 @@ class QueryEncoder:
         for start in tqdm(starts, desc=f"encode ({self.spec.kind})", unit="batch", disable=not progress, leave=False):
             idx = order[start : start + batch_size]
             base[idx] = self._encode_batch([conversations[i] for i in idx]).float()
-        side = torch.tensor([side_features(c) for c in conversations], dtype=torch.float32)
-        out = torch.cat([base.float(), side.reshape(len(conversations), SIDE_FEATURES)], dim=1)
-        return out
+        return _with_side_features(base, conversations)
 
     def _encode_batch(self, conversations: Sequence[Conversation]) -> torch.Tensor:
         raise NotImplementedError
@@ -183,7 +197,7 @@ class TextEncoder(QueryEncoder):
     def __init__(self, spec: EncoderSpec, device: str | torch.device = "cpu") -> None:
         from transformers import AutoModel, AutoTokenizer
 
-        source = spec.model or str(minilm_path())
+        source = self.source = spec.model or str(minilm_path())
         try:
             self.tokenizer = AutoTokenizer.from_pretrained(source, local_files_only=True)
             self.model = AutoModel.from_pretrained(source, local_files_only=True).eval().to(device)
@@ -196,16 +210,69 @@ class TextEncoder(QueryEncoder):
         self.device = torch.device(device)
         self.dim = int(self.model.config.hidden_size) + SIDE_FEATURES
 
-    @torch.inference_mode()
     def _encode_batch(self, conversations: Sequence[Conversation]) -> torch.Tensor:
+        return self._pooled(self._tokenize(conversations))
+
+    def _tokenize(self, conversations: Sequence[Conversation]) -> dict[str, torch.Tensor]:
+        """One right-padded batch of the conversations' query texts (cut by ``truncation``)."""
         from routers.backbone import tokenize
 
         texts = [_query_text(c) or " " for c in conversations]
-        batch = {k: v.to(self.device) for k, v in tokenize(self.tokenizer, texts, self.truncation).items()}
+        return {k: v.to(self.device) for k, v in tokenize(self.tokenizer, texts, self.truncation).items()}
+
+    @torch.inference_mode()
+    def _pooled(self, batch: Mapping[str, torch.Tensor]) -> torch.Tensor:
+        """One forward: the batch's mean-pooled, L2-normalised last layer, on the CPU."""
         hidden = self.model(**batch).last_hidden_state
         mask = batch["attention_mask"].unsqueeze(-1).to(hidden.dtype)
         pooled = (hidden * mask).sum(1) / mask.sum(1).clamp_min(1.0)
-        return torch.nn.functional.normalize(pooled, dim=-1).float().cpu()
+        return torch.nn.functional.normalize(pooled, dim=-1).float().cpu()  # .cpu() waits for the device
+
+    @functools.cached_property
+    def forward_cost(self) -> ForwardCost:
+        """How long one forward takes here, measured on first use (:func:`routers.forward_cost.measure`
+        over a repeated one-token word); :data:`~routers.forward_cost.UNMEASURED_COST` (logged)
+        if it cannot run."""
+        try:
+            words = " ".join(["hello"] * 2 * max(MEASURED_WIDTHS))  # cut to max_tokens by tokenize
+            encoded = self._tokenize([[{"role": "user", "content": words}]])
+
+            def forward(rows: int, width: int) -> None:
+                self._pooled({k: v[:, :width].expand(rows, -1).contiguous() for k, v in encoded.items()})
+
+            cost = measure(forward, max_width=int(encoded["input_ids"].shape[1]))
+        except Exception as exc:  # noqa: BLE001 - a model library's error; planning falls back
+            log.warning("text encoder forward cost not measured; one forward per batch",
+                        extra={"encoder": self.source, "error": f"{type(exc).__name__}: {exc}"})
+            return UNMEASURED_COST
+        log.info("text encoder forward cost measured", extra={
+            "encoder": self.source, "device": str(self.device),
+            "fixed_ms": round(cost.fixed * 1e3, 3), "per_token_us": round(cost.per_token * 1e6, 3)})
+        return cost
+
+    def encode_planned(
+        self,
+        conversations: Sequence[Conversation],
+        cost: ForwardCost,
+        observe: Callable[[int, int, float], None] | None = None,
+    ) -> torch.Tensor:
+        """Features ``(N, dim)`` as :meth:`encode` gives them, from one tokenization run as the
+        forwards ``cost`` predicts cheapest (:func:`~routers.forward_cost.plan_chunks`: prompts
+        of like length together, padded to the longest of their forward). ``observe(rows,
+        width, seconds)`` is told what each forward took, its share of tokenizing included (a
+        :class:`~routers.forward_cost.LiveCost` refits from it)."""
+        started = time.perf_counter()
+        batch = self._tokenize(conversations)
+        lengths = batch["attention_mask"].sum(dim=1).tolist()
+        tokenizing = (time.perf_counter() - started) / max(1, len(lengths))
+        base = torch.zeros(len(lengths), self.dim - SIDE_FEATURES)
+        for chunk in plan_chunks(lengths, cost):
+            width = max(1, max(lengths[i] for i in chunk))
+            started = time.perf_counter()
+            base[chunk] = self._pooled({k: v[chunk, :width] for k, v in batch.items()})
+            if observe is not None:
+                observe(len(chunk), width, time.perf_counter() - started + tokenizing * len(chunk))
+        return _with_side_features(base, conversations)
 
 
 class BackboneEncoder(QueryEncoder):

@@ -4,7 +4,12 @@
 its normalised cost, so the engine computes utility = μ̃ − λ·cost. With a ``backbone``
 encoder the query features come from the shared backbone prefill
 (:mod:`routers.serving.prefill`); the small LatentRouter model then runs in this scorer's
-own micro-batch. Other encoders (``text``, ``hashing``) run inside that micro-batch.
+own micro-batch. Other encoders (``text``, ``hashing``) run inside that micro-batch. A
+``text`` encoder's batch is cut like the probes' prefill: into the forwards its forward cost
+predicts cheapest (:meth:`routers.query_encoders.TextEncoder.encode_planned`), from the cost
+measured when the encoder is loaded and refitted from every forward that runs
+(:class:`~routers.forward_cost.LiveCost`); the same cost predicts a request's wait for
+admission (:class:`~extproc.ScorerOverloaded` at once when it cannot be answered in time).
 
 Availability matters: models attend to each other, so a model's μ̃ changes when another
 model is masked out. ``score(..., available=[pool models])`` masks the unavailable ones as
@@ -18,6 +23,7 @@ from collections.abc import Collection, Mapping, Sequence
 from typing import Any
 
 from extproc import RoutingRequest, Scorer, ScorerError, ScorerSpec, Scores
+from routers.forward_cost import LiveCost
 from routers.serving.batcher import MicroBatcher, scorer_error
 from routers.serving.prefill import BATCH_SIZE, PooledMember, PrefillGroup, release_group
 
@@ -41,8 +47,19 @@ class LatentScorer(Scorer):
         self.pool = tuple(router.pool.names)
         self.costs = dict(zip(self.pool, (float(c) for c in router.pool.cost_normalised)))
         self._profiles = router.profiles_tensor()
-        self.batcher = MicroBatcher(self._forward, spec.batch, name=f"scorer {spec.name!r}")
+        # the text encoder's forward cost, measured here at load (None: hashing, or features
+        # from the shared prefill, whose group plans by the backbone's cost)
+        measured = router.encoder.forward_cost if group is None else None
+        self.live_cost = None if measured is None else LiveCost(measured)
+        self.batcher = MicroBatcher(
+            self._forward, spec.batch, name=f"scorer {spec.name!r}",
+            cost=None if self.live_cost is None else self._batch_seconds,
+        )
         self._closed = False
+
+    def _batch_seconds(self, requests: int) -> float:
+        """Predicted seconds of one forward of ``requests`` prompts (for admission)."""
+        return self.live_cost.batch_seconds(requests)
 
     def _mask(self, available: Collection[str] | None) -> tuple[bool, ...]:
         if available is None:
@@ -87,7 +104,12 @@ class LatentScorer(Scorer):
         features: list[Any] = [None] * n
         need = [i for i, (_, pooled, _) in enumerate(items) if pooled is None]
         if need:
-            encoded = self.router.encoder.encode([list(items[i][0]) for i in need])
+            conversations = [list(items[i][0]) for i in need]
+            if self.live_cost is None:
+                encoded = self.router.encoder.encode(conversations)
+            else:  # cut by the live cost, which learns from each forward
+                live = self.live_cost
+                encoded = self.router.encoder.encode_planned(conversations, live.current, live.observe)
             for j, i in enumerate(need):
                 features[i] = encoded[j]
         for i, (messages, pooled, _) in enumerate(items):

@@ -92,17 +92,30 @@ def test_unicode_line_separators_inside_strings_are_data(tmp_path):
     assert split_lines("a\r\nb\u2028c\n\nd") == ["a", "b\u2028c", "", "d"]
 
 
+def ids(n: int) -> list[str]:
+    return [f"q{i}" for i in range(n)]
+
+
 def test_holdout_split_is_seeded_disjoint_and_one_default():
-    train, val = holdout_split(100, DEFAULT_VAL_FRACTION, seed=3)
+    train, val = holdout_split(ids(100), DEFAULT_VAL_FRACTION, seed=3)
     assert len(val) == 15 and sorted(train + val) == list(range(100)) and not set(train) & set(val)
     assert train == sorted(train)
-    assert holdout_split(100, DEFAULT_VAL_FRACTION, seed=3) == (train, val)
-    assert holdout_split(100, DEFAULT_VAL_FRACTION, seed=4)[1] != val
-    assert holdout_split(9, 0.5) == (list(range(9)), [])  # too small to validate on
-    assert holdout_split(50, 0.0) == (list(range(50)), [])
-    assert len(holdout_split(10, 0.01)[1]) == 1
+    assert holdout_split(ids(100), DEFAULT_VAL_FRACTION, seed=3) == (train, val)
+    assert holdout_split(ids(100), DEFAULT_VAL_FRACTION, seed=4)[1] != val
+    assert holdout_split(ids(9), 0.5) == (list(range(9)), [])  # too small to validate on
+    assert holdout_split(ids(50), 0.0) == (list(range(50)), [])
+    assert len(holdout_split(ids(10), 0.01)[1]) == 1
     with pytest.raises(ValueError, match="val_fraction"):
-        holdout_split(50, 1.0)
+        holdout_split(ids(50), 1.0)
+
+
+def test_the_held_out_requests_follow_their_ids_not_their_order_in_the_file():
+    """`switchyard label` writes rows as they finish: the same rows in another order must
+    give the same held-out requests (the loop test found 52 of 120 rows out of order)."""
+    names = ids(120)
+    shuffled = names[::-1][60:] + names[::-1][:60]
+    held = {names[i] for i in holdout_split(names, DEFAULT_VAL_FRACTION)[1]}
+    assert {shuffled[i] for i in holdout_split(shuffled, DEFAULT_VAL_FRACTION)[1]} == held
 
 
 def test_probes_and_latent_router_hold_out_the_same_default():

@@ -166,3 +166,16 @@ def test_training_writes_its_held_out_rows(workspace, capsys):
     with_val = root / "given_val"
     assert _train(model, train, with_val, "--val", str(train), "--epochs", "1") == 0
     assert not (with_val / "validation.jsonl").exists()  # nothing was held out
+
+
+@pytest.mark.parametrize(("target", "share"), [("small_ok", 2 / 3), ("gain", 1 / 3)])
+def test_the_calibrate_hint_names_the_share_the_held_out_labels_send_to_large(target, share):
+    """`train probe` used to suggest `--large-share 0.2` whatever the labels said; it now
+    suggests the share of the held-out rows whose labels say "large" (the failed share)."""
+    import argparse
+
+    from routers.probe_cli import _labelled_large_share
+
+    requests = parse_labelled([json.dumps(row) for row in gain_set(30, seed=4)])
+    args = argparse.Namespace(target=target, small="small", large="large")
+    assert _labelled_large_share(requests, [r.id for r in requests], args) == pytest.approx(share)

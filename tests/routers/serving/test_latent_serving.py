@@ -4,13 +4,16 @@ and one shared backbone prefill with the probes."""
 from __future__ import annotations
 
 import asyncio
+import contextlib
+import time
 
 import pytest
 import torch
 
-from extproc import BatchConfig, CheckpointError, ScorerError, describe_scorer, load_scorer
+from extproc import BatchConfig, CheckpointError, ScorerError, ScorerOverloaded, describe_scorer, load_scorer
 from routers.backbone import BackboneConfig, TruncatedBackbone
 from routers.checkpoints import load_latent_router
+from routers.forward_cost import UNMEASURED_COST, ForwardCost, LiveCost
 from routers.query_encoders import EncoderSpec
 from tests.routers.serving.support import (
     CONVERSATIONS,
@@ -148,3 +151,92 @@ def test_closing_the_last_scorer_on_a_backbone_stops_its_batcher(hashing_ckpt, m
 
     group = asyncio.run(main())
     assert group.batcher.closed and not group.batcher.worker_thread.is_alive()
+
+
+#: Eight prompts of eight different token lengths.
+GROWING = [[{"role": "user", "content": " ".join(["word"] * k)}] for k in range(1, 9)]
+
+
+@pytest.fixture(scope="module")
+def text_ckpt(model_dir, tmp_path_factory):
+    return latent_checkpoint(tmp_path_factory.mktemp("lrtext") / "text", EncoderSpec("text", model=str(model_dir)))
+
+
+@contextlib.contextmanager
+def encoder_forwards(encoder):
+    """The rows of each forward of a ``text`` encoder while the block runs."""
+    rows: list[int] = []
+
+    def count(module, args, kwargs, out):
+        rows.append(int(kwargs["input_ids"].shape[0]))
+
+    hook = encoder.model.register_forward_hook(count, with_kwargs=True)
+    try:
+        yield rows
+    finally:
+        hook.remove()
+
+
+def serve_together(ckpt, conversations, cost=None):
+    """Score ``conversations`` concurrently on a fresh scorer (its live cost seeded with
+    ``cost`` when given); the scores, the rows of each encoder forward, and the scorer."""
+
+    async def main():
+        scorer = await asyncio.to_thread(load_scorer, latent_spec(ckpt))
+        if cost is not None:
+            scorer.live_cost = LiveCost(cost)
+        try:
+            with encoder_forwards(scorer.router.encoder) as rows:
+                scores = await asyncio.gather(*(scorer.score(request(m), deadline=far()) for m in conversations))
+        finally:
+            await scorer.close()
+        return scores, rows, scorer
+
+    return asyncio.run(main())
+
+
+def test_a_text_encoders_batches_are_cut_by_its_measured_cost(text_ckpt):
+    want = load_latent_router(text_ckpt).predict(GROWING).mu_tilde.tolist()
+    scores, rows, scorer = serve_together(text_ckpt, GROWING)
+    # measured once at load, and what the scorer cuts and admits by, refitted from each forward
+    assert scorer.live_cost.seed is scorer.router.encoder.forward_cost
+    assert scorer.live_cost.seed != UNMEASURED_COST
+    assert scorer.live_cost.observed == len(rows)
+    assert sum(rows) == 8 and len(rows) < 8  # 8 concurrent requests share forwards
+    for row, s in zip(want, scores):
+        assert [s.values[m] for m in POOL] == pytest.approx(row, abs=1e-5)
+
+
+@pytest.mark.parametrize(
+    ("cost", "forwards"),
+    [
+        (ForwardCost(fixed=1.0, per_token=0.0), "one per batch"),  # a forward's price is all fixed
+        (ForwardCost(fixed=0.0, per_token=1.0), "one per length"),  # all padding: never share
+    ],
+)
+def test_the_cost_decides_how_a_text_encoders_batch_is_cut(text_ckpt, cost, forwards):
+    want = load_latent_router(text_ckpt).predict(GROWING).mu_tilde.tolist()
+    scores, rows, scorer = serve_together(text_ckpt, GROWING, cost)
+    if forwards == "one per batch":
+        assert len(rows) == scorer.batcher.stats.batches < 8
+    else:
+        assert rows == [1] * 8
+    for row, s in zip(want, scores):  # however cut, the same scores
+        assert [s.values[m] for m in POOL] == pytest.approx(row, abs=1e-5)
+
+
+def test_a_text_encoders_cost_admits_requests(text_ckpt):
+    async def main():
+        scorer = await asyncio.to_thread(load_scorer, latent_spec(text_ckpt))
+        scorer.live_cost = LiveCost(ForwardCost(fixed=0.0, per_token=0.0))
+        for _ in range(8):  # forwards that took 10 s each confirm the cost
+            scorer.live_cost.observe(1, 16, 10.0)
+        try:
+            with encoder_forwards(scorer.router.encoder) as rows:
+                with pytest.raises(ScorerOverloaded, match="predicted wait"):
+                    await scorer.score(request(GROWING[0]), deadline=time.monotonic() + 1.0)
+        finally:
+            await scorer.close()
+        return rows
+
+    assert asyncio.run(main()) == []  # refused at once, before any forward
