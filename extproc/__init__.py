@@ -70,6 +70,7 @@ _EXPORTS: dict[str, str] = {
     "Int": "extproc._schema",
     "Num": "extproc._schema",
     "Validation": "extproc._schema",
+    "compose_yaml": "extproc._schema",
 }
 
 __all__ = sorted([*_EXPORTS, "lazy_exports"])

@@ -14,13 +14,11 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any, Union
 
-import yaml
-
 from extproc._capture import CaptureConfig
 from extproc._errors import PolicyError, PolicyProblem
 from extproc._policy_schema import POLICY_SCHEMA, SCORERS_FILE_SCHEMA
 from extproc._policy_sections import Backend, ModelsConfig, RoutingConfig, TenantsConfig
-from extproc._schema import REQUIRED, ListOf, MapOf, Validation, dotted
+from extproc._schema import REQUIRED, ListOf, MapOf, Validation, compose_yaml, dotted
 from extproc._scorer_specs import build_scorer_specs, check_score_signal, check_utility_route
 from extproc._scorers import BreakerConfig, ScorerSpec
 from extproc._signals import Signal, build_signal
@@ -173,7 +171,7 @@ def parse_policy(text: str, *, source: str = "<policy>", base_dir: Path | None =
     before it was read (also when the policy is rejected), so a reload can tell whether they
     changed since."""
     v = Validation(source)
-    root = _compose(text, source)
+    root = compose_yaml(text, source)
     v.marks[()] = (root.start_mark.line + 1, root.start_mark.column + 1)
     data = POLICY_SCHEMA.validate(root, (), v)
     if v.problems:  # go on with the parts that validated, so one run lists every problem
@@ -212,23 +210,6 @@ def _checkable(data: dict[str, Any] | None, broken: set[tuple]) -> dict[str, Any
     return out
 
 
-#: libyaml's parser when PyYAML was built with it (several times faster; the same node tree
-#: and marks), else the pure-Python one.
-_LOADER = getattr(yaml, "CSafeLoader", yaml.SafeLoader)
-
-
-def _compose(text: str, source: str) -> yaml.Node:
-    """The YAML node tree of ``text``; :class:`PolicyError` located at the syntax error."""
-    try:
-        root = yaml.compose(text, Loader=_LOADER)
-    except yaml.YAMLError as exc:
-        mark = getattr(exc, "problem_mark", None) or getattr(exc, "context_mark", None)
-        line, column = (mark.line + 1, mark.column + 1) if mark else (1, 1)
-        reason = getattr(exc, "problem", None) or str(exc)
-        raise PolicyError([PolicyProblem(source, line, column, f"Invalid YAML: {reason}.")]) from exc
-    if root is None:
-        raise PolicyError([PolicyProblem(source, 1, 1, "The file is empty.")])
-    return root
 
 
 def _build(data: dict[str, Any], v: Validation, base_dir: Path, checkpoints: dict[str, str] | None) -> Policy:
@@ -338,7 +319,7 @@ def read_scorer_specs(path: str | Path) -> dict[str, ScorerSpec]:
     path = Path(path)
     source = str(path)
     v = Validation(source)
-    root = _compose(read_policy_text(path), source)
+    root = compose_yaml(read_policy_text(path), source)
     data = SCORERS_FILE_SCHEMA.validate(root, (), v)
     if data is None or v.problems:
         raise PolicyError(v.problems)

@@ -19,7 +19,7 @@ from typing import Any
 
 import yaml
 
-from extproc._errors import PolicyProblem
+from extproc._errors import PolicyError, PolicyProblem
 
 __all__ = [
     "Schema",
@@ -37,6 +37,7 @@ __all__ = [
     "REQUIRED",
     "kind_key",
     "DESCRIPTION_KEY",
+    "compose_yaml",
 ]
 
 
@@ -455,3 +456,23 @@ def kind_key(name: str) -> Key:
 
 #: The free-text ``description`` key every named policy entry may carry.
 DESCRIPTION_KEY = Key(Str(), "Free text for people reading the policy.", None)
+
+
+#: libyaml's parser when PyYAML was built with it (several times faster; the same node tree
+#: and marks), else the pure-Python one.
+_LOADER = getattr(yaml, "CSafeLoader", yaml.SafeLoader)
+
+
+def compose_yaml(text: str, source: str) -> yaml.Node:
+    """The YAML node tree of ``text`` (a policy, a scorers file, a label config), with the
+    marks the validator locates problems by; :class:`PolicyError` located at a syntax error."""
+    try:
+        root = yaml.compose(text, Loader=_LOADER)
+    except yaml.YAMLError as exc:
+        mark = getattr(exc, "problem_mark", None) or getattr(exc, "context_mark", None)
+        line, column = (mark.line + 1, mark.column + 1) if mark else (1, 1)
+        reason = getattr(exc, "problem", None) or str(exc)
+        raise PolicyError([PolicyProblem(source, line, column, f"Invalid YAML: {reason}.")]) from exc
+    if root is None:
+        raise PolicyError([PolicyProblem(source, 1, 1, "The file is empty.")])
+    return root

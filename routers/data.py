@@ -42,6 +42,7 @@ __all__ = [
     "select_lines",
     "parse_labelled",
     "split_lines",
+    "chat_messages",
     "holdout_split",
     "val_fraction_option",
     "dataset_hash",
@@ -159,18 +160,25 @@ def _outcome(raw: Any, where: str) -> Outcome:
     return Outcome(correct=correct, score=score, cost=_cost(raw, where))
 
 
+def chat_messages(raw: Mapping[str, Any], where: str, error: type[Exception]) -> list[Any]:
+    """``raw["messages"]``, checked to be a non-empty list of objects with a string ``role``;
+    otherwise ``error`` naming ``where`` (a labelled row and a prompt to label alike)."""
+    messages = raw.get("messages")
+    if not isinstance(messages, list) or not messages:
+        raise error(f"{where}: `messages` must be a non-empty list, got {messages!r:.80}.")
+    for i, message in enumerate(messages):
+        if not isinstance(message, Mapping) or not isinstance(message.get("role"), str):
+            raise error(f"{where}: `messages[{i}]` must be an object with a string `role`.")
+    return messages
+
+
 def _request(raw: Any, where: str) -> LabelledRequest:
     if not isinstance(raw, Mapping):
         raise DataError(f"{where}: a line must be a JSON object, got {type(raw).__name__}.")
     rid = raw.get("id")
     if isinstance(rid, bool) or not isinstance(rid, (str, int)):
         raise DataError(f"{where}: `id` must be a string or integer, got {rid!r}.")
-    messages = raw.get("messages")
-    if not isinstance(messages, list) or not messages:
-        raise DataError(f"{where}: `messages` must be a non-empty list, got {messages!r:.80}.")
-    for i, message in enumerate(messages):
-        if not isinstance(message, Mapping) or not isinstance(message.get("role"), str):
-            raise DataError(f"{where}: `messages[{i}]` must be an object with a string `role`.")
+    messages = chat_messages(raw, where, DataError)
     outcomes = raw.get("outcomes")
     if not isinstance(outcomes, Mapping) or not outcomes:
         raise DataError(f"{where}: `outcomes` must be a non-empty object of backend -> outcome.")

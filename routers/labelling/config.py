@@ -20,9 +20,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-import yaml
 
-from extproc import Int, Key, MapOf, Num, Obj, PolicyError, PolicyProblem, Str, Validation
+from extproc import Int, Key, MapOf, Num, Obj, PolicyError, Str, Validation, compose_yaml
 
 from routers.labelling.errors import LabelError
 
@@ -57,8 +56,6 @@ JUDGE_MODES = ("absolute", "pairwise")
 _GRADING_MODES = ("reference", "judge")
 #: A file holding an API key is read only up to this size (a key is a line, not a file of them).
 _MAX_KEY_FILE_BYTES = 64 * 1024
-#: libyaml's parser when PyYAML has it (same node tree and marks), else the pure-Python one.
-_LOADER = getattr(yaml, "CSafeLoader", yaml.SafeLoader)
 
 
 def _endpoint_keys(model_doc: str) -> dict[str, Key]:
@@ -181,26 +178,13 @@ def load_label_config(path: str | Path, *, need_keys: bool = True) -> LabelConfi
     except (OSError, UnicodeDecodeError) as exc:
         raise LabelError(f"Cannot read the label config {path}: {exc}.") from exc
     v = Validation(source)
-    data = LABEL_CONFIG_SCHEMA.validate(_compose(text, source), (), v)
+    data = LABEL_CONFIG_SCHEMA.validate(compose_yaml(text, source), (), v)
     if data is None or v.problems:
         raise PolicyError(v.problems)
     config = _build(data, path.parent, v, need_keys)
     if v.problems:
         raise PolicyError(v.problems)
     return config
-
-
-def _compose(text: str, source: str) -> yaml.Node:
-    try:
-        root = yaml.compose(text, Loader=_LOADER)
-    except yaml.YAMLError as exc:
-        mark = getattr(exc, "problem_mark", None) or getattr(exc, "context_mark", None)
-        line, column = (mark.line + 1, mark.column + 1) if mark else (1, 1)
-        reason = getattr(exc, "problem", None) or str(exc)
-        raise PolicyError([PolicyProblem(source, line, column, f"Invalid YAML: {reason}.")]) from exc
-    if root is None:
-        raise PolicyError([PolicyProblem(source, 1, 1, "The file is empty.")])
-    return root
 
 
 def _build(data: dict[str, Any], base_dir: Path, v: Validation, need_keys: bool) -> LabelConfig:

@@ -20,6 +20,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from routers.data import chat_messages
 from routers.labelling.errors import LabelError
 
 __all__ = ["FORWARDED_PARAMS", "Prompt", "default_id", "check_prompts", "read_prompts"]
@@ -52,12 +53,7 @@ def _parse(line: bytes, where: str, need_reference: bool) -> Prompt:
         raise LabelError(f"{where}: not valid JSON ({exc.msg} at column {exc.colno}).") from exc
     if not isinstance(raw, Mapping):
         raise LabelError(f"{where}: a line must be a JSON object (an OpenAI chat request), got {type(raw).__name__}.")
-    messages = raw.get("messages")
-    if not isinstance(messages, list) or not messages:
-        raise LabelError(f"{where}: `messages` must be a non-empty list, got {messages!r:.80}.")
-    for i, message in enumerate(messages):
-        if not isinstance(message, Mapping) or not isinstance(message.get("role"), str):
-            raise LabelError(f"{where}: `messages[{i}]` must be an object with a string `role`.")
+    messages = chat_messages(raw, where, LabelError)
     rid = raw.get("id")
     if rid is None:
         rid = default_id(messages)

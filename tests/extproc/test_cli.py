@@ -239,7 +239,7 @@ def test_exported_names():
          "PolicyProblem", "RequestError", "Rule", "RoutingRequest", "ScorerError", "ScorerOverloaded", "ScorerDeadline",
          "SwitchyardError",
          "conversation_text", "image_urls", "last_user_text", "load_policy", "message_text", "parse_json_body",
-         "parse_policy", "scorer_message",
+         "parse_policy", "scorer_message", "compose_yaml",
          # learned scorers: the interface routers implements
          "BatchConfig", "ImageLimits", "RemoteConfig", "RemoteTls", "Scorer", "ScorerDescription", "ScorerFailure",
          "ScorerLoader",
