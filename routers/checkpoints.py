@@ -48,7 +48,7 @@ import math
 import os
 import shutil
 import uuid
-from collections.abc import Mapping, Sequence
+from collections.abc import Iterator, Mapping, Sequence
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from types import MappingProxyType
@@ -334,19 +334,26 @@ def _truncation(raw: Any, path: Path) -> Truncation | None:
         raise CheckpointError(f"{path}: bad `truncation` section: {exc}") from exc
 
 
-def _thresholds(raw: Any, path: Path) -> tuple[Threshold, ...]:
+def _calibrations(raw: Any, path: Path, key: str) -> Iterator[tuple[str, dict[str, Any], float]]:
+    """Each entry of a calibration list (`thresholds`, `lambdas`) with where it is (for
+    errors) and its checked ``large_share``."""
     if raw is None:
-        return ()
+        return
     if not isinstance(raw, list):
-        raise CheckpointError(f"{path}: `thresholds` must be a list, got {type(raw).__name__}.")
-    out = []
+        raise CheckpointError(f"{path}: `{key}` must be a list, got {type(raw).__name__}.")
     for i, entry in enumerate(raw):
-        where = f"{path}: `thresholds[{i}]"
+        where = f"{path}: `{key}[{i}]"
         if not isinstance(entry, dict):
             raise CheckpointError(f"{where}` must be an object.")
         share = _number(entry.get("large_share"), f"{where}.large_share`")
         if not 0.0 <= share <= 1.0:
             raise CheckpointError(f"{where}.large_share` must be in [0, 1], got {share!r}.")
+        yield where, entry, share
+
+
+def _thresholds(raw: Any, path: Path) -> tuple[Threshold, ...]:
+    out = []
+    for where, entry, share in _calibrations(raw, path, "thresholds"):
         achieved = entry.get("achieved_share")
         n = entry.get("n")
         large_when = entry.get("large_when", "below")
@@ -367,18 +374,8 @@ def _thresholds(raw: Any, path: Path) -> tuple[Threshold, ...]:
 
 
 def _lambdas(raw: Any, path: Path, names: Sequence[str]) -> tuple[LambdaCalibration, ...]:
-    if raw is None:
-        return ()
-    if not isinstance(raw, list):
-        raise CheckpointError(f"{path}: `lambdas` must be a list, got {type(raw).__name__}.")
     out = []
-    for i, entry in enumerate(raw):
-        where = f"{path}: `lambdas[{i}]"
-        if not isinstance(entry, dict):
-            raise CheckpointError(f"{where}` must be an object.")
-        share = _number(entry.get("large_share"), f"{where}.large_share`")
-        if not 0.0 <= share <= 1.0:
-            raise CheckpointError(f"{where}.large_share` must be in [0, 1], got {share!r}.")
+    for where, entry, share in _calibrations(raw, path, "lambdas"):
         lam = _number(entry.get("lambda"), f"{where}.lambda`")
         if lam < 0:
             raise CheckpointError(f"{where}.lambda` must be >= 0, got {lam!r}.")
