@@ -17,6 +17,9 @@ all rendered by `switchyard envoy render` for the bench policy (access log off):
   (every request written to a JSONL file in the bench's temporary folder), side by side with
   ``switchyard`` to show what capture adds (the policy is copied there, so a ``--policy``
   naming files relative to itself cannot take this row);
+- ``switchyard-shadow``: the same policy served with ``--shadow`` naming it too, so every
+  request is decided a second time (all 20 rules again) after its answer has gone, side by
+  side with ``switchyard`` to show what a shadow policy adds to the live path;
 - ``switchyard-2-workers``: the same with ``--workers 2``, for capacity only (the targets
   compare single processes).
 
@@ -24,7 +27,8 @@ Per configuration: p50/p99 latency on one keep-alive connection (Python client, 
 requests) and throughput on 8 connections (``wrk`` when it is on PATH, else 8 Python client
 processes). Added latency = p50 − no-extproc p50. Targets: switchyard's added latency within
 1.15x of noop's, its throughput >= 0.9x noop's; capture at 100% adds at most 5% to
-switchyard's p50 (``switchyard-capture`` p50 within 1.05x of ``switchyard``'s). Writes JSON
+switchyard's p50 (``switchyard-capture`` p50 within 1.05x of ``switchyard``'s), and so does a
+shadow policy (``switchyard-shadow``, the same target). Writes JSON
 (default bench/results/extproc_overhead.json) and prints a table.
 
 A quick run: ``--requests 300 --duration 2 --rounds 1``.
@@ -55,7 +59,7 @@ import yaml  # noqa: E402
 from extproc._policy import load_policy  # noqa: E402
 from harness import Child, envoy_binary, free_port, grpc_serving, http_ok, render_envoy_config  # noqa: E402
 
-CONFIGS = ("no-extproc", "noop", "switchyard", "switchyard-capture", "switchyard-2-workers")
+CONFIGS = ("no-extproc", "noop", "switchyard", "switchyard-capture", "switchyard-shadow", "switchyard-2-workers")
 POLICY = ROOT / "bench" / "policies" / "twenty_rules.yaml"
 BODY = json.dumps({"model": "auto", "messages": [{"role": "user", "content": "Hi! How's your day going?"}]}).encode()
 HEADERS = {"content-type": "application/json", "content-length": str(len(BODY))}
@@ -68,6 +72,9 @@ LATENCY_TARGET = 1.15
 #: switchyard's p50 with capture at 100% sampling over its p50 without (the issue's "added p50
 #: within 5%").
 CAPTURE_TARGET = 1.05
+#: switchyard's p50 with a shadow policy over its p50 without (the issue's "shadow adds <= 5% to
+#: added p50", read as its p50 here, as for capture).
+SHADOW_TARGET = 1.05
 
 
 def capture_policy(policy: Path, workdir: Path) -> Path:
@@ -118,9 +125,11 @@ def start(name: str, workdir: Path, concurrency: int, policy: Path = POLICY) -> 
     elif name.startswith("switchyard"):
         workers = "2" if name == "switchyard-2-workers" else "1"
         served = capture_policy(policy, workdir) if name == "switchyard-capture" else policy
+        shadow = ["--shadow", str(policy)] if name == "switchyard-shadow" else []
         children.append(Child("switchyard", [sys.executable, "-m", "extproc", "--log-level", "warning", "serve",
                                              "--policy", str(served), "--listen", f"127.0.0.1:{extproc}",
-                                             "--workers", workers, "--drain-seconds", "0"], workdir / "switchyard.log"))
+                                             "--workers", workers, "--drain-seconds", "0", *shadow],
+                              workdir / "switchyard.log"))
     config = workdir / f"envoy-{name}.yaml"
     config.write_text(yaml.safe_dump(envoy_config(listen, admin, extproc, policy), sort_keys=False))
     envoy = Child("envoy", [envoy_binary(), "-c", str(config), "--log-level", "warn", "--base-id", str(admin),
@@ -296,6 +305,8 @@ def summarise(runs: dict[str, list[dict]]) -> dict:
     throughput_rounds = [s / n for s, n in zip(sw["rps_rounds"], noop["rps_rounds"])]
     captured = results["switchyard-capture"]
     capture_rounds = [c / s for c, s in zip(captured["p50_ms_rounds"], sw["p50_ms_rounds"])]
+    shadowed = results["switchyard-shadow"]
+    shadow_rounds = [c / s for c, s in zip(shadowed["p50_ms_rounds"], sw["p50_ms_rounds"])]
     return {
         "results": results,
         "switchyard_vs_noop": {
@@ -313,6 +324,15 @@ def summarise(runs: dict[str, list[dict]]) -> dict:
             "throughput_ratio": round(captured["rps_8_connections"] / sw["rps_8_connections"], 3),
             "p50_target": CAPTURE_TARGET,
             "meets_p50_target": captured["p50_ms"] / sw["p50_ms"] <= CAPTURE_TARGET,
+        },
+        "shadow_vs_off": {
+            "p50_ratio": round(shadowed["p50_ms"] / sw["p50_ms"], 3),
+            "p50_ratio_rounds": [round(r, 3) for r in shadow_rounds],
+            "added_p50_ms": round(shadowed["p50_ms"] - sw["p50_ms"], 4),
+            "p99_ratio": round(shadowed["p99_ms"] / sw["p99_ms"], 3),
+            "throughput_ratio": round(shadowed["rps_8_connections"] / sw["rps_8_connections"], 3),
+            "p50_target": SHADOW_TARGET,
+            "meets_p50_target": shadowed["p50_ms"] / sw["p50_ms"] <= SHADOW_TARGET,
         },
     }
 
@@ -333,6 +353,11 @@ def table(report: dict) -> str:
     lines.append(f"capture at 100%/off: p50 {capture['p50_ratio']:.3f}x (+{capture['added_p50_ms']:.3f} ms; target <= "
                  f"{CAPTURE_TARGET}: {'PASS' if capture['meets_p50_target'] else 'MISS'}; per round "
                  f"{spread(capture['p50_ratio_rounds'])}x), throughput {capture['throughput_ratio']:.2f}x")
+    shadow = report["shadow_vs_off"]
+    lines.append(f"shadow/off: p50 {shadow['p50_ratio']:.3f}x (+{shadow['added_p50_ms']:.3f} ms; target <= "
+                 f"{SHADOW_TARGET}: {'PASS' if shadow['meets_p50_target'] else 'MISS'}; per round "
+                 f"{spread(shadow['p50_ratio_rounds'])}x), p99 {shadow['p99_ratio']:.2f}x, "
+                 f"throughput {shadow['throughput_ratio']:.2f}x")
     for key, label in (("switchyard_servicer_us", "off"), ("switchyard_servicer_us_capture", "capture at 100%")):
         lines.append(f"switchyard servicer CPU per request (in-process, µs), {label}: "
                      + ", ".join(f"{phase} {us}" for phase, us in report[key].items()))

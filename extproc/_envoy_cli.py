@@ -2,7 +2,7 @@
 
     switchyard envoy render --policy P --backend NAME=HOST:PORT ... [--tls NAME[=SNI]]
         [--credential NAME=HEADER:FILE [--credential-prefix NAME=PREFIX]] [--listen HOST:PORT]
-        [--admin HOST:PORT] [--extproc HOST:PORT|unix:/PATH] [--ready HOST:PORT] [--out FILE]
+        [--admin HOST:PORT] [--extproc HOST:PORT|unix:/PATH] [--ready HOST:PORT] [--fail-open] [--out FILE]
 
 NAME is a policy backend or cluster name; every cluster of the policy needs a ``--backend``.
 The rendering itself lives in :mod:`extproc._envoy_render`.
@@ -52,6 +52,11 @@ def register(sub: argparse._SubParsersAction) -> None:
     render.add_argument("--ready", metavar="HOST:PORT",
                         help="Also listen here for GET /ready (Envoy's readiness) and GET /stats/prometheus.")
     render.add_argument("--no-access-log", action="store_true", help="No JSON access log on stdout.")
+    render.add_argument("--fail-open", action="store_true",
+                        help="When switchyard cannot answer (down, erroring, over ext_proc's message_timeout), send "
+                             "the request to the policy's default backend, its model not rewritten, instead of "
+                             "failing it with 500/504 (ext_proc failure_mode_allow). Client x-switchyard-* headers "
+                             "are still removed before routing. Default: fail closed.")
     render.add_argument("--out", type=Path,
                         help="Write here (credential SDS files go beside it) instead of stdout.")
     render.set_defaults(handler=_render)
@@ -104,10 +109,13 @@ def _render(args: argparse.Namespace) -> int:
         extproc=Address.parse(args.extproc, what="--extproc"),
         ready=Address.parse(args.ready, what="--ready") if args.ready else None,
         access_log=not args.no_access_log,
+        fail_open=args.fail_open,
         credentials_dir=str(args.out.resolve().parent) if args.out else None,
     )
     rendered = render_envoy(policy, _upstreams(args), options)
     header = f"Envoy bootstrap for the policy {args.policy}, written by `switchyard envoy render`: re-render it, do not edit."
+    if args.fail_open:
+        header += "\nFail-open (--fail-open): a request switchyard cannot answer goes to the default backend, unrouted."
     if args.out is None:
         sys.stdout.write(rendered.yaml(header))
     else:

@@ -5,7 +5,8 @@ Helm chart (its init container runs the command) all use it, and envoy/standalon
 envoy/sidecar.yaml are what it renders for policies/default.yaml. What it builds::
 
     listener ──▶ early removal of client x-switchyard-* headers (before route selection)
-             ──▶ ext_proc (switchyard; request headers SEND, body BUFFERED, fail closed)
+             ──▶ ext_proc (switchyard; request headers SEND, body BUFFERED; fail closed,
+                 or with ``fail_open`` unreachable switchyard ─▶ the default backend's route)
              ──▶ router: one route per policy backend on the exact routing-header value
                  ─▶ that backend's cluster; a routing header naming no backend ─▶ 503;
                  no routing header (a request switchyard did not route) ─▶ the default's cluster
@@ -52,6 +53,7 @@ __all__ = [
     "resolve_upstreams",
     "render_envoy",
     "check_envoy_config",
+    "envoy_fail_open",
 ]
 
 
@@ -191,6 +193,11 @@ class EnvoyOptions:
     ``credentials_dir``: where the file-based SDS configs of credentials are written (and
     read by Envoy); needed only when an upstream has a credential. ``body_limit``
     overrides :func:`envoy_body_limit` (tests use it to run with a mismatched limit).
+    ``fail_open``: ext_proc's ``failure_mode_allow``. Off (the default), a request
+    switchyard cannot answer (down, erroring, over ``message_timeout``) gets 500/504
+    ``router_unavailable``; on, Envoy sends it on unrouted: client ``x-switchyard-*``
+    headers are still removed first, so it takes the last route, the policy's default
+    backend, with ``model`` as the client sent it.
     """
 
     listen: Address = field(default_factory=lambda: Address("127.0.0.1", 10000))
@@ -202,6 +209,7 @@ class EnvoyOptions:
     body_limit: int | None = None
     node_id: str = "switchyard"
     node_cluster: str = "switchyard"
+    fail_open: bool = False
 
 
 @dataclass(frozen=True)
@@ -365,11 +373,11 @@ def _routes(policy: Policy, upstreams: Mapping[str, Upstream]) -> list[dict[str,
     return routes
 
 
-def _ext_proc_filter() -> dict[str, Any]:
+def _ext_proc_filter(fail_open: bool) -> dict[str, Any]:
     return {"name": _EXT_PROC, "typed_config": {
         "@type": _TYPES["ext_proc"],
         "grpc_service": {"envoy_grpc": {"cluster_name": EXTPROC_CLUSTER}},
-        "failure_mode_allow": False,
+        "failure_mode_allow": fail_open,
         "message_timeout": f"{MESSAGE_TIMEOUT_MS / 1000:g}s",
         "processing_mode": {
             "request_header_mode": "SEND", "request_body_mode": "BUFFERED",
@@ -378,6 +386,11 @@ def _ext_proc_filter() -> dict[str, Any]:
         },
         "metadata_options": {"receiving_namespaces": {"untyped": [METADATA_NAMESPACE]}},
     }}
+
+
+def _strip_matcher() -> dict[str, Any]:
+    """What the early header mutation removes: every client-sent switchyard header."""
+    return {"key_matcher": {"prefix": HEADER_PREFIX, "ignore_case": True}}
 
 
 def _ingress(policy: Policy, upstreams: Mapping[str, Upstream], options: EnvoyOptions) -> dict[str, Any]:
@@ -390,15 +403,14 @@ def _ingress(policy: Policy, upstreams: Mapping[str, Upstream], options: EnvoyOp
         "stream_idle_timeout": "300s",
         "early_header_mutation_extensions": [{
             "name": "envoy.http.early_header_mutation.header_mutation",
-            "typed_config": {"@type": _TYPES["early"], "mutations": [
-                {"remove_on_match": {"key_matcher": {"prefix": HEADER_PREFIX, "ignore_case": True}}}]},
+            "typed_config": {"@type": _TYPES["early"], "mutations": [{"remove_on_match": _strip_matcher()}]},
         }],
         "local_reply_config": _local_replies(),
     }
     if options.access_log:
         hcm["access_log"] = _access_log()
     decision = f"%DYNAMIC_METADATA({METADATA_NAMESPACE}:{{}})%"
-    hcm["http_filters"] = [_ext_proc_filter(),
+    hcm["http_filters"] = [_ext_proc_filter(options.fail_open),
                            {"name": "envoy.filters.http.router", "typed_config": {"@type": _TYPES["router"]}}]
     hcm["route_config"] = {"name": "switchyard", "virtual_hosts": [{
         "name": "llm",
@@ -533,6 +545,28 @@ def _ingress_hcms(config: Mapping[str, Any]) -> Iterable[dict[str, Any]]:
                     yield hcm
 
 
+def _ext_proc_configs(config: Mapping[str, Any]) -> Iterable[dict[str, Any]]:
+    for hcm in _ingress_hcms(config):
+        for http_filter in hcm.get("http_filters") or []:
+            if http_filter.get("name") == _EXT_PROC:
+                yield http_filter.get("typed_config") or {}
+
+
+def envoy_fail_open(config: Mapping[str, Any]) -> bool:
+    """Whether an Envoy bootstrap lets requests through when switchyard cannot answer: any
+    ext_proc filter with ``failure_mode_allow: true`` (its default is false: fail closed)."""
+    return any(ext_proc.get("failure_mode_allow") is True for ext_proc in _ext_proc_configs(config))
+
+
+def _strips_switchyard_headers(hcm: Mapping[str, Any]) -> bool:
+    for extension in hcm.get("early_header_mutation_extensions") or []:
+        for mutation in (extension.get("typed_config") or {}).get("mutations") or []:
+            matcher = (mutation.get("remove_on_match") or {}).get("key_matcher") or {}
+            if matcher.get("ignore_case") is True and str(matcher.get("prefix", "")).lower() == HEADER_PREFIX:
+                return True
+    return False
+
+
 def _route_limit(route: Mapping[str, Any], vhost: Mapping[str, Any]) -> int | None:
     for scope in (route, vhost):
         for key in ("request_body_buffer_limit", "per_request_buffer_limit_bytes"):
@@ -544,9 +578,10 @@ def _route_limit(route: Mapping[str, Any], vhost: Mapping[str, Any]) -> int | No
 def check_envoy_config(policy: Policy, config: Mapping[str, Any], source: str = "<envoy>") -> list[str]:
     """Problems between ``policy`` and an Envoy bootstrap ``config`` (empty: they agree).
 
-    Every backend's cluster exists; the ext_proc listener has a route on the exact
-    routing-header value of every backend, to that backend's cluster; and Envoy buffers
-    at least ``max_body_bytes`` + the rewrite's growth on those routes.
+    Every backend's cluster exists; the ext_proc listener removes client ``x-switchyard-*``
+    headers before routing, and has a route on the exact routing-header value of every
+    backend, to that backend's cluster; and Envoy buffers at least ``max_body_bytes`` + the
+    rewrite's growth on those routes.
     """
     problems: list[str] = []
     clusters = {c.get("name") for c in (config.get("static_resources") or {}).get("clusters") or []}
@@ -558,6 +593,12 @@ def check_envoy_config(policy: Policy, config: Mapping[str, Any], source: str = 
         return [*problems, f"{source}: no listener runs the ext_proc filter ({_EXT_PROC})."]
     needed = policy.routing.max_body_bytes + (rewrite_growth(policy) if policy.routing.rewrite_model else 0)
     for hcm in hcms:
+        if not _strips_switchyard_headers(hcm):
+            problems.append(
+                f"{source}: listener with stat_prefix {hcm.get('stat_prefix', '?')!r} does not remove client "
+                f"{HEADER_PREFIX}* headers before routing (early_header_mutation_extensions, remove_on_match "
+                f"prefix {HEADER_PREFIX!r}, ignore_case); a client could pick a backend by sending {ROUTING_HEADER}."
+            )
         for vhost in (hcm.get("route_config") or {}).get("virtual_hosts") or []:
             routes = vhost.get("routes") or []
             for name, backend in policy.backends.items():

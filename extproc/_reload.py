@@ -83,11 +83,13 @@ class PolicyFile:
         checkpoints: dict[str, str] = {}
         return cls(path, text, _engine(path, text, checkpoints=checkpoints), telemetry, max_bytes, checkpoints)
 
-    def load_scorers(self) -> None:
+    def load_scorers(self, cache: ScorerCache | None = None) -> None:
         """Load the running policy's scorers (blocking: model weights are read here), and from
         now on load them on every reload. A scorer that fails to load raises
-        :class:`PolicyError`, so a server never starts without the scorers its policy uses."""
-        cache = ScorerCache()
+        :class:`PolicyError`, so a server never starts without the scorers its policy uses.
+        ``cache``: where they load (default: a cache of this file's own; a shadow policy
+        shares the server's, see :class:`~extproc._shadow.SharedScorers`)."""
+        cache = cache if cache is not None else ScorerCache()
         engine = PolicyEngine(self.engine.policy, cache.prepare(self.engine.policy))
         cache.commit(dict(engine.scorers))
         self.engine, self.scorers = engine, cache

@@ -19,6 +19,11 @@ Telemetry (:mod:`extproc._telemetry_setup`) is set up in each serving process, a
 forking. ``metrics_listen`` serves Prometheus metrics: from the process itself, or with
 several workers from the parent, which gathers every worker's series at each scrape and
 labels them ``worker="<i>"`` (:mod:`extproc._metrics_http`).
+
+With ``shadow`` (``serve --shadow FILE``), each process also runs the shadow policy
+(:mod:`extproc._shadow`): loaded after the live policy's scorers, through the same scorer
+cache, watched and reloaded like it, and its decisions still in flight get ``grace`` seconds
+at shutdown. A shadow file that is bad at start never stops the server from starting.
 """
 
 from __future__ import annotations
@@ -43,6 +48,7 @@ from extproc._errors import SwitchyardError
 from extproc._policy import DEFAULT_MAX_POLICY_BYTES
 from extproc._reload import PolicyFile
 from extproc._servicer import ExternalProcessor
+from extproc._shadow import Shadow, ShadowPolicy, SharedScorers
 from extproc._telemetry import Telemetry
 from extproc._telemetry_setup import TelemetryConfig, setup_telemetry
 
@@ -75,12 +81,17 @@ async def serve_async(
     reload_interval: float,
     reuse_port: bool = False,
     stop_signals: tuple[signal.Signals, ...] = (signal.SIGTERM, signal.SIGINT),
+    shadow_policy: ShadowPolicy | None = None,
 ) -> None:
     """Serve ``policy`` until one of ``stop_signals``, reloading it as it changes; then drain
-    for ``drain`` seconds and stop with ``grace`` seconds for open streams (module docstring)."""
+    for ``drain`` seconds and stop with ``grace`` seconds for open streams (module docstring).
+    ``shadow_policy``: decide every routed request again with it, off the live path."""
     host, port = parse_listen(listen)
     # Scorers load here, after any fork: their worker threads and devices belong to this process.
-    await asyncio.to_thread(policy.load_scorers)
+    scorers = SharedScorers()
+    await asyncio.to_thread(policy.load_scorers, scorers.owner("live"))
+    if shadow_policy is not None:
+        await asyncio.to_thread(shadow_policy.load_scorers, scorers.owner("shadow"))
     server = grpc.aio.server(options=[
         ("grpc.so_reuseport", 1 if reuse_port else 0),
         # The body message carries the whole buffered body (up to Envoy's buffer limit, which
@@ -91,7 +102,9 @@ async def serve_async(
     telemetry.observe_policy(lambda: policy.digest)
     telemetry.observe_breakers(lambda: BREAKERS.states(policy.current().scorers))
     capture = CaptureWriter(telemetry)  # the policy's `capture:` section says what it writes, reload by reload
-    ext_grpc.add_ExternalProcessorServicer_to_server(ExternalProcessor(policy.current, telemetry, capture), server)
+    shadow = Shadow(shadow_policy.current, telemetry) if shadow_policy is not None else None
+    ext_grpc.add_ExternalProcessorServicer_to_server(ExternalProcessor(policy.current, telemetry, capture, shadow),
+                                                     server)
     health = HealthServicer()
     health_pb2_grpc.add_HealthServicer_to_server(health, server)
     address = f"[{host}]:{port}" if ":" in host else f"{host}:{port}"
@@ -116,8 +129,19 @@ async def serve_async(
     loop = asyncio.get_running_loop()
     for sig in stop_signals:
         loop.add_signal_handler(sig, on_stop_signal)
-    loop.add_signal_handler(signal.SIGHUP, reload_now.set)
-    watcher = asyncio.create_task(policy.watch(reload_interval, reload_now))
+    reload_shadow = asyncio.Event()
+
+    def on_reload_signal() -> None:
+        reload_now.set()
+        reload_shadow.set()
+
+    loop.add_signal_handler(signal.SIGHUP, on_reload_signal)
+    watcher = asyncio.create_task(policy.watch(reload_interval, reload_now), name="switchyard-policy-watch")
+    watchers = [watcher]
+    if shadow_policy is not None:
+        log.info("shadowing", extra={"shadow": str(shadow_policy.path), "digest": shadow_policy.digest})
+        watchers.append(asyncio.create_task(shadow_policy.watch(reload_interval, reload_shadow),
+                                            name="switchyard-shadow-watch"))
     await stop.wait()
     await health.enter_graceful_shutdown()  # every service NOT_SERVING, from now on
     if drain > 0:
@@ -129,11 +153,14 @@ async def serve_async(
             pass
         log.info("drain ended", extra={"drained_s": round(loop.time() - started, 3), "cut_short": stop_now.is_set(),
                                        "pid": os.getpid()})
-    watcher.cancel()
+    for task in watchers:
+        task.cancel()
     log.info("stopping", extra={"grace_s": grace})
     await server.stop(grace)
+    if shadow is not None:
+        await shadow.drain(grace)
     await asyncio.to_thread(capture.close, grace)
-    await policy.close()
+    await policy.close()  # every scorer, the shadow's too: they share one cache
     await _let_cancelled_calls_end()
 
 
@@ -173,6 +200,7 @@ def serve(
     workers: int = 1,
     metrics_listen: str | None = None,
     max_policy_bytes: int = DEFAULT_MAX_POLICY_BYTES,
+    shadow: Path | None = None,
 ) -> int:
     """Run the server in this process, or in ``workers`` forked processes on one port.
 
@@ -182,10 +210,13 @@ def serve(
     ``metrics_listen``: ``HOST:PORT`` of the Prometheus scrape endpoint (``None``: none,
     unless ``OTEL_METRICS_EXPORTER=prometheus``); OTLP export follows the ``OTEL_*`` variables.
     ``max_policy_bytes``: a larger policy file is refused unparsed, at start and on reload.
+    ``shadow``: a candidate policy file every routed request is decided with again, off the
+    live path (a bad one is logged, and requests are not shadowed until it is good).
     """
     config = TelemetryConfig.from_env(metrics_listen)  # a bad OTEL_* value never starts a server
     metrics_address = parse_listen(config.metrics_listen, "--metrics-listen") if config.metrics_listen else None
     policy = PolicyFile.load(policy_path, max_bytes=max_policy_bytes)  # before forking: a bad policy never starts a server
+    shadow_policy = ShadowPolicy(shadow, max_policy_bytes) if shadow is not None else None
     # What is loaded by now (modules, the policy) lives as long as the process: the garbage
     # collector stops scanning it, and forked workers keep sharing its memory pages.
     gc.freeze()
@@ -195,7 +226,8 @@ def serve(
         try:
             if endpoint is not None:
                 endpoint.start()
-            asyncio.run(serve_async(policy, listen, grace=grace, drain=drain, reload_interval=reload_interval))
+            asyncio.run(serve_async(policy, listen, grace=grace, drain=drain, reload_interval=reload_interval,
+                                    shadow_policy=shadow_policy))
         finally:
             if endpoint is not None:
                 endpoint.close()
@@ -239,7 +271,8 @@ def serve(
 
                     answer_scrapes(channels[index][1], setup.registry)
                 asyncio.run(serve_async(policy, listen, grace=grace, drain=drain, reuse_port=True,
-                                        reload_interval=reload_interval, stop_signals=(signal.SIGTERM,)))
+                                        reload_interval=reload_interval, stop_signals=(signal.SIGTERM,),
+                                        shadow_policy=shadow_policy))
                 setup.shutdown()
                 os._exit(0)
             except BaseException:  # noqa: BLE001 - report and exit the child, never return into the parent's code

@@ -12,6 +12,9 @@ stream pins the policy engine it started with, so a policy reload
 (:class:`~extproc._reload.PolicyFile`) never changes a request mid-flight. After the
 decision, a request the policy's ``capture:`` section samples is handed to the
 :class:`~extproc._capture.CaptureWriter` (a queue append; the disk is another thread's job).
+With a shadow policy (``serve --shadow``), once the body answer has been handed to gRPC the
+request is offered to the :class:`~extproc._shadow.Shadow`, which decides it again in a task
+of its own: the live answer never waits for the shadow, nor fails with it.
 """
 
 from __future__ import annotations
@@ -38,6 +41,7 @@ from extproc._mutations import (
 from extproc._request import RoutingRequest, body_too_large, is_json_content_type, parse_json_body, rewrite_model
 from extproc._scorers import ScoresNeeded
 from extproc._scoring import decide_with_scores
+from extproc._shadow import Shadow
 from extproc._telemetry import Telemetry, start_decide_span
 
 __all__ = ["ExternalProcessor", "RequestStream"]
@@ -69,6 +73,7 @@ class RequestStream:
         self.routed = False
         self.arrival = time.monotonic()  # scorer deadlines count from here
         self.done = False  # the answer just given is the last one this request needs
+        self.decided: Decision | None = None  # the routing decision, once made
 
     def handle(self, message: ext.ProcessingRequest) -> ext.ProcessingResponse | Awaitable[ext.ProcessingResponse]:
         phase = message.WhichOneof("request")
@@ -153,6 +158,7 @@ class RequestStream:
                                          "signals": {k: r.matched for k, r in decision.signals.items()}})
         rewritten = rewrite_model(raw, self.request.body, decision.model) if decision.rewrite_model else None
         response = routed_body_response(decision, rewritten)
+        self.decided = decision
         capture = self.engine.policy.capture
         if self.capture is not None and capture.enabled:
             self.capture.offer(capture, self.request.headers, self.request.body["messages"], decision)
@@ -169,14 +175,16 @@ class ExternalProcessor(ext_grpc.ExternalProcessorServicer):
 
     ``engine`` is called once per stream, so a reloaded policy applies to new requests (its
     ``capture:`` section too). ``capture`` writes the requests that section samples; ``None``:
-    nothing is captured.
+    nothing is captured. ``shadow`` decides every routed request again after its answer has
+    gone (``None``: no shadow policy).
     """
 
     def __init__(self, engine: Callable[[], PolicyEngine], telemetry: Telemetry | None = None,
-                 capture: CaptureWriter | None = None) -> None:
+                 capture: CaptureWriter | None = None, shadow: Shadow | None = None) -> None:
         self._engine = engine
         self._telemetry = telemetry or Telemetry()
         self._capture = capture
+        self._shadow = shadow
 
     async def Process(
         self, request_iterator: AsyncIterator[ext.ProcessingRequest], context: grpc.aio.ServicerContext
@@ -194,4 +202,12 @@ class ExternalProcessor(ext_grpc.ExternalProcessorServicer):
             if stream.done or response.HasField("immediate_response"):
                 # End the stream (gRPC OK): Envoy marks processing complete, so the routed
                 # request no longer depends on this process (a restart cannot cut it).
+                if self._shadow is not None and stream.decided is not None:
+                    self._offer_shadow(stream)  # the answer has gone: gRPC asked for the next one
                 return
+
+    def _offer_shadow(self, stream: RequestStream) -> None:
+        try:
+            self._shadow.offer(stream.request, stream.decided, stream.engine.policy)
+        except Exception:  # noqa: BLE001 - the shadow never fails a request that was answered
+            log.exception("offering a request to the shadow policy failed")

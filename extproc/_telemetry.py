@@ -20,6 +20,10 @@ counters end in ``_total``)::
     switchyard.scorer.breaker.state  switchyard_scorer_breaker_state{scorer}  (0 closed, 1 open, 2 half-open)
     switchyard.capture.written    switchyard_capture_written_total
     switchyard.capture.dropped    switchyard_capture_dropped_total{reason}
+    switchyard.shadow.decisions   switchyard_shadow_decisions_total{live, shadow}
+    switchyard.shadow.cost        switchyard_shadow_cost_total{policy}  (policy: live, shadow)
+    switchyard.shadow.large       switchyard_shadow_large_total{policy}
+    switchyard.shadow.skipped     switchyard_shadow_skipped_total{reason}
 
 A failed scorer call is also a warning log line, at most one per scorer every
 :data:`FAILURE_LOG_EVERY_S` seconds, counting the failures it stands for (:class:`FailureLog`),
@@ -143,6 +147,8 @@ class Telemetry:
       :meth:`record_score`.
     - ``capture_written``, ``capture_dropped``: the capture writer
       (:class:`~extproc._capture.CaptureWriter`), from its queue and its writer thread.
+    - ``shadow_decisions``, ``shadow_cost``, ``shadow_large``, ``shadow_skipped``: the
+      shadow (:class:`~extproc._shadow.Shadow`), once per request it compared or skipped.
     - ``switchyard.scorer.breaker.state``: the server registers the running scorers'
       breakers once with :meth:`observe_breakers`; they are read at each collection.
     """
@@ -194,6 +200,22 @@ class Telemetry:
             description="Sampled requests not written to the capture file, by reason (queue_full: the writer "
                         "fell behind; error: the file could not be written; too_large: one line over "
                         "`capture.max_bytes`; shutdown: still queued when the server stopped).")
+
+        self.shadow_decisions = meter.create_counter(
+            "switchyard.shadow.decisions", unit="{request}",
+            description="Requests decided again by the shadow policy (serve --shadow), by the live backend and "
+                        "the shadow's (`rejected`: the shadow would have answered with an error).")
+        self.shadow_cost = meter.create_counter(
+            "switchyard.shadow.cost", unit="1",
+            description="Sum of the chosen backends' `cost` over the shadowed requests, by policy (live, shadow).")
+        self.shadow_large = meter.create_counter(
+            "switchyard.shadow.large", unit="{request}",
+            description="Shadowed requests that went to the policy's large backend (its highest `cost`), by policy "
+                        "(live, shadow); over switchyard_shadow_decisions_total it is each one's large share.")
+        self.shadow_skipped = meter.create_counter(
+            "switchyard.shadow.skipped", unit="{request}",
+            description="Routed requests the shadow did not compare, by reason (dropped: too many shadow decisions "
+                        "in flight; timeout; error: the shadow policy raised).")
 
     def record_score(self, scorer: str, outcome: Scores | ScorerFailure, latency_ms: float) -> None:
         """One scorer call: its latency by ``result`` (``ok``, or the failure's ``reason``),

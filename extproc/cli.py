@@ -1,11 +1,12 @@
 """The ``switchyard`` command line (also ``python -m extproc``).
 
     switchyard serve --policy PATH [--listen HOST:PORT] [--workers N] [--drain-seconds S] [--grace S]
-                     [--reload-interval S] [--metrics-listen HOST:PORT] [--max-policy-bytes N]
+                     [--reload-interval S] [--metrics-listen HOST:PORT] [--max-policy-bytes N] [--shadow PATH]
     switchyard policy check PATH... [--envoy CONFIG] [--max-policy-bytes N]
     switchyard envoy render --policy PATH --backend NAME=HOST:PORT ... [--tls NAME[=SNI]] [--out FILE]
     switchyard policy explain PATH --request BODY.json [--header NAME=VALUE ...] [--max-policy-bytes N]
     switchyard policy explain PATH --requests REQUESTS.jsonl [--header NAME=VALUE ...]   (one decision a line)
+    switchyard policy diff A B --requests REQUESTS.jsonl [--header NAME=VALUE ...]   (where A and B differ)
     switchyard policy schema [--markdown]
     switchyard train probe|latent-router ...   (needs the `ml` extra)
     switchyard eval --checkpoint DIR ...       (needs the `ml` extra)
@@ -90,6 +91,11 @@ def build_parser(with_routers: bool = False) -> argparse.ArgumentParser:
                        help="Serve Prometheus metrics at http://HOST:PORT/metrics (default: off). With --workers N "
                             "the parent process serves every worker's series, labelled worker=\"<i>\". OTLP export "
                             "follows the standard OTEL_* variables.")
+    serve.add_argument("--shadow", type=Path, metavar="PATH", default=None,
+                       help="A candidate policy YAML file that decides every routed request again, after the live "
+                            "answer has gone and off its latency, sharing the loaded scorers; only metrics record "
+                            "what it chose (switchyard_shadow_*). Watched and reloaded like --policy; a bad or "
+                            "failing shadow never touches live traffic (default: none).")
     _max_policy_bytes(serve)
     serve.set_defaults(handler=_serve)
 
@@ -98,8 +104,10 @@ def build_parser(with_routers: bool = False) -> argparse.ArgumentParser:
     check = policy_sub.add_parser("check", help="Validate policy files; print every problem as PATH:LINE:COLUMN: message.")
     check.add_argument("paths", type=Path, nargs="+", metavar="PATH")
     check.add_argument("--envoy", type=Path, metavar="CONFIG",
-                       help="Also check that this Envoy bootstrap has every backend's cluster and route, and buffers "
-                            "bodies up to routing.max_body_bytes plus the model rewrite.")
+                       help="Also check that this Envoy bootstrap has every backend's cluster and route, removes "
+                            "client x-switchyard-* headers before routing, and buffers bodies up to "
+                            "routing.max_body_bytes plus the model rewrite; the ok line says whether it fails closed "
+                            "or open (--fail-open).")
     _max_policy_bytes(check)
     check.set_defaults(handler=_check)
     explain = policy_sub.add_parser("explain", help="Print the decision for one request body (or many) as JSON.")
@@ -115,6 +123,19 @@ def build_parser(with_routers: bool = False) -> argparse.ArgumentParser:
                          help="A request header (repeatable; with --requests, for every request, under each line's own).")
     _max_policy_bytes(explain)
     explain.set_defaults(handler=_explain)
+    diff = policy_sub.add_parser("diff", help="Decide the same requests with two policies; print where they differ.")
+    diff.add_argument("live", type=Path, metavar="A", help="The policy in use (YAML file).")
+    diff.add_argument("candidate", type=Path, metavar="B", help="The candidate policy (YAML file).")
+    diff.add_argument("--requests", type=Path, metavar="FILE", required=True,
+                      help="JSONL file of requests ('-' for stdin), as `policy explain --requests` reads it (a "
+                           "capture file too). Prints one JSON line per request the policies route differently "
+                           "(`line`, `id`, `a`, `b`: backend and rule, or error), then one `summary` line: "
+                           "requests, agreement rate, the (A backend, B backend) pair counts, and each policy's "
+                           "large share and cost.")
+    diff.add_argument("--header", action="append", default=[], metavar="NAME=VALUE",
+                      help="A request header for every request (repeatable; under each line's own).")
+    _max_policy_bytes(diff)
+    diff.set_defaults(handler=_diff)
     schema = policy_sub.add_parser("schema", help="Print the policy JSON Schema (or the key tables of docs/policy-reference.md).")
     schema.add_argument("--markdown", action="store_true", help="Print the key reference of docs/policy-reference.md instead.")
     schema.set_defaults(handler=_schema)
@@ -142,7 +163,7 @@ def _serve(args: argparse.Namespace) -> int:
             raise SwitchyardError(f"{option} must be a number of seconds >= 0, got {value}.")
     return serve(args.policy, args.listen, workers=args.workers, grace=args.grace, drain=args.drain_seconds,
                  reload_interval=args.reload_interval, metrics_listen=args.metrics_listen,
-                 max_policy_bytes=args.max_policy_bytes)
+                 max_policy_bytes=args.max_policy_bytes, shadow=args.shadow)
 
 
 def _check(args: argparse.Namespace) -> int:
@@ -155,20 +176,21 @@ def _check(args: argparse.Namespace) -> int:
                 print(problem)
             status = 1
             continue
-        envoy_problems = _envoy_problems(policy, args.envoy) if args.envoy else []
+        envoy_problems, envoy_mode = _envoy_check(policy, args.envoy) if args.envoy else ([], "")
         for problem in envoy_problems:
             print(problem)
         if envoy_problems:
             status = 1
         else:
-            print(f"{path}: ok" + (f" (with {args.envoy})" if args.envoy else ""))
+            print(f"{path}: ok" + (f" (with {args.envoy}; {envoy_mode})" if args.envoy else ""))
     return status
 
 
-def _envoy_problems(policy, config_path: Path) -> list[str]:
+def _envoy_check(policy, config_path: Path) -> tuple[list[str], str]:
+    """The disagreements between ``policy`` and the Envoy config, and its failure mode in words."""
     import yaml
 
-    from extproc._envoy_render import check_envoy_config
+    from extproc._envoy_render import check_envoy_config, envoy_fail_open
 
     try:
         config = yaml.safe_load(config_path.read_text(encoding="utf-8"))
@@ -176,17 +198,36 @@ def _envoy_problems(policy, config_path: Path) -> list[str]:
         raise SwitchyardError(f"Cannot read the Envoy config {config_path}: {exc}") from exc
     if not isinstance(config, dict):
         raise SwitchyardError(f"{config_path} is not an Envoy bootstrap (a YAML mapping).")
-    return check_envoy_config(policy, config, source=str(config_path))
+    if envoy_fail_open(config):
+        mode = (f"fail-open: a request switchyard cannot answer goes to the default backend {policy.default!r}, "
+                f"its model not rewritten")
+    else:
+        mode = "fail closed: a request switchyard cannot answer gets 500/504 router_unavailable"
+    return check_envoy_config(policy, config, source=str(config_path)), mode
 
 
-def _explain(args: argparse.Namespace) -> int:
-    policy = load_policy(args.path, args.max_policy_bytes)
+def _headers(items: list[str]) -> dict[str, str]:
+    """``--header NAME=VALUE`` options as a header map (names lower-cased)."""
     headers = {}
-    for item in args.header:
+    for item in items:
         name, sep, value = item.partition("=")
         if not sep or not name:
             raise SwitchyardError(f"--header must be NAME=VALUE, got {item!r}.")
         headers[name.strip().lower()] = value
+    return headers
+
+
+def _diff(args: argparse.Namespace) -> int:
+    from extproc._explain_many import diff_many
+
+    live = load_policy(args.live, args.max_policy_bytes)
+    candidate = load_policy(args.candidate, args.max_policy_bytes)
+    return diff_many(live, candidate, args.requests, _headers(args.header))
+
+
+def _explain(args: argparse.Namespace) -> int:
+    policy = load_policy(args.path, args.max_policy_bytes)
+    headers = _headers(args.header)
     if args.requests is not None:
         from extproc._explain_many import explain_many
 

@@ -52,6 +52,7 @@ class Stack:
         ports: Ports | None = None,
         *,
         max_body_bytes: int | None = None,
+        fail_open: bool = False,
         envoy_args: tuple[str, ...] = ("--concurrency", "1"),
     ) -> None:
         self.policy = Path(policy)
@@ -59,7 +60,7 @@ class Stack:
         self.workdir.mkdir(parents=True, exist_ok=True)
         names, self.default_backend = policy_backends(self.policy)
         self.ports = ports or Ports.free(names)
-        self.max_body_bytes, self.envoy_args = max_body_bytes, envoy_args
+        self.max_body_bytes, self.fail_open, self.envoy_args = max_body_bytes, fail_open, envoy_args
         self.backends = {
             name: Child(f"backend-{name}", [sys.executable, "-m", "demo.backend", "--name", name, "--port", str(port)],
                         self.workdir / f"backend-{name}.log")
@@ -94,6 +95,7 @@ class Stack:
         write_envoy_config(
             self.envoy_config, self.policy, listen_port=self.ports.listen, admin_port=self.ports.admin,
             extproc_port=self.ports.extproc, backends=self.ports.backends, max_body_bytes=self.max_body_bytes,
+            fail_open=self.fail_open,
         )
         try:
             for child in self.children:

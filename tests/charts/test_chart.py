@@ -1,4 +1,4 @@
-"""The Helm chart, rendered by the Helm library for the defaults and six value sets: lint,
+"""The Helm chart, rendered by the Helm library for the defaults and its value sets: lint,
 Kubernetes schemas, the Envoy config each pod would render (validated by Envoy), security,
 probes, what the network can reach, the optional parts, and values typos failing."""
 
@@ -79,6 +79,8 @@ VALUE_SETS: dict[str, dict[str, Any]] = {
         "networkPolicy": {"enabled": False},
         "switchyard": {"metrics": {"enabled": False}},
     },
+    "fail-open": {"envoy": {"failOpen": True}},
+    "shadow-policy": {"policy": {"shadow": {"enabled": True, "content": EXISTING_POLICY}}},
     "hpa-servicemonitor-networkpolicy": {
         "autoscaling": {"enabled": True, "minReplicas": 3, "maxReplicas": 12},
         "serviceMonitor": {"enabled": True, "labels": {"release": "prometheus"}},
@@ -433,6 +435,25 @@ def test_a_plaintext_scorer_takes_only_the_gateway_pods():
     assert "plaintext gRPC, to this release's gateway pods only" in text and "scorer.tls.secretName" in text
     tls = notes(values | {"scorer": values["scorer"] | {"tls": {"secretName": "scorer-tls"}}})
     assert "plaintext" not in tls and "/etc/switchyard/scorer-tls/ca.crt" in tls
+
+
+@pytest.mark.parametrize("fail_open", [False, True], ids=["fail-closed", "fail-open"])
+def test_fail_open_value_reaches_the_rendered_envoy_config_and_the_notes(fail_open, tmp_path):
+    values = VALUE_SETS["fail-open"] if fail_open else {}
+    manifests = render(values)
+    pod = LocalPod(find(manifests, "Deployment", FULLNAME), manifests, tmp_path, SECRETS, CONFIG_MAPS)
+    assert ("--fail-open" in pod.argv("envoy-config")) is fail_open
+    assert pod.run("envoy-config").returncode == 0
+    config = yaml.safe_load((pod.volumes["envoy-config"] / "envoy.yaml").read_text())
+    hcm = config["static_resources"]["listeners"][0]["filter_chains"][0]["filters"][0]["typed_config"]
+    assert hcm["http_filters"][0]["typed_config"]["failure_mode_allow"] is fail_open
+    strip = hcm["early_header_mutation_extensions"][0]["typed_config"]["mutations"][0]["remove_on_match"]
+    assert strip["key_matcher"] == {"prefix": "x-switchyard-", "ignore_case": True}
+    text = notes(values)
+    if fail_open:
+        assert "Fail-open (envoy.failOpen: true)" in text and "Fail closed" not in text
+    else:
+        assert "Fail closed (envoy.failOpen: false)" in text and "Fail-open" not in text
 
 
 def test_install_notes_say_what_the_network_reaches():

@@ -49,8 +49,10 @@ class Response:
 class Gateway:
     """One running stack for one policy. ``url`` is Envoy's listener."""
 
-    def __init__(self, policy: Path, workdir: Path, *, max_body_bytes: int | None = None) -> None:
-        self.stack = Stack(policy, workdir, max_body_bytes=max_body_bytes)
+    def __init__(
+        self, policy: Path, workdir: Path, *, max_body_bytes: int | None = None, fail_open: bool = False,
+    ) -> None:
+        self.stack = Stack(policy, workdir, max_body_bytes=max_body_bytes, fail_open=fail_open)
 
     def start(self) -> Gateway:
         self.stack.start()

@@ -23,6 +23,7 @@ from extproc._envoy_render import (
     Upstream,
     check_envoy_config,
     envoy_body_limit,
+    envoy_fail_open,
     render_envoy,
     rewrite_growth,
 )
@@ -129,6 +130,43 @@ def test_ext_proc_settings_and_message_timeout():
     assert strip["key_matcher"] == {"prefix": "x-switchyard-", "ignore_case": True}
 
 
+def _ext_proc(config: dict) -> dict:
+    hcm = config["static_resources"]["listeners"][0]["filter_chains"][0]["filters"][0]["typed_config"]
+    return hcm["http_filters"][0]["typed_config"]
+
+
+def test_fail_open_sets_failure_mode_allow_and_nothing_else():
+    upstreams = {"pool-a": Upstream(Address("127.0.0.1", 1)), "pool-b": Upstream(Address("127.0.0.1", 2))}
+    closed = render_envoy(SHARED, upstreams).bootstrap
+    opened = render_envoy(SHARED, upstreams, EnvoyOptions(fail_open=True)).bootstrap
+    assert _ext_proc(closed)["failure_mode_allow"] is False and _ext_proc(opened)["failure_mode_allow"] is True
+    assert not envoy_fail_open(closed) and envoy_fail_open(opened)
+    _ext_proc(opened)["failure_mode_allow"] = False
+    assert opened == closed  # header stripping, routes, the default route: all unchanged
+
+
+@pytest.mark.parametrize("name", sorted(SHIPPED))
+def test_shipped_configs_fail_closed(name):
+    assert not envoy_fail_open(yaml.safe_load((REPO / "envoy" / name).read_text()))
+
+
+def test_render_cli_fail_open(tmp_path, capsys):
+    out = tmp_path / "envoy.yaml"
+    code, _, err = _render_cli(capsys, "--policy", str(DEFAULT_POLICY), *SHIPPED["sidecar.yaml"], "--fail-open",
+                               "--out", str(out))
+    assert code == 0, err
+    assert "# Fail-open (--fail-open)" in out.read_text()
+    config = yaml.safe_load(out.read_text())
+    assert _ext_proc(config)["failure_mode_allow"] is True
+    hcm = config["static_resources"]["listeners"][0]["filter_chains"][0]["filters"][0]["typed_config"]
+    strip = hcm["early_header_mutation_extensions"][0]["typed_config"]["mutations"][0]["remove_on_match"]
+    assert strip["key_matcher"] == {"prefix": "x-switchyard-", "ignore_case": True}
+    done = _validate(out)
+    assert done.returncode == 0, done.stdout + done.stderr
+    assert cli.main(["policy", "check", str(DEFAULT_POLICY), "--envoy", str(out)]) == 0
+    assert "fail-open: a request switchyard cannot answer goes to the default backend 'small'" in capsys.readouterr().out
+
+
 def test_tls_and_credentials(tmp_path, capsys):
     key_dir = tmp_path / "credentials" / "large"
     key_dir.mkdir(parents=True)
@@ -216,7 +254,24 @@ def test_render_cli_errors_name_the_option(capsys, args, message):
 def test_policy_check_envoy_accepts_the_shipped_configs(capsys):
     for name in SHIPPED:
         assert cli.main(["policy", "check", str(DEFAULT_POLICY), "--envoy", str(REPO / "envoy" / name)]) == 0
-        assert "ok" in capsys.readouterr().out
+        out = capsys.readouterr().out
+        assert "ok" in out
+        assert "fail closed: a request switchyard cannot answer gets 500/504 router_unavailable" in out
+
+
+def test_policy_check_envoy_needs_the_early_header_stripping():
+    """Without it a client picks the backend (on pass-through requests, and on every request
+    when the config fails open)."""
+    config = yaml.safe_load((REPO / "envoy" / "standalone.yaml").read_text())
+    policy = load_policy(DEFAULT_POLICY)
+    assert check_envoy_config(policy, config) == []
+    hcm = config["static_resources"]["listeners"][0]["filter_chains"][0]["filters"][0]["typed_config"]
+    hcm["early_header_mutation_extensions"][0]["typed_config"]["mutations"][0]["remove_on_match"]["key_matcher"][
+        "ignore_case"] = False
+    problems = check_envoy_config(policy, config)
+    assert len(problems) == 1 and "does not remove client x-switchyard-* headers before routing" in problems[0]
+    del hcm["early_header_mutation_extensions"]
+    assert len(check_envoy_config(policy, config)) == 1
 
 
 def test_policy_check_envoy_finds_every_disagreement(tmp_path, capsys):

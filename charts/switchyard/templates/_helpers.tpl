@@ -131,6 +131,9 @@ large: {host: large-model.llm.svc.cluster.local, port: 8000}
 {{- if not .Values.envoy.accessLog }}
 - --no-access-log
 {{- end }}
+{{- if .Values.envoy.failOpen }}
+- --fail-open
+{{- end }}
 - --out
 - /etc/envoy/envoy.yaml
 {{- end -}}
