@@ -112,7 +112,7 @@ def test_an_oversized_policy_is_refused_before_parsing(tmp_path, monkeypatch):
     def never(*args, **kwargs):
         raise AssertionError("an oversized policy was parsed")
 
-    monkeypatch.setattr("extproc._policy._compose", never)
+    monkeypatch.setattr("extproc._policy.compose_yaml", never)
     path = _oversized(tmp_path / "policy.yaml")
     (line, column, message), = _problems(path)
     assert (line, column) == (1, 1)
@@ -131,7 +131,7 @@ def test_a_reload_to_an_oversized_policy_keeps_the_running_one(write_policy, mon
     path = write_policy(BASE)
     policy = PolicyFile.load(path)
     running = policy.current()
-    monkeypatch.setattr("extproc._policy._compose", lambda *a: pytest.fail("an oversized policy was parsed"))
+    monkeypatch.setattr("extproc._policy.compose_yaml", lambda *a: pytest.fail("an oversized policy was parsed"))
     _oversized(path)
     assert policy.reload() == "rejected"
     assert policy.current() is running
