@@ -28,7 +28,7 @@ import pytest
 from harness import Child, free_port, grpc_serving, http_ok
 from tests.charts.conftest import find, render
 from tests.charts.pod import POD_IP, LocalPod, atomic_write, reachable
-from tests.integration.harness import REPO, chat
+from tests.integration.gateway import REPO, chat
 
 pytestmark = pytest.mark.envoy
 

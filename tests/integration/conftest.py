@@ -12,7 +12,7 @@ from pathlib import Path
 
 import pytest
 
-from tests.integration.harness import DEFAULT_POLICY, Gateway
+from tests.integration.gateway import DEFAULT_POLICY, Gateway
 
 
 class GatewayFactory:

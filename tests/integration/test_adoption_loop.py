@@ -30,7 +30,7 @@ import pytest
 import yaml
 
 from extproc.cli import main
-from tests.integration.harness import Gateway, chat
+from tests.integration.gateway import Gateway, chat
 from tests.integration.test_metrics import wait_for
 from tests.routers.label_stubs import StubBackend
 from tests.routers.test_probe_support import tiny_text_model, trigger_set

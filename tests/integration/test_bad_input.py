@@ -26,7 +26,7 @@ import pytest
 import yaml
 
 import harness.stack
-from tests.integration.harness import Gateway, Response
+from tests.integration.gateway import Gateway, Response
 
 POLICY = """\
 version: 1

@@ -19,7 +19,7 @@ from pathlib import Path
 import pytest
 
 from extproc._capture import sampled
-from tests.integration.harness import chat
+from tests.integration.gateway import chat
 from tests.integration.test_metrics import MetricsGateway, total, wait_for
 
 RATE = 0.5

@@ -17,7 +17,7 @@ import pytest
 from demo import learned
 from demo.run import DEMO_POLICY, SAMPLES, score_shown, send_samples
 from harness import Stack
-from tests.integration.harness import DEFAULT_POLICY, REPO
+from tests.integration.gateway import DEFAULT_POLICY, REPO
 
 #: Few rows and epochs: the test checks the path, not the quality.
 SMALL_RECIPE = learned.Recipe(train_rows=120, calibrate_rows=60, probe_epochs=2, probe_mlp_width=16,

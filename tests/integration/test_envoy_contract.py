@@ -17,7 +17,7 @@ from pathlib import Path
 
 import pytest
 
-from tests.integration.harness import DEFAULT_POLICY, REPO, chat
+from tests.integration.gateway import DEFAULT_POLICY, REPO, chat
 
 MODEL = {"small": "small-model", "large": "large-model"}
 PIXEL = "data:image/png;base64,iVBORw0KGgoAAAANSUhEUgAAAAEAAAABCAYAAAAfFcSJAAAADUlEQVR42mP8z8BQDwAEhQGAhKmMIQAAAABJRU5ErkJggg=="

@@ -31,7 +31,7 @@ from extproc._errors import EnvoyConfigError
 from extproc._mutations import ROUTING_HEADER
 from extproc._policy import load_policy, parse_policy
 from harness import Child, envoy_binary, free_port, grpc_serving, http_ok, render_envoy_config
-from tests.integration.harness import REPO, Gateway
+from tests.integration.gateway import REPO, Gateway
 
 DEFAULT_POLICY = REPO / "policies" / "default.yaml"
 

@@ -18,7 +18,7 @@ from collections.abc import Iterator
 
 import pytest
 
-from tests.integration.harness import DEFAULT_POLICY, Gateway, Response, chat
+from tests.integration.gateway import DEFAULT_POLICY, Gateway, Response, chat
 from tests.integration.test_faults import Upload, envoy_counter
 
 # policies/default.yaml sends this to `large`; fail-open must send it to `small` (the default).

@@ -18,7 +18,7 @@ import pytest
 from extproc import RoutingRequest, load_policy, load_scorer
 from extproc.cli import main
 from routers.synthetic import synthetic_rows, write_synthetic
-from tests.integration.harness import Gateway, chat
+from tests.integration.gateway import Gateway, chat
 from tests.routers.test_probe_support import tiny_text_model, trigger_set, write_jsonl
 
 pytestmark = pytest.mark.envoy

@@ -33,7 +33,7 @@ from prometheus_client.parser import text_string_to_metric_families
 
 from harness import free_port
 from tests.extproc.test_telemetry import dashboard_metric_names, exposition_names
-from tests.integration.harness import DEFAULT_POLICY, Gateway, chat
+from tests.integration.gateway import DEFAULT_POLICY, Gateway, chat
 
 #: Dashboard series only an in-process scorer produces (it knows its micro-batch size; a
 #: remote one does not). They need the `ml` extra and a checkpoint, so this module cannot

@@ -16,7 +16,7 @@ from collections.abc import Iterator
 
 import pytest
 
-from tests.integration.harness import Gateway, Response, chat
+from tests.integration.gateway import Gateway, Response, chat
 from tests.remote.support import ServerProcess
 
 pytestmark = pytest.mark.envoy

@@ -17,7 +17,7 @@ import pytest
 from extproc import PolicyEngine, RoutingRequest, load_policy
 from extproc._explain_many import diff_many
 from tests.extproc.test_shadow import CANDIDATE, bodies
-from tests.integration.harness import DEFAULT_POLICY
+from tests.integration.gateway import DEFAULT_POLICY
 from tests.integration.test_metrics import MetricsGateway, total, wait_for
 
 REQUESTS = 200
