@@ -28,7 +28,7 @@ from extproc._scorer_cache import ScorerCache, retire
 from extproc._scorer_specs import checkpoint_fingerprint
 from extproc._telemetry import Telemetry
 
-__all__ = ["PolicyFile"]
+__all__ = ["PolicyFile", "watch_reloads"]
 
 log = logging.getLogger("switchyard.policy")
 
@@ -143,15 +143,26 @@ class PolicyFile:
 
     async def watch(self, interval: float, wake: asyncio.Event) -> None:
         """Reload every ``interval`` seconds (never when 0) and whenever ``wake`` is set."""
-        while True:
-            try:
-                await asyncio.wait_for(wake.wait(), timeout=interval if interval > 0 else None)
-            except asyncio.TimeoutError:
-                pass
-            wake.clear()
-            try:
-                await asyncio.to_thread(self.reload)  # parsing and loading must not stall the event loop
-            except Exception:  # a bug in reloading must not end reloading, nor the server
-                log.exception("policy reload failed; the running policy stays")
-            retired, self._retired = self._retired, []
-            retire(retired)
+        await watch_reloads(self.reload, self.take_retired, interval, wake, "policy")
+
+    def take_retired(self) -> list:
+        """The scorers the last reloads stopped using, handed over once to be closed."""
+        retired, self._retired = self._retired, []
+        return retired
+
+
+async def watch_reloads(reload, take_retired, interval: float, wake: asyncio.Event, what: str) -> None:
+    """Call ``reload`` every ``interval`` seconds (never when 0) and whenever ``wake`` is set,
+    on a worker thread (parsing and loading must not stall the event loop), then close what
+    ``take_retired`` hands over. A reload that raises is logged; the running ``what`` stays."""
+    while True:
+        try:
+            await asyncio.wait_for(wake.wait(), timeout=interval if interval > 0 else None)
+        except asyncio.TimeoutError:
+            pass
+        wake.clear()
+        try:
+            await asyncio.to_thread(reload)
+        except Exception:  # a bug in reloading must not end reloading, nor the server
+            log.exception(f"{what} reload failed; the running {what} stays")
+        retire(take_retired())

@@ -48,9 +48,9 @@ from extproc._decision import Decision
 from extproc._engine import PolicyEngine
 from extproc._errors import PolicyError, RequestError, SwitchyardError
 from extproc._policy import DEFAULT_MAX_POLICY_BYTES, Policy
-from extproc._reload import PolicyFile
+from extproc._reload import PolicyFile, watch_reloads
 from extproc._request import RoutingRequest
-from extproc._scorer_cache import ScorerCache, retire
+from extproc._scorer_cache import ScorerCache
 from extproc._scorers import Scorer
 from extproc._scoring import decide_with_scores
 from extproc._telemetry import FAILURE_LOG_EVERY_S, Telemetry
@@ -200,19 +200,8 @@ class ShadowPolicy:
 
     async def watch(self, interval: float, wake: asyncio.Event) -> None:
         """Reload every ``interval`` seconds (never when 0) and whenever ``wake`` is set."""
-        while True:
-            try:
-                await asyncio.wait_for(wake.wait(), timeout=interval if interval > 0 else None)
-            except asyncio.TimeoutError:
-                pass
-            wake.clear()
-            try:
-                await asyncio.to_thread(self.reload)
-            except Exception:  # a bug in reloading the shadow must not end it, nor the server
-                log.exception("shadow policy reload failed; the running shadow stays")
-            if self.file is not None:
-                retired, self.file._retired = self.file._retired, []
-                retire(retired)
+        await watch_reloads(self.reload, lambda: self.file.take_retired() if self.file is not None else [],
+                            interval, wake, "shadow policy")
 
     async def close(self) -> None:
         if self.file is not None:
