@@ -50,9 +50,15 @@ def test_requests_route_as_without_the_shadow_and_the_pair_metric_equals_policy_
         assert response.header("x-switchyard-backend") == decision.backend.name, body
         assert response.json()["model"] == decision.backend.model  # the backend that answered
 
-    wait_for("every shadow decision", lambda: total(gateway.scrape(), "switchyard_shadow_decisions_total") == REQUESTS,
-             gateway)
+    def landed() -> float:  # compared or skipped: every routed request's shadow has ended
+        scrape = gateway.scrape()
+        return total(scrape, "switchyard_shadow_decisions_total") + total(scrape, "switchyard_shadow_skipped_total")
+
+    wait_for("every shadow decision", lambda: landed() == REQUESTS, gateway)
     scrape = gateway.scrape()
+    skipped = {dict(labels)["reason"]: value for (name, labels), value in scrape.items()
+               if name == "switchyard_shadow_skipped_total" and value}
+    assert not skipped, f"shadow decisions skipped: {skipped}\n{gateway.logs()}"
     pairs = {(dict(labels)["live"], dict(labels)["shadow"]): value
              for (name, labels), value in scrape.items() if name == "switchyard_shadow_decisions_total"}
     lines = tmp_path / "requests.jsonl"
@@ -64,4 +70,3 @@ def test_requests_route_as_without_the_shadow_and_the_pair_metric_equals_policy_
     assert total(scrape, "switchyard_shadow_cost_total", policy="shadow") == pytest.approx(summary["b"]["cost"])
     assert total(scrape, "switchyard_shadow_large_total", policy="live") / REQUESTS == pytest.approx(
         summary["a"]["large_share"])
-    assert total(scrape, "switchyard_shadow_skipped_total") == 0
