@@ -83,8 +83,9 @@ class FixedScorer(Scorer):
         self.closed = True
 
 
-def engine(lam=0.0, probe=0.9, utility=None, **probe_kwargs):
-    policy = parse_policy(POLICY.replace("LAMBDA", str(lam)))
+def engine(lam=0.0, probe=0.9, utility=None, probe_deadline_ms=150, **probe_kwargs):
+    policy = parse_policy(POLICY.replace("LAMBDA", str(lam)).replace(
+        "deadline_ms: 150\n  utility", f"deadline_ms: {probe_deadline_ms}\n  utility"))
     scorers = {
         "probe": FixedScorer(policy.scorers["probe"], {"relope": probe} if not callable(probe) else probe, **probe_kwargs),
         "utility": FixedScorer(
@@ -201,7 +202,10 @@ def test_a_failed_utility_scorer_gives_the_fallback():
 
 
 def test_concurrent_requests_each_get_their_own_score():
-    eng = engine(probe=lambda request: {"relope": 0.1 if "hard" in request.messages[0]["content"] else 0.9}, delay=0.01)
+    # a deadline far above the 10 ms each score takes: a GC pause in a long test run must not
+    # turn this test of which score goes to which request into a test of timing
+    eng = engine(probe=lambda request: {"relope": 0.1 if "hard" in request.messages[0]["content"] else 0.9}, delay=0.01,
+                 probe_deadline_ms=900)
 
     async def many():
         bodies = [chat(f"{'hard' if i % 2 else 'easy'} question number {i} about the lemma") for i in range(64)]
