@@ -16,11 +16,11 @@ import yaml
 from extproc._capture import CaptureConfig
 from extproc._envoy_limits import DEADLINE_MARGIN_MS, MESSAGE_TIMEOUT_MS
 from extproc._policy_sections import Backend, ModelsConfig, RoutingConfig, TenantsConfig
+from extproc._scorer_kinds import scorer_schemas
 from extproc._scorers import BatchConfig, BreakerConfig, ImageLimits, ScorerSpec
 from extproc._signals import signal_schemas
 from extproc._schema import (
     DESCRIPTION_KEY,
-    kind_key,
     REQUIRED,
     Bool,
     Int,
@@ -102,7 +102,6 @@ class ConditionSchema(Schema):
 CONDITION_SCHEMA = ConditionSchema()
 
 
-_kind = kind_key
 _description = DESCRIPTION_KEY
 
 #: Each signal kind's keys, declared once on its class in ``_signals``.
@@ -264,41 +263,8 @@ _scorer_common = {
     "description": _description,
 }
 
-SCORER_KINDS_SCHEMA: dict[str, Obj] = {
-    "probe": Obj(
-        title="probe",
-        doc="Hidden-state probes (last-token, Attention Probe, ReLope) that share one backbone prefill; "
-        "each output is P(small backend answers correctly).",
-        keys={
-            "kind": _kind("probe"),
-            "checkpoints": Key(
-                MapOf(Str(min_length=1), min_items=1),
-                "Output name → probe checkpoint folder (relative to the policy file). All must be trained on "
-                "the same backbone. Required unless `remote` is set.",
-                None,
-            ),
-            **_scorer_common,
-        },
-    ),
-    "latent_router": Obj(
-        title="latent_router",
-        doc="A LatentRouter checkpoint; outputs are each pool model's predicted quality, used by "
-        "`route.utility` rules (quality − λ·cost) or `score` signals.",
-        keys={
-            "kind": _kind("latent_router"),
-            "checkpoint": Key(
-                Str(min_length=1),
-                "LatentRouter checkpoint folder (relative to the policy file). Required unless `remote` is set.",
-                None,
-            ),
-            "backends": Key(
-                MapOf(Str(min_length=1), min_items=1, name_pattern=r"^\S+$"),
-                "Pool model name → the backend serving it. Every pool model must map to a backend.",
-            ),
-            **_scorer_common,
-        },
-    ),
-}
+#: Each scorer kind's keys, declared once on its class in ``_scorer_kinds``, then the shared ones.
+SCORER_KINDS_SCHEMA: dict[str, Obj] = scorer_schemas(_scorer_common)
 
 ROUTE_SCHEMA = Obj(
     title="route",
@@ -548,13 +514,13 @@ def markdown_reference() -> str:
         assert isinstance(schema, Obj)
         lines += ["", f"#### `{section}`", "", *head, *_table(schema, f"{section}.")]
     lines += ["", "#### `scorers.<name>` by `kind`"]
-    for kind, obj in SCORER_KINDS_SCHEMA.items():
+    for index, (kind, obj) in enumerate(SCORER_KINDS_SCHEMA.items()):
         lines += ["", f"**`{kind}`** — {obj.doc}", "", *head]
         lines += _table(Obj(keys={k: v for k, v in obj.keys.items() if k != "kind"}), "")
         for key in ("batch", "breaker", "images", "remote"):
             nested = obj.keys[key].schema
-            if kind == "latent_router":
-                continue  # the same nested keys as for `probe`
+            if index > 0:
+                continue  # the shared nested keys, listed under the first kind
             assert isinstance(nested, Obj)
             lines += _table(nested, f"{key}.")
             for inner, spec in nested.keys.items():  # a section inside the section: `remote.tls`

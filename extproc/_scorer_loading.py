@@ -1,8 +1,8 @@
 """Finding the loader of a scorer kind, and loading a :class:`ScorerSpec` into a :class:`Scorer`.
 
-In-process loaders are registered by ``kind`` in the ``switchyard.scorers`` entry-point group
-(``routers`` registers ``probe`` and ``latent_router``), so ``extproc`` stays torch-free and
-never names ``routers``. A spec with ``remote`` set is served by
+In-process loaders are registered in the ``switchyard.scorers`` entry-point group under the
+name each kind declares (``_scorer_kinds``; ``routers`` registers ``probe`` and
+``latent_router``), so ``extproc`` stays torch-free and never names ``routers``. A spec with ``remote`` set is served by
 :class:`~extproc._remote_scorer.RemoteScorer` and needs no loader.
 """
 
@@ -13,6 +13,7 @@ from importlib import metadata
 
 from extproc._defaults import ML_INSTALL_HINT
 from extproc._errors import CheckpointError, ScorerError
+from extproc._scorer_kinds import scorer_kind
 from extproc._scorers import ScorerDescription, ScorerLoader, ScorerSpec, Scorer
 
 __all__ = ["ENTRY_POINT_GROUP", "scorer_loader", "describe_scorer", "load_scorer"]
@@ -23,8 +24,10 @@ ENTRY_POINT_GROUP = "switchyard.scorers"
 
 @lru_cache(maxsize=None)
 def scorer_loader(kind: str) -> ScorerLoader:
-    """The loader registered for ``kind``; :class:`ScorerError` saying how to get one."""
-    found = [ep for ep in metadata.entry_points(group=ENTRY_POINT_GROUP) if ep.name == kind]
+    """The loader registered under ``kind``'s declared entry point; :class:`ScorerError` naming
+    the supported kinds, or saying how to get the loader."""
+    entry_point = scorer_kind(kind).entry_point
+    found = [ep for ep in metadata.entry_points(group=ENTRY_POINT_GROUP) if ep.name == entry_point]
     if not found:
         raise ScorerError(f"No in-process loader for scorer kind {kind!r} is installed; {ML_INSTALL_HINT}.")
     try:

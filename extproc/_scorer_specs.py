@@ -10,11 +10,13 @@ from __future__ import annotations
 
 import hashlib
 from collections.abc import Callable, Collection, Mapping
+from dataclasses import replace
 from pathlib import Path
 from typing import Any
 
 from extproc._envoy_limits import DEADLINE_MARGIN_MS, MESSAGE_TIMEOUT_MS
 from extproc._errors import CheckpointError, ScorerError, scorer_message
+from extproc._scorer_kinds import SCORER_KINDS, scorer_kind
 from extproc._scorer_loading import describe_scorer
 from extproc._scorers import (
     BatchConfig, BreakerConfig, ImageLimits, RemoteConfig, RemoteTls, ScorerDescription, ScorerSpec, pem_problem,
@@ -134,36 +136,15 @@ def _image_limits(name: str, raw: dict[str, Any], report: Report) -> ImageLimits
 def _spec(name: str, config: dict[str, Any], base_dir: Path, report: Report,
           backends: Mapping[str, Any] | None, seen: dict[str, str] | None) -> ScorerSpec | None:
     at = ("scorers", name)
-    kind = config["kind"]
+    kind = scorer_kind(config["kind"])
     remote = _remote(name, config["remote"], base_dir, report)
-    checkpoints: tuple[tuple[str, str], ...] = ()
-    checkpoint = None
-    if kind == "probe":
-        raw = config["checkpoints"] or {}
-        if remote is None and not raw:
-            report(at, f"Scorer `{name}` (probe) needs `checkpoints` (or `remote`).")
-            return None
-        if remote is None:
-            found = [(out, _folder(base_dir, folder, at + ("checkpoints", out), report, seen))
-                     for out, folder in raw.items()]
-            checkpoints = tuple((out, folder) for out, folder in found if folder is not None)
-        else:
-            checkpoints = tuple((out, folder) for out, folder in raw.items())  # names only: files are remote
-    else:
-        if remote is None and config["checkpoint"] is None:
-            report(at, f"Scorer `{name}` (latent_router) needs `checkpoint` (or `remote`).")
-            return None
-        if remote is None:
-            checkpoint = _folder(base_dir, config["checkpoint"], at + ("checkpoint",), report, seen)
-        else:
-            checkpoint = config["checkpoint"]
-        pool_backends = config["backends"] or {}
-        if backends is not None:
-            for model, backend in pool_backends.items():
-                if backend not in backends:
-                    report(at + ("backends", model),
-                           f"`scorers.{name}.backends.{model}` names backend {backend!r}, which is not defined; "
-                           f"defined: {', '.join(backends)}.")
+
+    def folder(raw: str, key: tuple) -> str | None:
+        return _folder(base_dir, raw, key, report, seen)
+
+    fields = kind.spec_fields(name, config, remote, folder, backends, report)
+    if fields is None:
+        return None
     fallback = config["fallback"]
     if fallback is not None and backends is not None and fallback not in backends:
         report(at + ("fallback",), f"`scorers.{name}.fallback` names backend {fallback!r}, which is not defined; "
@@ -172,47 +153,21 @@ def _spec(name: str, config: dict[str, Any], base_dir: Path, report: Report,
     # so what refers to it is checked too instead of reported as undefined; the problems
     # already reported reject the policy.
     batch, images = config["batch"], config["images"]
-    local = [folder for _, folder in checkpoints] if remote is None else []
-    if remote is None and checkpoint is not None:
-        local.append(checkpoint)
-    return ScorerSpec(
+    spec = ScorerSpec(
         name=name,
-        kind=kind,
-        checkpoints=checkpoints,
-        checkpoint=checkpoint,
-        backends=tuple((config.get("backends") or {}).items()),
+        kind=kind.kind,
+        **fields,
         device=config["device"],
         dtype=config["dtype"],
         batch=BatchConfig(batch["max_size"], float(batch["max_wait_ms"])),
         deadline_ms=float(config["deadline_ms"]),
         images=_image_limits(name, images, report),
         remote=remote,
-        fingerprint=checkpoint_fingerprint(local) if local else "",
         breaker=BreakerConfig(config["breaker"]["failures"], float(config["breaker"]["cool_off_ms"])),
         fallback=fallback,
     )
-
-
-def _check_description(spec: ScorerSpec, described: ScorerDescription, report: Report) -> None:
-    at = ("scorers", spec.name)
-    if spec.kind == "probe":
-        backbones = {out: described.backbones.get(out) for out, _ in spec.checkpoints}
-        first_out, first = next(iter(backbones.items()))
-        for out, backbone in backbones.items():
-            if backbone != first:
-                report(at + ("checkpoints", out),
-                       f"Probe `{out}` was trained on backbone {backbone!r} but `{first_out}` on {first!r}; the "
-                       f"probes of one scorer share one backbone prefill, so they must share the backbone.")
-    else:
-        mapped = dict(spec.backends)
-        for model in described.pool:
-            if model not in mapped:
-                report(at + ("backends",), f"Pool model {model!r} of scorer `{spec.name}` has no backend; add it to "
-                       f"`scorers.{spec.name}.backends`.")
-        for model in mapped:
-            if model not in described.pool:
-                report(at + ("backends", model), f"Scorer `{spec.name}`'s checkpoint has no pool model {model!r}; "
-                       f"its pool: {', '.join(described.pool)}.")
+    local = kind.local_folders(spec) if remote is None else []
+    return replace(spec, fingerprint=checkpoint_fingerprint(local)) if local else spec
 
 
 def build_scorer_specs(section: Mapping[str, dict[str, Any]], base_dir: Path, report: Report,
@@ -238,11 +193,11 @@ def build_scorer_specs(section: Mapping[str, dict[str, Any]], base_dir: Path, re
         try:
             description = describe_scorer(spec)
         except (CheckpointError, ScorerError) as exc:
-            key = ("scorers", name, "checkpoints" if spec.kind == "probe" else "checkpoint")
+            key = ("scorers", name, scorer_kind(spec.kind).checkpoint_key)
             report(key, scorer_message(name, exc))
             continue
         described[name] = description
-        _check_description(spec, description, report)
+        scorer_kind(spec.kind).check_description(spec, description, report)
     return specs, described
 
 
@@ -262,11 +217,7 @@ def _outputs(spec: ScorerSpec, described: Mapping[str, ScorerDescription]) -> tu
     """The scorer's outputs, when known here (None: a remote scorer whose outputs are unknown)."""
     if spec.name in described:
         return described[spec.name].outputs
-    if spec.kind == "probe" and spec.checkpoints:
-        return tuple(out for out, _ in spec.checkpoints)
-    if spec.kind == "latent_router" and spec.backends:
-        return tuple(model for model, _ in spec.backends)
-    return None
+    return scorer_kind(spec.kind).outputs(spec)
 
 
 def check_score_signal(signal: Any, scorers: Mapping[str, ScorerSpec],
@@ -323,9 +274,10 @@ def check_utility_route(raw: dict[str, Any], scorers: Mapping[str, ScorerSpec],
     spec = scorers.get(raw["utility"])
     if spec is None and raw["utility"] in defined:
         return None  # its entry has problems, already reported
-    if spec is None or spec.kind != "latent_router":
-        known = ", ".join(n for n, s in scorers.items() if s.kind == "latent_router") or "none"
-        report(("utility",), f"`route.utility` must name a latent_router scorer, got {raw['utility']!r}; defined: {known}.")
+    if spec is None or not _routes_utility(spec):
+        known = ", ".join(n for n, s in scorers.items() if _routes_utility(s)) or "none"
+        kinds = " or ".join(k for k, declared in SCORER_KINDS.items() if declared.routes_utility)
+        report(("utility",), f"`route.utility` must name a {kinds} scorer, got {raw['utility']!r}; defined: {known}.")
         return None
     mapped = {backend for _, backend in spec.backends}
     among = tuple(raw["among"]) if raw["among"] is not None else tuple(b for b in backends if b in mapped)
@@ -340,6 +292,10 @@ def check_utility_route(raw: dict[str, Any], scorers: Mapping[str, ScorerSpec],
             ok = False
     lam = _route_lambda(raw, spec, described, report)
     return UtilityRoute(spec.name, lam, among, spec.backends) if ok and lam is not None else None
+
+
+def _routes_utility(spec: ScorerSpec) -> bool:
+    return scorer_kind(spec.kind).routes_utility
 
 
 def _route_lambda(raw: dict[str, Any], spec: ScorerSpec, described: Mapping[str, ScorerDescription],
