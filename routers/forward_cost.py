@@ -33,7 +33,7 @@ from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from typing import Any
 
-__all__ = ["ForwardCost", "LiveCost", "UNMEASURED_COST", "measure", "measure_backbone", "plan_chunks"]
+__all__ = ["ForwardCost", "LiveCost", "UNMEASURED_COST", "measure", "measure_backbone", "measure_model", "plan_chunks"]
 
 log = logging.getLogger(__name__)
 
@@ -207,32 +207,46 @@ class LiveCost:
 UNMEASURED_COST = ForwardCost(fixed=1.0, per_token=0.0)
 
 
+def measure_model(
+    encode: Callable[[list[list[dict[str, str]]]], Any], run: Callable[[Any], Any], *, what: str, field: str,
+    source: str, device: Any, pad_multiple: int = 1,
+) -> ForwardCost:
+    """:func:`measure` ``run`` (one forward of an encoded batch, waiting for the device) on
+    batches cut from ``encode`` of a repeated one-token word (cut to the model's token limit
+    by ``encode``), logged as ``<what> forward cost measured`` with ``<field>: source``;
+    :data:`UNMEASURED_COST` (logged) if it cannot run."""
+    try:
+        words = " ".join(["hello"] * 2 * max(MEASURED_WIDTHS))
+        encoded = encode([[{"role": "user", "content": words}]])
+
+        def forward(rows: int, width: int) -> None:
+            run({key: value[:, :width].expand(rows, -1).contiguous() for key, value in encoded.items()})
+
+        cost = measure(forward, max_width=int(encoded["input_ids"].shape[1]), pad_multiple=pad_multiple)
+    except Exception as exc:  # noqa: BLE001 - a model library's error; planning falls back
+        log.warning(f"{what} forward cost not measured; one forward per batch",
+                    extra={field: source, "error": f"{type(exc).__name__}: {exc}"})
+        return UNMEASURED_COST
+    log.info(f"{what} forward cost measured", extra={
+        field: source, "device": str(device),
+        "fixed_ms": round(cost.fixed * 1e3, 3), "per_token_us": round(cost.per_token * 1e6, 3)})
+    return cost
+
+
 def measure_backbone(backbone: Any) -> ForwardCost:
-    """:func:`measure` a :class:`routers.backbone.TruncatedBackbone` on a repeated one-token
-    word, up to the layer it keeps; :data:`UNMEASURED_COST` (logged) if it cannot run."""
+    """:func:`measure_model` of a :class:`routers.backbone.TruncatedBackbone` up to the layer it keeps."""
     import torch
 
     layer = int(backbone.config.layer)
-    try:
-        words = " ".join(["hello"] * 2 * max(MEASURED_WIDTHS))  # cut to max_tokens by encode
-        encoded = backbone.encode([[{"role": "user", "content": words}]])
 
-        def forward(rows: int, width: int) -> None:
-            part = {key: value[:, :width].expand(rows, -1).contiguous() for key, value in encoded.items()}
-            with torch.inference_mode():
-                backbone.states(part, [layer], last_only=[layer])
-            if backbone.device.type == "cuda":
-                torch.cuda.synchronize(backbone.device)
+    def run(part: Any) -> None:
+        with torch.inference_mode():
+            backbone.states(part, [layer], last_only=[layer])
+        if backbone.device.type == "cuda":
+            torch.cuda.synchronize(backbone.device)
 
-        cost = measure(forward, max_width=int(encoded["input_ids"].shape[1]), pad_multiple=backbone.pad_multiple)
-    except Exception as exc:  # noqa: BLE001 - a model library's error; planning falls back
-        log.warning("backbone forward cost not measured; one forward per batch",
-                    extra={"backbone": backbone.source, "error": f"{type(exc).__name__}: {exc}"})
-        return UNMEASURED_COST
-    log.info("backbone forward cost measured", extra={
-        "backbone": backbone.source, "device": str(backbone.device),
-        "fixed_ms": round(cost.fixed * 1e3, 3), "per_token_us": round(cost.per_token * 1e6, 3)})
-    return cost
+    return measure_model(backbone.encode, run, what="backbone", field="backbone", source=backbone.source,
+                         device=backbone.device, pad_multiple=backbone.pad_multiple)
 
 
 def _padded(length: int, multiple: int) -> int:

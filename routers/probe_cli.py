@@ -210,13 +210,13 @@ def run_train_probe(args: argparse.Namespace) -> int:
 
 def _labelled_large_share(train: list, ids: list[str], args: argparse.Namespace) -> float:
     """The share of the held-out requests whose labels say "large": the small model failed
-    (``small_ok``), or the large one does better (``gain``); graded labels cut at 0.5."""
-    from routers.data import without_failed
-    from routers.probe_training import needed_backends, target_labels
+    (``small_ok``), or the large one does better (``gain``); graded labels cut at 0.5. The
+    held-out ids never include a request whose needed outcome failed (training skipped those
+    before it split)."""
+    from routers.probe_training import target_labels
 
     wanted = set(ids)
-    held = without_failed([r for r in train if r.id in wanted], needed_backends(args.target, args.small, args.large))
-    labels = target_labels(held, args.target, args.small, args.large)
+    labels = target_labels([r for r in train if r.id in wanted], args.target, args.small, args.large)
     large = labels < 0.5 if args.target == "small_ok" else labels >= 0.5
     return float(large.mean()) if len(labels) else 0.0
 

@@ -38,7 +38,7 @@ from typing import Any
 import torch
 
 from extproc import CheckpointError, conversation_text, image_urls, last_user_text
-from routers.forward_cost import MEASURED_WIDTHS, UNMEASURED_COST, ForwardCost, measure, plan_chunks
+from routers.forward_cost import ForwardCost, measure_model, plan_chunks
 from routers.truncation import Truncation, position_limit
 
 __all__ = [
@@ -230,25 +230,11 @@ class TextEncoder(QueryEncoder):
 
     @functools.cached_property
     def forward_cost(self) -> ForwardCost:
-        """How long one forward takes here, measured on first use (:func:`routers.forward_cost.measure`
-        over a repeated one-token word); :data:`~routers.forward_cost.UNMEASURED_COST` (logged)
-        if it cannot run."""
-        try:
-            words = " ".join(["hello"] * 2 * max(MEASURED_WIDTHS))  # cut to max_tokens by tokenize
-            encoded = self._tokenize([[{"role": "user", "content": words}]])
-
-            def forward(rows: int, width: int) -> None:
-                self._pooled({k: v[:, :width].expand(rows, -1).contiguous() for k, v in encoded.items()})
-
-            cost = measure(forward, max_width=int(encoded["input_ids"].shape[1]))
-        except Exception as exc:  # noqa: BLE001 - a model library's error; planning falls back
-            log.warning("text encoder forward cost not measured; one forward per batch",
-                        extra={"encoder": self.source, "error": f"{type(exc).__name__}: {exc}"})
-            return UNMEASURED_COST
-        log.info("text encoder forward cost measured", extra={
-            "encoder": self.source, "device": str(self.device),
-            "fixed_ms": round(cost.fixed * 1e3, 3), "per_token_us": round(cost.per_token * 1e6, 3)})
-        return cost
+        """How long one forward takes here, measured on first use
+        (:func:`routers.forward_cost.measure_model`); :data:`~routers.forward_cost.UNMEASURED_COST`
+        (logged) if it cannot run."""
+        return measure_model(self._tokenize, self._pooled, what="text encoder", field="encoder",
+                             source=self.source, device=self.device)
 
     def encode_planned(
         self,
