@@ -63,6 +63,10 @@ log = logging.getLogger("switchyard.capture")
 REQUEST_ID_HEADER = "x-request-id"
 #: The most samples the writer takes from the queue for one round of writes.
 BATCH = 256
+#: How long the writer lets samples gather before a round of writes (unless ``BATCH`` are
+#: waiting, or the writer is closing): one wake-up and one ``write()`` per round, not per
+#: request, so the writer thread seldom competes with the event loop for the interpreter.
+LINGER_S = 0.05
 
 
 @dataclass(frozen=True)
@@ -229,7 +233,8 @@ class CaptureWriter:
                 if self._thread is None:
                     self._thread = threading.Thread(target=self._run, name="switchyard-capture", daemon=True)
                     self._thread.start()
-                self._cond.notify()
+                if len(self._items) == 1 or len(self._items) >= BATCH:  # the writer waits for the first, or lingers
+                    self._cond.notify()
         if refused is not None:
             self._dropped(refused)
             return False
@@ -255,6 +260,8 @@ class CaptureWriter:
             with self._cond:
                 while not self._items and not self._closing:
                     self._cond.wait()
+                if not self._closing and len(self._items) < BATCH:
+                    self._cond.wait(LINGER_S)  # let more gather; a close or a full batch wakes it
                 if not self._items:
                     break
                 batch = [self._items.popleft() for _ in range(min(BATCH, len(self._items)))]

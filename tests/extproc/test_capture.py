@@ -11,6 +11,7 @@ from __future__ import annotations
 import json
 import logging
 import threading
+import time
 from pathlib import Path
 
 import pytest
@@ -374,3 +375,24 @@ def test_a_policy_reload_moves_capture_to_the_new_path(tmp_path):
     writer.close(JOIN_S)
     assert [line["id"] for line in lines(tmp_path / "first.jsonl")] == ["before"]
     assert [line["id"] for line in lines(tmp_path / "second.jsonl")] == ["after"]
+
+
+def test_samples_offered_together_are_written_in_one_round(tmp_path, monkeypatch):
+    """The writer lingers for samples to gather (LINGER_S) instead of waking for each one:
+    waking per request took the interpreter from the event loop every time (capture at 100%
+    added 18.5% to p50 through Envoy)."""
+    appends: list[int] = []
+    append = _CaptureFile.append
+
+    def counted(self, data, max_bytes, keep):
+        appends.append(data.count(b"\n"))
+        append(self, data, max_bytes, keep)
+
+    monkeypatch.setattr(_CaptureFile, "append", counted)
+    writer = CaptureWriter()
+    config = CaptureConfig(path=str(tmp_path / "c.jsonl"))
+    for i in range(20):  # one a millisecond, as requests arrive: the old writer wrote each alone
+        assert writer.offer(config, {"x-request-id": f"r{i}"}, [{"role": "user", "content": str(i)}], decision())
+        time.sleep(0.001)
+    writer.close(JOIN_S)
+    assert sum(appends) == 20 and len(appends) <= 5, appends
