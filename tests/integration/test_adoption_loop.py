@@ -30,6 +30,7 @@ import pytest
 import yaml
 
 from extproc.cli import main
+from tests.integration import test_capture as capture_test
 from tests.integration.gateway import Gateway, chat
 from tests.integration.test_metrics import wait_for
 from tests.routers.label_stubs import StubBackend
@@ -39,20 +40,8 @@ pytestmark = pytest.mark.envoy
 
 TRIGGER = "zebra"
 CAPTURED = 120
-CAPTURE_POLICY = """\
-version: 1
-backends:
-  small: {cluster: small, model: small-model}
-  large: {cluster: large, model: large-model}
-default: small
-signals:
-  code: {kind: keywords, keywords: [python]}
-rules:
-  - {name: code, when: code, backend: large}
-capture:
-  path: capture/requests.jsonl
-  sample_rate: 1
-"""
+#: The capture test's policy, capturing every request.
+CAPTURE_POLICY = capture_test.POLICY.replace("  sample_rate: 0.5\n  exclude_tenants: [opted-out]\n", "  sample_rate: 1\n")
 PROBE_POLICY = """\
 version: 1
 backends:
