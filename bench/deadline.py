@@ -114,7 +114,7 @@ def main(argv: Sequence[str] | None = None) -> int:
 
     import torch
 
-    from routers.query_encoders import minilm_path
+    from routers.latent.encoders import minilm_path
 
     torch.set_num_threads(args.threads)
     os.environ["OMP_NUM_THREADS"] = str(args.threads)

@@ -249,8 +249,8 @@ def _probe_checkpoint(backbone_path: str, layer: int, out: Path) -> Path:
 
     from routers.backbone import BackboneConfig, TruncatedBackbone
     from routers.checkpoints import save_probe
-    from routers.mlp import MLPConfig
     from routers.probes import AttentionProbeConfig, build_probe
+    from routers.probes.mlp import MLPConfig
 
     backbone = TruncatedBackbone(BackboneConfig(backbone_path, layer=layer, device="cpu"))
     torch.manual_seed(0)
@@ -392,7 +392,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     import torch
 
     from extproc import BatchConfig, RoutingRequest, ScorerSpec, load_scorer
-    from routers.query_encoders import minilm_path
+    from routers.latent.encoders import minilm_path
 
     torch.set_num_threads(args.threads)
     backbone = args.backbone or str(minilm_path())

@@ -56,7 +56,7 @@ sys.path.insert(0, str(ROOT))
 
 import yaml  # noqa: E402
 
-from extproc._policy import load_policy  # noqa: E402
+from extproc.policy._loading import load_policy  # noqa: E402
 from harness import Child, envoy_binary, free_port, grpc_serving, http_ok, render_envoy_config  # noqa: E402
 
 CONFIGS = ("no-extproc", "noop", "switchyard", "switchyard-capture", "switchyard-shadow", "switchyard-2-workers")
@@ -241,14 +241,14 @@ def servicer_cost_us(policy: Path, requests: int = 3000, capture: Path | None = 
     beside, as in the server)."""
     from dataclasses import replace
 
-    from extproc._capture import CaptureWriter
+    from extproc.server._capture import CaptureWriter
     from envoy.config.core.v3 import base_pb2
     from envoy.service.ext_proc.v3 import external_processor_pb2 as ext
 
-    from extproc._engine import PolicyEngine
-    from extproc._policy import load_policy
-    from extproc._servicer import RequestStream
-    from extproc._telemetry import Telemetry
+    from extproc.engine._engine import PolicyEngine
+    from extproc.policy._loading import load_policy
+    from extproc.server._servicer import RequestStream
+    from extproc.telemetry._instruments import Telemetry
 
     loaded = load_policy(policy)
     writer = None

@@ -162,8 +162,8 @@ def main(argv: list[str] | None = None) -> int:
 
         from extproc import BatchConfig, ImageLimits
         from routers.backbone import BackboneConfig, TruncatedBackbone
-        from routers.mlp import MLPConfig
         from routers.probes import AttentionProbeConfig, LastTokenProbeConfig, ReLopeConfig, build_probe
+        from routers.probes.mlp import MLPConfig
         from routers.serving.prefill import BackboneKey, PrefillGroup, ProbeMember
 
         device = state["device"]

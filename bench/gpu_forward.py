@@ -38,8 +38,8 @@ def random_probe_stack(tiny: bool):
     from transformers import Qwen2Config, Qwen2Model
 
     from routers.backbone import BackboneConfig, TruncatedBackbone
-    from routers.mlp import MLPConfig
     from routers.probes import AttentionProbeConfig, LastTokenProbeConfig, ReLopeConfig, build_probe
+    from routers.probes.mlp import MLPConfig
 
     device = "cuda" if torch.cuda.is_available() else "cpu"
     dtype = torch.bfloat16 if device == "cuda" else torch.float32
@@ -73,7 +73,7 @@ def main() -> int:
 
     import torch
 
-    from routers.probe_scorer import ProbeScorer
+    from routers.probes.offline import ProbeScorer
 
     tiny = "--tiny" in sys.argv
     model, backbone, probes, tok = random_probe_stack(tiny)

@@ -30,7 +30,7 @@ def main() -> int:
     import torch
 
     from extproc import BatchConfig, ImageLimits
-    from routers.probe_scorer import ProbeScorer
+    from routers.probes.offline import ProbeScorer
     from routers.serving.prefill import BackboneKey, PrefillGroup, ProbeMember
 
     tiny = "--tiny" in sys.argv

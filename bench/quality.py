@@ -38,10 +38,10 @@ import numpy as np  # noqa: E402
 import torch  # noqa: E402
 
 from routers.data import load_labelled, parse_labelled  # noqa: E402
-from routers.latent_eval import DEFAULT_LAMBDAS, evaluate_router, frontier_auc, shifted_pools  # noqa: E402
-from routers.latent_training import LatentTrainConfig, outcome_matrix, train_latent_router  # noqa: E402
+from routers.latent.encoders import EncoderSpec, build_encoder, minilm_path  # noqa: E402
+from routers.latent.evaluation import DEFAULT_LAMBDAS, evaluate_router, frontier_auc, shifted_pools  # noqa: E402
+from routers.latent.training import LatentTrainConfig, outcome_matrix, train_latent_router  # noqa: E402
 from routers.metrics import apgr, cpt, routing_curve  # noqa: E402
-from routers.query_encoders import EncoderSpec, build_encoder, minilm_path  # noqa: E402
 from routers.synthetic import synthetic_rows  # noqa: E402
 
 

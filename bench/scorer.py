@@ -177,8 +177,8 @@ def main(argv: list[str] | None = None) -> int:
     from transformers import Qwen2Config, Qwen2ForCausalLM
 
     from routers.backbone import BackboneConfig, TruncatedBackbone, shared_copy
-    from routers.probe_scorer import ProbeScorer
     from routers.probes import LastTokenProbeConfig, build_probe
+    from routers.probes.offline import ProbeScorer
 
     if args.threads:
         torch.set_num_threads(args.threads)

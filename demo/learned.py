@@ -113,7 +113,7 @@ def _split(data: Path, recipe: Recipe, folder: Path) -> tuple[Path, Path]:
 
 def _commands(recipe: Recipe, train: Path, calibrate: Path, folder: Path) -> list[tuple[str, list[str]]]:
     """(what, `switchyard ...` arguments) for each step, in order."""
-    from routers.query_encoders import minilm_path
+    from routers.latent.encoders import minilm_path
 
     probe, utility = folder / "probe", folder / "utility"
     return [

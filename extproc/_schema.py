@@ -1,6 +1,6 @@
 """A small declarative schema for YAML documents, validated on the node tree.
 
-The policy's keys are declared once with these classes (see ``_policy_schema``); from that
+The policy's keys are declared once with these classes (see ``extproc.policy._schema``); from that
 one declaration come the validator (every problem located as ``file:line:column``), the
 JSON Schema in ``policies/policy.schema.json`` and the key tables of ``docs/policy-reference.md``, so the three
 cannot drift apart.

@@ -1,6 +1,6 @@
 """The Envoy config of the local stack: ``switchyard envoy render`` with loopback ports.
 
-A thin caller of the product renderer (:mod:`extproc._envoy_render`), so the demo, the
+A thin caller of the product renderer (:mod:`extproc.envoy._render`), so the demo, the
 integration tests and the benches run exactly the configuration users render: every
 backend of the policy on 127.0.0.1 at its own port, Envoy and switchyard on the ports given.
 """
@@ -10,8 +10,9 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Any
 
-from extproc._envoy_render import Address, EnvoyOptions, Upstream, render_envoy
-from extproc._policy import Policy, load_policy
+from extproc.envoy._render import Address, EnvoyOptions, Upstream, render_envoy
+from extproc.policy._model import Policy
+from extproc.policy._loading import load_policy
 
 __all__ = ["LOOPBACK", "render_envoy_config", "write_envoy_config"]
 

@@ -774,8 +774,8 @@ def load_latent_router(
     """
     import torch
 
-    from routers.latent_router import LatentRouter, LatentRouterConfig, LatentRouterModel, ModelPool
-    from routers.query_encoders import EncoderSpec, build_encoder
+    from routers.latent.encoders import EncoderSpec, build_encoder
+    from routers.latent.router import LatentRouter, LatentRouterConfig, LatentRouterModel, ModelPool
 
     checkpoint = read_config(folder)
     path = checkpoint.folder / CONFIG_FILE

@@ -4,12 +4,12 @@
 Envoy-facing server never imports this package. This module imports nothing heavy at
 import time: each handler imports torch & co. when it runs.
 
-- ``switchyard train probe ...``          -> routers.probe_cli
-- ``switchyard train latent-router ...``  -> routers.latent_cli
+- ``switchyard train probe ...``          -> routers.probes.cli
+- ``switchyard train latent-router ...``  -> routers.latent.cli
 - ``switchyard eval --checkpoint DIR ...`` dispatches on ``config.json``'s ``kind``
-- ``switchyard calibrate ...``            -> routers.probe_cli (probes), routers.latent_cli (λ)
-- ``switchyard scorer serve ...``         -> routers.scorer_cli
-- ``switchyard label ...``                -> routers.label_cli (needs no torch: registered without the ml extra)
+- ``switchyard calibrate ...``            -> routers.probes.cli (probes), routers.latent.cli (λ)
+- ``switchyard scorer serve ...``         -> routers.serving.cli
+- ``switchyard label ...``                -> routers.labelling.cli (needs no torch: registered without the ml extra)
 """
 
 from __future__ import annotations
@@ -30,11 +30,11 @@ TORCH_FREE_COMMANDS = ("label",)
 _PARSER_MODULES = (
     "routers.backbone",
     "routers.probes",
-    "routers.probe_training",
-    "routers.probe_scorer",
-    "routers.latent_router",
-    "routers.latent_training",
-    "routers.query_encoders",
+    "routers.probes.training",
+    "routers.probes.offline",
+    "routers.latent.router",
+    "routers.latent.training",
+    "routers.latent.encoders",
 )
 
 
@@ -45,7 +45,7 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     added as a stub that says how to install it. To add a command group, name it in
     ``extproc.LEARNED_COMMANDS`` and add its parser here.
     """
-    from routers import label_cli
+    from routers.labelling import cli as label_cli
 
     label_cli.add_label_parser(subparsers)
     try:
@@ -70,7 +70,9 @@ def _missing_extra(exc: ModuleNotFoundError) -> Callable[[argparse.Namespace], i
 
 
 def _register(subparsers: argparse._SubParsersAction) -> None:
-    from routers import latent_cli, probe_cli, scorer_cli
+    from routers.latent import cli as latent_cli
+    from routers.probes import cli as probe_cli
+    from routers.serving import cli as scorer_cli
 
     train = subparsers.add_parser("train", help="Train a learned scorer.")
     train_sub = train.add_subparsers(dest="train_command", required=True, metavar="KIND")
@@ -117,9 +119,9 @@ def run_eval(args: argparse.Namespace) -> int:
     from routers.checkpoints import read_config
 
     if read_config(args.checkpoint).scorer_kind == "probe":
-        from routers import probe_cli
+        from routers.probes import cli as probe_cli
 
         return probe_cli.run_probe_eval(args)
-    from routers import latent_cli
+    from routers.latent import cli as latent_cli
 
     return latent_cli.run_latent_router_eval(args)

@@ -6,7 +6,8 @@ One module per job: :mod:`~routers.labelling.config` (the YAML config, checked w
 :mod:`~routers.labelling.graders` (reference graders and the judge's prompt and verdicts),
 :mod:`~routers.labelling.writer` (the resumable, fsynced output),
 :mod:`~routers.labelling.progress` (the progress bar) and
-:mod:`~routers.labelling.labeller` (the run). Nothing here imports torch.
+:mod:`~routers.labelling.labeller` (the run); :mod:`~routers.labelling.cli` is the command.
+Nothing here imports torch.
 """
 
 from __future__ import annotations

@@ -1,7 +1,19 @@
-"""The three hidden-state probes, one module each, and the registry of probe kinds.
+"""The hidden-state probes: the three probe models, the registry of probe kinds, and
+their training, offline scoring and CLI.
 
 Every probe maps :class:`routers.backbone.BackboneStates` to one logit per request of
 P(small model answers correctly). Low scores route to the large model.
+
+- :mod:`~routers.probes.last_token`, :mod:`~routers.probes.attention`,
+  :mod:`~routers.probes.relope`: the probe models, on :mod:`~routers.probes._base`, with the
+  MLP head of :mod:`~routers.probes.mlp`.
+- :mod:`~routers.probes.training`: ``switchyard train probe``'s loop.
+- :mod:`~routers.probes.offline`: :class:`ProbeScorer`, the offline scoring of ``eval`` and
+  ``calibrate`` (through the serving prefill's forward).
+- :mod:`~routers.probes.cli`: ``train probe``, and the probe side of ``eval`` and ``calibrate``.
+
+This package imports torch (the registry builds probe modules). The serving scorer is
+:mod:`routers.serving.probe_scorer`.
 """
 
 from __future__ import annotations

@@ -11,7 +11,7 @@ from torch import nn
 from torch.nn import functional as F
 
 from routers.backbone import BackboneStates
-from routers.mlp import MLPConfig
+from routers.probes.mlp import MLPConfig
 
 __all__ = ["Probe", "ProbeConfigMixin", "FrozenProbeConfig", "check_int", "output_layers", "reads_output"]
 

@@ -13,8 +13,8 @@ import torch
 from torch import nn
 
 from routers.backbone import BackboneStates
-from routers.mlp import MLPHead
 from routers.probes._base import FrozenProbeConfig, Probe
+from routers.probes.mlp import MLPHead
 
 __all__ = ["AttentionProbe", "AttentionProbeConfig"]
 

@@ -15,8 +15,8 @@ from torch import nn
 from torch.nn import functional as F
 
 from routers.backbone import BackboneStates, shared_copy
-from routers.mlp import MLPConfig, MLPHead
 from routers.probes._base import Probe, ProbeConfigMixin, check_int
+from routers.probes.mlp import MLPConfig, MLPHead
 
 __all__ = ["ReLope", "ReLopeConfig"]
 

@@ -8,7 +8,8 @@
 - :mod:`~routers.serving.images`: ``image_url`` parts decoded (and fetched, from allowed
   hosts only) under the policy's limits.
 - :mod:`~routers.serving.loaders`: the ``switchyard.scorers`` entry points.
-- :mod:`~routers.serving.remote_server`: ``switchyard scorer serve``.
+- :mod:`~routers.serving.remote_server`: the remote scorer service;
+  :mod:`~routers.serving.cli`: its command, ``switchyard scorer serve``.
 
 Nothing is imported here, so ``import routers.serving.loaders`` stays torch-free.
 """

@@ -6,7 +6,7 @@ encoder the query features come from the shared backbone prefill
 (:mod:`routers.serving.prefill`); the small LatentRouter model then runs in this scorer's
 own micro-batch. Other encoders (``text``, ``hashing``) run inside that micro-batch. A
 ``text`` encoder's batch is cut like the probes' prefill: into the forwards its forward cost
-predicts cheapest (:meth:`routers.query_encoders.TextEncoder.encode_planned`), from the cost
+predicts cheapest (:meth:`routers.latent.encoders.TextEncoder.encode_planned`), from the cost
 measured when the encoder is loaded and refitted from every forward that runs
 (:class:`~routers.forward_cost.LiveCost`); the same cost predicts a request's wait for
 admission (:class:`~extproc.ScorerOverloaded` at once when it cannot be answered in time).
@@ -98,7 +98,7 @@ class LatentScorer(Scorer):
     def _forward(self, items: list[tuple[Sequence[Mapping[str, Any]], Any, tuple[bool, ...]]]) -> list[Any]:
         import torch
 
-        from routers.query_encoders import side_features
+        from routers.latent.encoders import side_features
 
         n = len(items)
         features: list[Any] = [None] * n

@@ -25,7 +25,7 @@ What is shared, and when:
   only; a failure of the forward itself fails its batch.
 - **One forward.** :func:`prefill_forward` (encode → chunk plan → states → each member's
   ``compute``) is the only probe forward: offline scoring (``switchyard eval`` and
-  ``calibrate``, through :class:`routers.probe_scorer.ProbeScorer`) runs it too, without the
+  ``calibrate``, through :class:`routers.probes.offline.ProbeScorer`) runs it too, without the
   micro-batcher, so offline and served scores are the same numbers.
 """
 
@@ -236,7 +236,7 @@ def prefill_forward(
     observe: Callable[[int, int, float], None] | None = None,
 ) -> Iterator[tuple[list[int], list[Any]]]:
     """The one forward that scores with a backbone's prefill, served
-    (:class:`PrefillGroup`) or offline (:class:`routers.probe_scorer.ProbeScorer`).
+    (:class:`PrefillGroup`) or offline (:class:`routers.probes.offline.ProbeScorer`).
 
     ``items`` (OpenAI ``messages`` lists) are encoded as one right-padded batch, cut into the
     forwards ``cost`` predicts cheapest (:func:`chunk_plan`), and each forward runs the

@@ -1,7 +1,7 @@
 """``switchyard scorer serve``: in-process scorers behind the ``switchyard.v1.ScorerService`` API.
 
 A fleet of CPU sidecars can share GPU scorer pods: each sidecar's policy names a scorer with
-``remote: {target: ...}`` (:class:`extproc._remote_scorer.RemoteScorer`), and this server
+``remote: {target: ...}`` (:class:`extproc.scoring._remote.RemoteScorer`), and this server
 scores its requests with the scorers of one config file (the ``scorers:`` section of a
 policy, read with :func:`extproc.read_scorer_specs`).
 
@@ -85,7 +85,7 @@ SERVICE_NAME = scorer_pb2.DESCRIPTOR.services_by_name["ScorerService"].full_name
 #: Server channel options (the largest request comes from :attr:`ServerLimits.max_message_bytes`).
 #: ``max_connection_age`` makes clients reconnect, and so re-resolve a DNS target, every few
 #: minutes: new pods behind a headless Service get traffic. Keepalive pings from clients
-#: (every 10 s, see ``extproc._remote_scorer``) are permitted.
+#: (every 10 s, see ``extproc.scoring._remote``) are permitted.
 SERVER_OPTIONS: tuple[tuple[str, int], ...] = (
     ("grpc.max_connection_age_ms", 5 * 60 * 1000),
     ("grpc.max_connection_age_grace_ms", 30 * 1000),
@@ -158,7 +158,7 @@ class ServerTls:
     key: Path
     client_ca: Path | None = None
 
-    #: field -> the ``scorer serve`` flag that sets it, for messages (``routers.scorer_cli`` declares them).
+    #: field -> the ``scorer serve`` flag that sets it, for messages (``routers.serving.cli`` declares them).
     FLAGS: ClassVar[dict[str, str]] = {"cert": "--tls-cert", "key": "--tls-key", "client_ca": "--tls-client-ca"}
 
     @classmethod

@@ -13,7 +13,7 @@ import pytest
 import yaml
 
 from harness import envoy_binary
-from extproc._policy import load_policy
+from extproc.policy._loading import load_policy
 from tests.charts.conftest import CHART, NAMESPACE, RELEASE, find, kinds, notes, render
 from tests.charts.pod import LocalPod
 

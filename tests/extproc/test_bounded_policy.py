@@ -15,12 +15,12 @@ from pathlib import Path
 import pytest
 
 from extproc import PolicyEngine, PolicyError, RoutingRequest, ScorerError, load_policy, parse_policy
-from extproc._envoy_limits import DEADLINE_MARGIN_MS, MESSAGE_TIMEOUT_MS
+from extproc._contract import DEADLINE_MARGIN_MS, MESSAGE_TIMEOUT_MS
 from extproc._errors import CheckpointError
-from extproc._policy import DEFAULT_MAX_POLICY_BYTES
-from extproc._reload import PolicyFile
-from extproc._scorer_cache import ScorerCache
-from extproc._scorers import ScorerDescription
+from extproc.policy._loading import DEFAULT_MAX_POLICY_BYTES
+from extproc.server._reload import PolicyFile
+from extproc.scoring._cache import ScorerCache
+from extproc.scorers._interface import ScorerDescription
 from extproc.cli import main
 from tests.extproc.conftest import REPO, chat
 from tests.extproc.test_policy_check import BASE
@@ -112,7 +112,7 @@ def test_an_oversized_policy_is_refused_before_parsing(tmp_path, monkeypatch):
     def never(*args, **kwargs):
         raise AssertionError("an oversized policy was parsed")
 
-    monkeypatch.setattr("extproc._policy.compose_yaml", never)
+    monkeypatch.setattr("extproc.policy._loading.compose_yaml", never)
     path = _oversized(tmp_path / "policy.yaml")
     (line, column, message), = _problems(path)
     assert (line, column) == (1, 1)
@@ -131,7 +131,7 @@ def test_a_reload_to_an_oversized_policy_keeps_the_running_one(write_policy, mon
     path = write_policy(BASE)
     policy = PolicyFile.load(path)
     running = policy.current()
-    monkeypatch.setattr("extproc._policy.compose_yaml", lambda *a: pytest.fail("an oversized policy was parsed"))
+    monkeypatch.setattr("extproc.policy._loading.compose_yaml", lambda *a: pytest.fail("an oversized policy was parsed"))
     _oversized(path)
     assert policy.reload() == "rejected"
     assert policy.current() is running
@@ -140,7 +140,7 @@ def test_a_reload_to_an_oversized_policy_keeps_the_running_one(write_policy, mon
 def test_a_reload_parses_off_the_event_loop(write_policy, monkeypatch):
     """While a (deliberately slow) reload parses, the event loop keeps running other work:
     the parse waits for a coroutine on the loop to say it ran."""
-    import extproc._reload as reload_module
+    import extproc.server._reload as reload_module
 
     path = write_policy(BASE)
     policy = PolicyFile.load(path)
@@ -238,8 +238,8 @@ def fake_probe(monkeypatch):
         loaded.append(FixedScorer(spec, {"relope": 0.5}))
         return loaded[-1]
 
-    monkeypatch.setattr("extproc._scorer_specs.describe_scorer", describe)
-    monkeypatch.setattr("extproc._scorer_cache.load_scorer", load)
+    monkeypatch.setattr("extproc.policy._scorer_specs.describe_scorer", describe)
+    monkeypatch.setattr("extproc.scoring._cache.load_scorer", load)
     return loaded
 
 
@@ -248,7 +248,7 @@ def _threshold(engine: PolicyEngine) -> float:
 
 
 def _route(engine: PolicyEngine) -> str:
-    from extproc._scoring import decide_with_scores
+    from extproc.scoring._decide import decide_with_scores
 
     return asyncio.run(decide_with_scores(engine, RoutingRequest.from_json(chat("hello")))).backend.name
 
@@ -337,7 +337,8 @@ def test_load_and_describe_errors_name_the_scorer_once(write_policy, tmp_path, m
         def load(self, spec):
             raise ValueError("boom")
 
-    monkeypatch.setattr("extproc._scorer_loading.scorer_loader", lambda kind: Loader())
+    monkeypatch.setattr("extproc.scorers._loaders.scorer_loader", lambda kind: Loader())
+    monkeypatch.setattr("extproc.scoring._loading.scorer_loader", lambda kind: Loader())
     (tmp_path / "ck").mkdir()
     (_, _, message), = _problems(write_policy(PROBE))
     assert message == "Scorer 'probe' names no probe checkpoints."

@@ -15,10 +15,10 @@ from opentelemetry.sdk.metrics import MeterProvider
 from opentelemetry.sdk.metrics.export import InMemoryMetricReader
 
 from extproc import PolicyEngine, RoutingRequest, ScorerError, ScorerOverloaded, parse_policy
-from extproc._breaker import COUNTED_REASONS, Admission, Breaker, Breakers, BreakerState
-from extproc._scorers import BreakerConfig, ScorerFailure
-from extproc._scoring import decide_with_scores
-from extproc._telemetry import FailureLog, JsonFormatter, Telemetry
+from extproc.scoring._breaker import COUNTED_REASONS, Admission, Breaker, Breakers, BreakerState
+from extproc.scorers._interface import BreakerConfig, ScorerFailure
+from extproc.scoring._decide import decide_with_scores
+from extproc.telemetry._instruments import FailureLog, JsonFormatter, Telemetry
 
 from .conftest import chat
 from .test_scoring import LONG, POLICY, FixedScorer, engine

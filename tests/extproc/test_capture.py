@@ -19,14 +19,15 @@ from opentelemetry.sdk.metrics import MeterProvider
 from opentelemetry.sdk.metrics.export import InMemoryMetricReader
 
 from extproc import PolicyEngine, parse_policy
-from extproc._capture import CaptureConfig, CaptureWriter, _CaptureFile, sampled, wanted
-from extproc._decision import Decision
+from extproc.policy._sections import CaptureConfig
+from extproc.server._capture import CaptureWriter, _CaptureFile, sampled, wanted
+from extproc.engine._decision import Decision
 from extproc._errors import PolicyError
-from extproc._policy import Backend
-from extproc._policy_schema import POLICY_SCHEMA
-from extproc._scorers import Scores
-from extproc._servicer import RequestStream
-from extproc._telemetry import Telemetry
+from extproc.policy._sections import Backend
+from extproc.policy._schema import POLICY_SCHEMA
+from extproc.scorers._interface import Scores
+from extproc.server._servicer import RequestStream
+from extproc.telemetry._instruments import Telemetry
 from tests.extproc.conftest import chat
 from tests.extproc.test_servicer import JSON_HEADERS, body_message, headers_message
 from tests.extproc.test_telemetry import points
@@ -362,7 +363,7 @@ def test_an_unwritable_path_drops_counts_and_logs_no_prompt(tmp_path, caplog):
 
 
 def test_a_policy_reload_moves_capture_to_the_new_path(tmp_path):
-    from extproc._reload import PolicyFile
+    from extproc.server._reload import PolicyFile
 
     policy_path = tmp_path / "policy.yaml"
     policy_path.write_text(POLICY.replace("CAPTURE", "first.jsonl").replace("RATE", "1"))

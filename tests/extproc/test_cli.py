@@ -220,7 +220,7 @@ def test_extproc_imports_and_serves_without_torch():
         "        if name.split('.')[0] in ('torch', 'transformers', 'peft', 'routers'):\n"
         "            raise ImportError('blocked: ' + name)\n"
         "sys.meta_path.insert(0, Block())\n"
-        "import extproc, extproc.cli, extproc._server\n"
+        "import extproc, extproc.cli, extproc.server._serve\n"
         "from extproc.cli import main\n"
         "assert main(['policy', 'check', 'policies/default.yaml']) == 0\n"
         "print('ok')\n"

@@ -21,10 +21,10 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 from extproc import PolicyEngine, RequestError, RoutingRequest, parse_json_body, parse_policy
-from extproc._request import rewrite_model
-from extproc._servicer import RequestStream
-from extproc._telemetry import Telemetry
-from extproc._tokens import ESTIMATE
+from extproc.request._body import rewrite_model
+from extproc.server._servicer import RequestStream
+from extproc.telemetry._instruments import Telemetry
+from extproc.signals._tokens import ESTIMATE
 from tests.extproc.test_servicer import JSON_HEADERS, body_message, headers_message
 
 POLICY = """
@@ -237,7 +237,7 @@ def _check_request(engine: PolicyEngine, raw: bytes, parts, gaps, tenant, header
     if request.image_count:
         assert backend.supports_images
     if backend.max_context_tokens is not None and decision.rule != "direct":
-        from extproc._signals import SignalContext
+        from extproc.signals._kinds import SignalContext
 
         assert SignalContext(request).token_count("all", ESTIMATE) <= backend.max_context_tokens
 

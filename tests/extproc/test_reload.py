@@ -16,9 +16,9 @@ from opentelemetry.sdk.metrics import MeterProvider
 from opentelemetry.sdk.metrics.export import InMemoryMetricReader
 
 from extproc import RoutingRequest
-from extproc._reload import PolicyFile
-from extproc._servicer import RequestStream
-from extproc._telemetry import Telemetry
+from extproc.server._reload import PolicyFile
+from extproc.server._servicer import RequestStream
+from extproc.telemetry._instruments import Telemetry
 from tests.extproc.conftest import REPO, chat
 from tests.extproc.test_cli import _free_port, _wait_serving
 from tests.extproc.test_servicer import JSON_HEADERS, body_message, headers_message

@@ -13,7 +13,7 @@ import orjson
 import pytest
 
 from extproc import RequestError, parse_json_body
-from extproc._request import MAX_JSON_DEPTH, rewrite_model
+from extproc.request._body import MAX_JSON_DEPTH, rewrite_model
 
 MESSAGES = '"messages": [{"role": "user", "content": "hi"}]'
 LIMIT = 1 << 20

@@ -1,4 +1,4 @@
-"""Scorer kinds are declared once (``extproc._scorer_kinds``): the schema, the spec builder and
+"""Scorer kinds are declared once (``extproc.scorers._kinds``): the schema, the spec builder and
 the loader lookup derive from the declaration, so a new kind is one class and its loader."""
 
 from __future__ import annotations
@@ -10,12 +10,12 @@ from typing import ClassVar
 import pytest
 
 from extproc import ScorerError, ScorerSpec, load_scorer
-from extproc._policy_schema import SCORER_KINDS_SCHEMA, SCORERS_FILE_SCHEMA
+from extproc.policy._schema import SCORER_KINDS_SCHEMA, SCORERS_FILE_SCHEMA
 from extproc._schema import Key, Str
-from extproc._scorer_kinds import SCORER_KINDS, ScorerKind, scorer_kind, scorer_schemas
-from extproc._scorer_loading import scorer_loader
-from extproc._scorer_specs import build_scorer_specs
-from extproc._scorers import BatchConfig, BreakerConfig, ImageLimits
+from extproc.scorers._kinds import SCORER_KINDS, ScorerKind, scorer_kind, scorer_schemas
+from extproc.scorers._loaders import scorer_loader
+from extproc.policy._scorer_specs import build_scorer_specs
+from extproc.scorers._interface import BatchConfig, BreakerConfig, ImageLimits
 
 
 def test_the_schema_takes_each_kinds_keys_from_its_declaration():
@@ -78,7 +78,7 @@ def test_a_third_kind_is_one_class_and_its_loader(monkeypatch, tmp_path):
         seen.append(group)
         return [SimpleNamespace(name="third_loader", load=lambda: loader)]
 
-    monkeypatch.setattr("extproc._scorer_loading.metadata.entry_points", entry_points)
+    monkeypatch.setattr("extproc.scorers._loaders.metadata.entry_points", entry_points)
     scorer_loader.cache_clear()
     try:
         assert scorer_loader("third") is loader  # found by its declared entry-point name, not its kind

@@ -17,11 +17,11 @@ import pytest
 from envoy.service.ext_proc.v3 import external_processor_pb2 as ext
 
 from extproc import PolicyEngine, PolicyError, RoutingRequest, ScorerError, Scores, parse_policy
-from extproc._scorer_cache import ScorerCache
-from extproc._scorers import Scorer, ScoresNeeded
-from extproc._scoring import decide_with_scores
-from extproc._servicer import RequestStream
-from extproc._telemetry import Telemetry
+from extproc.scoring._cache import ScorerCache
+from extproc.scorers._interface import Scorer, ScoresNeeded
+from extproc.scoring._decide import decide_with_scores
+from extproc.server._servicer import RequestStream
+from extproc.telemetry._instruments import Telemetry
 
 from .conftest import chat
 
@@ -331,7 +331,7 @@ def test_a_reload_reuses_an_unchanged_scorer_and_a_failed_load_rejects_the_polic
         loads.append(spec.name)
         return FixedScorer(spec, {"relope": 0.5})
 
-    monkeypatch.setattr("extproc._scorer_cache.load_scorer", fake_load)
+    monkeypatch.setattr("extproc.scoring._cache.load_scorer", fake_load)
     cache = ScorerCache()
     first = parse_policy(POLICY.replace("LAMBDA", "0.1"))
     scorers = cache.prepare(first)
@@ -391,7 +391,7 @@ def test_two_scorers_with_the_same_settings_share_one_loaded_model(monkeypatch):
         loads.append(spec.name)
         return FixedScorer(spec, {"relope": 0.5})
 
-    monkeypatch.setattr("extproc._scorer_cache.load_scorer", fake_load)
+    monkeypatch.setattr("extproc.scoring._cache.load_scorer", fake_load)
     text = POLICY.replace("LAMBDA", "0.1").replace(
         '    deadline_ms: 150\n  utility:',
         '    deadline_ms: 150\n  probe2:\n    kind: probe\n    checkpoints: {relope: unused}\n'

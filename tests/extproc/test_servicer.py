@@ -209,7 +209,7 @@ def test_stream_ends_after_the_last_answer_the_request_needs(stub, messages, ans
 
 
 def test_repeated_headers_are_joined_and_plain_values_are_read():
-    from extproc._servicer import _header_map
+    from extproc.server._servicer import _header_map
 
     message = ext.HttpHeaders()
     for key, value in [("x-tier", "gold"), (":method", "POST"), ("x-tier", "silver")]:

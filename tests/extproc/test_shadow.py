@@ -19,11 +19,11 @@ from opentelemetry.sdk.metrics import MeterProvider
 from opentelemetry.sdk.metrics.export import InMemoryMetricReader
 
 from extproc import ExternalProcessor, PolicyEngine, RequestError, load_policy, parse_policy
-from extproc._explain_many import diff_many
-from extproc._scorer_cache import ScorerCache
-from extproc._scoring import decide_with_scores
-from extproc._shadow import Shadow, ShadowPolicy, SharedScorers, large_backends
-from extproc._telemetry import Telemetry
+from extproc.cli._explain_many import diff_many
+from extproc.scoring._cache import ScorerCache
+from extproc.scoring._decide import decide_with_scores
+from extproc.server._shadow import Shadow, ShadowPolicy, SharedScorers, large_backends
+from extproc.telemetry._instruments import Telemetry
 from extproc.cli import main
 from tests.extproc.conftest import POLICIES, chat
 from tests.extproc.test_scoring import POLICY as SCORED_POLICY
@@ -256,7 +256,7 @@ def test_the_shadow_shares_the_live_policys_loaded_scorers_and_keeps_its_own(mon
         loads.append(spec.remote.target)
         return FixedScorer(spec, {"relope": 0.5})
 
-    monkeypatch.setattr("extproc._scorer_cache.load_scorer", fake_load)
+    monkeypatch.setattr("extproc.scoring._cache.load_scorer", fake_load)
     shared = SharedScorers(ScorerCache())
     live, shadow = shared.owner("live"), shared.owner("shadow")
     live_policy = parse_policy(SCORED_POLICY.replace("LAMBDA", "0.1"))

@@ -5,8 +5,8 @@ from __future__ import annotations
 import pytest
 
 from extproc import PolicyEngine, RoutingRequest, parse_policy
-from extproc._language import detect_language
-from extproc._tokens import EstimatedTokenCounter
+from extproc.signals._language import detect_language
+from extproc.signals._tokens import EstimatedTokenCounter
 
 
 def evaluate(signal_yaml: str, body: dict, headers: dict | None = None):

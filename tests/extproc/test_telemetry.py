@@ -30,11 +30,11 @@ from prometheus_client.parser import text_string_to_metric_families
 from extproc import ScorerSpec
 from extproc import PolicyEngine, load_policy
 from extproc._errors import SwitchyardError
-from extproc._metrics_http import MetricsServer, WorkerCollector, answer_scrapes
-from extproc._scorers import ScorerFailure, Scores
-from extproc._servicer import RequestStream
-from extproc._telemetry import JsonFormatter, Telemetry, scorer_span, start_decide_span
-from extproc._telemetry_setup import TelemetryConfig
+from extproc.telemetry._metrics_http import MetricsServer, WorkerCollector, answer_scrapes
+from extproc.scorers._interface import ScorerFailure, Scores
+from extproc.server._servicer import RequestStream
+from extproc.telemetry._instruments import JsonFormatter, Telemetry, scorer_span, start_decide_span
+from extproc.telemetry._setup import TelemetryConfig
 from extproc.cli import main
 from tests.extproc.conftest import POLICIES, chat
 from tests.extproc.test_servicer import JSON_HEADERS, body_message, headers_message

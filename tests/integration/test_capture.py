@@ -18,7 +18,7 @@ from pathlib import Path
 
 import pytest
 
-from extproc._capture import sampled
+from extproc.server._capture import sampled
 from tests.integration.gateway import chat
 from tests.integration.test_metrics import MetricsGateway, total, wait_for
 

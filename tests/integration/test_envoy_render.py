@@ -14,22 +14,13 @@ import pytest
 import yaml
 
 from extproc import cli
-from extproc._envoy_render import (
-    MESSAGE_TIMEOUT_MS,
-    REWRITE_SLACK_BYTES,
-    Address,
-    Credential,
-    EnvoyOptions,
-    Upstream,
-    check_envoy_config,
-    envoy_body_limit,
-    envoy_fail_open,
-    render_envoy,
-    rewrite_growth,
+from extproc._contract import MESSAGE_TIMEOUT_MS
+from extproc.envoy._render import (
+    REWRITE_SLACK_BYTES, Address, Credential, EnvoyOptions, Upstream, check_envoy_config, envoy_body_limit, envoy_fail_open, render_envoy, rewrite_growth,
 )
 from extproc._errors import EnvoyConfigError
-from extproc._mutations import ROUTING_HEADER
-from extproc._policy import load_policy, parse_policy
+from extproc._contract import ROUTING_HEADER
+from extproc.policy._loading import load_policy, parse_policy
 from harness import Child, envoy_binary, free_port, grpc_serving, http_ok, render_envoy_config
 from tests.integration.gateway import REPO, Gateway
 

@@ -34,7 +34,7 @@ from grpc_health.v1 import health_pb2, health_pb2_grpc
 
 from demo.backend import ECHO_CHARS
 from extproc import PolicyEngine, RoutingRequest, load_policy
-from extproc._server import EXT_PROC_SERVICE
+from extproc.server._serve import EXT_PROC_SERVICE
 from tests.integration.gateway import DEFAULT_POLICY, Gateway, Response, chat
 
 CODE = "Please refactor this python function so it streams rows from the database."

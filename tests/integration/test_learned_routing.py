@@ -311,7 +311,7 @@ def test_policy_check_locates_every_scorer_problem(checkpoints, tmp_path, capsys
 
 
 def test_a_reload_keeps_loaded_scorers_and_a_broken_checkpoint_keeps_the_running_policy(checkpoints, tmp_path):
-    from extproc._reload import PolicyFile
+    from extproc.server._reload import PolicyFile
 
     path = tmp_path / "live.yaml"
     path.write_text(_write_policy(checkpoints, "live-src.yaml", threshold=0.5).read_text())

@@ -15,7 +15,7 @@ from concurrent.futures import ThreadPoolExecutor
 import pytest
 
 from extproc import PolicyEngine, RoutingRequest, load_policy
-from extproc._explain_many import diff_many
+from extproc.cli._explain_many import diff_many
 from tests.extproc.test_shadow import CANDIDATE, bodies
 from tests.integration.gateway import DEFAULT_POLICY
 from tests.integration.test_metrics import MetricsGateway, total, wait_for

@@ -16,8 +16,8 @@ import pytest
 
 from extproc import ScorerDescription, ScorerOverloaded, parse_policy
 from extproc._errors import ScorerDeadline
-from extproc._remote_scorer import RemoteScorer
-from extproc._scoring import score_request
+from extproc.scoring._remote import RemoteScorer
+from extproc.scoring._decide import score_request
 from routers.serving.remote_server import ScorerServer, ServerLimits, peer_host
 from switchyard.v1 import scorer_pb2, scorer_pb2_grpc
 from tests.remote.support import FakeScorer, ServerProcess, describe, remote_spec, request, spec

@@ -17,7 +17,7 @@ import pytest
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 
 from extproc import ScorerError, load_scorer
-from extproc._remote_scorer import RemoteScorer, _channels
+from extproc.scoring._remote import RemoteScorer, _channels
 from routers.serving.remote_server import SERVICE_NAME, ScorerServer
 from switchyard.v1 import scorer_pb2, scorer_pb2_grpc
 from tests.remote.dns_server import TYPE_A, dns_server
@@ -356,7 +356,7 @@ def test_keepalive_pings_are_permitted_so_an_idle_connection_is_kept(monkeypatch
     """Clients ping idle connections; a server that did not permit it would close the
     connection (GOAWAY too_many_pings) after a few pings. Both intervals are shortened
     here, the option names are the real ones."""
-    from extproc import _remote_scorer
+    from extproc.scoring import _remote as _remote_scorer
     from routers.serving import remote_server
 
     def shortened(options, name, value):

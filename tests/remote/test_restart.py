@@ -9,7 +9,7 @@ import time
 import pytest
 
 from extproc import ScorerError
-from extproc._remote_scorer import RemoteScorer
+from extproc.scoring._remote import RemoteScorer
 from tests.remote.support import ServerProcess, remote_spec, request
 
 

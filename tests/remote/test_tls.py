@@ -11,8 +11,8 @@ import time
 import pytest
 
 from extproc import PolicyError, RemoteTls, ScorerError
-from extproc._reload import PolicyFile
-from extproc._remote_scorer import RemoteScorer, _channels
+from extproc.server._reload import PolicyFile
+from extproc.scoring._remote import RemoteScorer, _channels
 from extproc.cli import main
 from routers.serving.remote_server import ServerTls
 from tests.remote.certs import SERVER_NAME, Certs, make_certs, renewed_server
@@ -193,7 +193,7 @@ def test_server_tls_flags_come_in_sets_and_bad_files_name_the_flag(certs, tmp_pa
 def test_a_renewed_ca_file_is_read_without_a_restart(certs, tmp_path, monkeypatch):
     # the sidecar's CA file first holds the wrong CA (calls fail: fallback); once it is
     # replaced (a renewed Secret), the next look at the files brings a new channel that scores
-    import extproc._remote_scorer as remote_scorer
+    import extproc.scoring._remote as remote_scorer
 
     monkeypatch.setattr(remote_scorer, "TLS_RECHECK_S", 0.0)
     ca = tmp_path / "ca.crt"

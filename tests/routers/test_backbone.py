@@ -190,9 +190,9 @@ def test_the_forward_stops_once_every_state_it_reads_is_in_hand(text_dir, path):
 def test_padding_a_batch_to_a_multiple_changes_no_score(text_dir):
     # A GPU pads batches to a few widths (pad_to_multiple); every probe must read the same
     # states from the real tokens, however much padding follows them.
-    from routers.mlp import MLPConfig
-    from routers.probe_scorer import ProbeScorer
     from routers.probes import AttentionProbeConfig, LastTokenProbeConfig, ReLopeConfig, build_probe
+    from routers.probes.mlp import MLPConfig
+    from routers.probes.offline import ProbeScorer
 
     plain = TruncatedBackbone(BackboneConfig(str(text_dir), layer=3, device="cpu"))
     padded = TruncatedBackbone(BackboneConfig(str(text_dir), layer=3, device="cpu", pad_to_multiple=64),

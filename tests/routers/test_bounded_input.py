@@ -131,7 +131,7 @@ def test_the_text_encoders_tokenize_cuts_by_characters_first():
 
 
 def test_the_hashing_encoder_reads_a_bounded_text():
-    from routers.query_encoders import EncoderSpec, HashingEncoder
+    from routers.latent.encoders import EncoderSpec, HashingEncoder
 
     encoder = HashingEncoder(EncoderSpec(kind="hashing", dim=64))
     text = words(4 * MIB, 8)

@@ -24,10 +24,10 @@ from routers.checkpoints import (
     save_probe,
     store_threshold,
 )
-from routers.latent_router import LatentRouter, LatentRouterConfig, LatentRouterModel, ModelPool
-from routers.mlp import MLPConfig
+from routers.latent.encoders import EncoderSpec, build_encoder
+from routers.latent.router import LatentRouter, LatentRouterConfig, LatentRouterModel, ModelPool
 from routers.probes import PROBE_KINDS, LastTokenProbeConfig, build_probe
-from routers.query_encoders import EncoderSpec, build_encoder
+from routers.probes.mlp import MLPConfig
 from tests.routers.test_probe_support import tiny_text_model
 
 

@@ -76,7 +76,8 @@ def test_prefix_flags_overrides_and_choices():
 
 
 def _train_parser():
-    from routers import latent_cli, probe_cli
+    from routers.latent import cli as latent_cli
+    from routers.probes import cli as probe_cli
 
     parser = argparse.ArgumentParser()
     sub = parser.add_subparsers()
@@ -87,10 +88,10 @@ def _train_parser():
 
 def test_train_commands_take_every_default_from_the_configs():
     from routers.backbone import BackboneConfig
-    from routers.latent_router import LatentRouterConfig
-    from routers.latent_training import LatentTrainConfig
-    from routers.probe_training import TrainConfig
-    from routers.query_encoders import EncoderSpec
+    from routers.latent.encoders import EncoderSpec
+    from routers.latent.router import LatentRouterConfig
+    from routers.latent.training import LatentTrainConfig
+    from routers.probes.training import TrainConfig
 
     parser = _train_parser()
     probe = parser.parse_args(["probe", "--method", "relope", "--backbone", "b", "--data", "d", "--small", "s", "--out", "o"])
@@ -106,8 +107,8 @@ def test_train_commands_take_every_default_from_the_configs():
 
 
 def test_probe_head_defaults_follow_the_probe_kind(tmp_path):
-    from routers.probe_cli import _build_probe
     from routers.probes import ReLopeConfig
+    from routers.probes.cli import _build_probe
     from tests.routers.test_probe_support import tiny_text_model
 
     backbone_dir = tiny_text_model(tmp_path)

@@ -119,8 +119,8 @@ def test_the_held_out_requests_follow_their_ids_not_their_order_in_the_file():
 
 
 def test_probes_and_latent_router_hold_out_the_same_default():
-    from routers.latent_training import LatentTrainConfig
-    from routers.probe_training import TrainConfig
+    from routers.latent.training import LatentTrainConfig
+    from routers.probes.training import TrainConfig
 
     assert TrainConfig().val_fraction == LatentTrainConfig().val_fraction == DEFAULT_VAL_FRACTION
 
@@ -136,7 +136,7 @@ def test_extproc_import_does_not_load_grpc_or_envoy_protos():
         "import sys, extproc, routers.data, routers.checkpoints, routers.truncation\n"
         "from extproc import CheckpointError, ScorerError, message_text\n"
         "heavy = [m for m in sys.modules if m.split('.')[0] in ('grpc', 'envoy', 'google', 'xds', 'yaml', 'torch')"
-        " or m in ('extproc._servicer', 'extproc._engine', 'extproc._policy')]\n"
+        " or m in ('extproc.server._servicer', 'extproc.engine._engine', 'extproc.policy._loading')]\n"
         "print(heavy)\n"
         "extproc.ExternalProcessor\n"  # a lazy name still resolves, and then loads grpc
         "print('grpc' in sys.modules)\n"
@@ -148,7 +148,7 @@ def test_extproc_import_does_not_load_grpc_or_envoy_protos():
 def test_every_probe_export_resolves():
     import routers
 
-    probe_modules = ("routers.data", "routers.metrics", "routers.backbone", "routers.mlp", "routers.probe")
+    probe_modules = ("routers.data", "routers.metrics", "routers.backbone", "routers.probes")
     for name, module in routers._EXPORTS.items():
         if module.startswith(probe_modules):
             assert getattr(routers, name) is not None, name

@@ -12,8 +12,8 @@ import shlex
 import pytest
 
 from extproc.cli import main
+from tests.routers.probes.test_training_targets import gain_set
 from tests.routers.test_probe_support import tiny_text_model, write_jsonl
-from tests.routers.test_training_targets import gain_set
 
 POLICY = """\
 version: 1

@@ -14,7 +14,7 @@ from extproc import CheckpointError
 from extproc.cli import main
 from routers.backbone import BackboneConfig, TruncatedBackbone
 from routers.checkpoints import load_backbone, read_config
-from routers.probe_scorer import ProbeScorer
+from routers.probes.offline import ProbeScorer
 from routers.truncation import CHARS_PER_TOKEN, MIN_KEPT_CHARS, Truncation, position_limit
 from tests.routers.test_probe_support import WORDS, minilm_dir, tiny_text_model, write_jsonl
 
@@ -174,8 +174,8 @@ def test_minilm_backbone_reads_prompts_over_512_tokens(tmp_path, capsys):
 def test_latent_router_encoders_cut_alike(short_model, tmp_path):
     from routers.checkpoints import load_latent_router, save_latent_router
     from routers.data import parse_labelled
-    from routers.latent_training import LatentTrainConfig, train_latent_router
-    from routers.query_encoders import EncoderSpec, build_encoder
+    from routers.latent.encoders import EncoderSpec, build_encoder
+    from routers.latent.training import LatentTrainConfig, train_latent_router
 
     text = build_encoder(EncoderSpec("text", max_length=2000))
     assert text.truncation.max_tokens == 512 and text.spec.max_length == 512  # MiniLM's limit

@@ -12,8 +12,8 @@ import torch
 from extproc import BatchConfig, RoutingRequest, ScorerSpec
 from routers.backbone import BackboneConfig, TruncatedBackbone
 from routers.checkpoints import save_probe
-from routers.mlp import MLPConfig
 from routers.probes import AttentionProbeConfig, LastTokenProbeConfig, ReLopeConfig, build_probe
+from routers.probes.mlp import MLPConfig
 from tests.routers.test_probe_support import labelled, trigger_set
 
 __all__ = ["CONVERSATIONS", "POOL", "far", "latent_checkpoint", "latent_spec", "probe_checkpoints", "probe_spec", "request"]
@@ -63,8 +63,8 @@ POOL = ("tiny", "mid", "large")
 def latent_checkpoint(out: Path, encoder_spec, backbone=None, seed: int = 0) -> Path:
     """A random-init LatentRouter over a three-model pool, saved as a checkpoint."""
     from routers.checkpoints import save_latent_router
-    from routers.latent_router import LatentRouter, LatentRouterConfig, LatentRouterModel, ModelPool
-    from routers.query_encoders import build_encoder
+    from routers.latent.encoders import build_encoder
+    from routers.latent.router import LatentRouter, LatentRouterConfig, LatentRouterModel, ModelPool
 
     encoder = build_encoder(encoder_spec, backbone=backbone)
     torch.manual_seed(seed)

@@ -205,8 +205,8 @@ def vl_group(tmp_path_factory):
     import torch
 
     from routers.backbone import BackboneConfig, TruncatedBackbone
-    from routers.mlp import MLPConfig
     from routers.probes import LastTokenProbeConfig, build_probe
+    from routers.probes.mlp import MLPConfig
     from routers.serving.prefill import BackboneKey, PrefillGroup, ProbeMember
     from tests.routers.test_probe_support import tiny_vl_model
 

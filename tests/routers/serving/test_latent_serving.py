@@ -14,7 +14,7 @@ from extproc import BatchConfig, CheckpointError, ScorerError, ScorerOverloaded,
 from routers.backbone import BackboneConfig, TruncatedBackbone
 from routers.checkpoints import load_latent_router
 from routers.forward_cost import UNMEASURED_COST, ForwardCost, LiveCost
-from routers.query_encoders import EncoderSpec
+from routers.latent.encoders import EncoderSpec
 from tests.routers.serving.support import (
     CONVERSATIONS,
     POOL,

@@ -14,8 +14,8 @@ import pytest
 import torch
 
 from extproc import BatchConfig, CheckpointError, ScorerError, describe_scorer, load_scorer
-from routers.probe_scorer import ProbeScorer
 from routers.forward_cost import ForwardCost
+from routers.probes.offline import ProbeScorer
 from tests.routers.serving.support import CONVERSATIONS, far, forward_threads, probe_checkpoints, probe_spec, request
 from tests.routers.test_probe_support import layers_run, tiny_text_model
 

@@ -1,0 +1,110 @@
+"""The typed policy: its rules, their conditions and routes, as :func:`load_policy` returns them.
+
+Built only by :mod:`extproc.policy._loading`; read by the engine, the Envoy renderer and the
+server. Frozen: a policy is replaced whole on reload, never changed.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Union
+
+from extproc.policy._sections import Backend, CaptureConfig, ModelsConfig, RoutingConfig, TenantsConfig
+from extproc.scorers._interface import ScorerSpec
+from extproc.signals._kinds import Signal
+
+__all__ = [
+    "Rule",
+    "Condition",
+    "SignalRef",
+    "AllOf",
+    "AnyOf",
+    "Not",
+    "Always",
+    "ALWAYS",
+    "UtilityRoute",
+    "Policy",
+]
+
+
+@dataclass(frozen=True)
+class SignalRef:
+    name: str
+
+
+@dataclass(frozen=True)
+class AllOf:
+    items: tuple[Condition, ...]
+
+
+@dataclass(frozen=True)
+class AnyOf:
+    items: tuple[Condition, ...]
+
+
+@dataclass(frozen=True)
+class Not:
+    item: Condition
+
+
+@dataclass(frozen=True)
+class Always:
+    """The condition of a rule without ``when`` (or ``when: always``): it always holds."""
+
+
+#: ``when: always``: the reserved name of the condition that always holds (no signal may take it).
+ALWAYS = "always"
+
+Condition = Union[SignalRef, AllOf, AnyOf, Not, Always]
+
+
+@dataclass(frozen=True)
+class UtilityRoute:
+    """A rule's ``route``: the backend among ``among`` with the best predicted quality − λ·cost."""
+
+    scorer: str
+    lam: float
+    among: tuple[str, ...]
+    backends: tuple[tuple[str, str], ...] = ()  # the scorer's pool model -> backend
+
+
+@dataclass(frozen=True)
+class Rule:
+    """``backend`` for a fixed route, or ``route`` to pick by utility (exactly one is set)."""
+
+    name: str
+    when: Condition
+    backend: str | None
+    route: UtilityRoute | None = None
+
+    @property
+    def targets(self) -> tuple[str, ...]:
+        """The backends this rule can send a request to."""
+        return self.route.among if self.route is not None else (self.backend,)
+
+
+@dataclass(frozen=True)
+class Policy:
+    """A validated policy. Build it with :func:`load_policy` or :func:`parse_policy`."""
+
+    source: str
+    backends: dict[str, Backend]
+    default: str
+    signals: dict[str, Signal]
+    rules: tuple[Rule, ...]
+    models: ModelsConfig
+    tenants: TenantsConfig
+    routing: RoutingConfig
+    fallback: str | None = None
+    scorers: dict[str, ScorerSpec] = field(default_factory=dict)
+    #: Where each ``scorers.<name>`` entry starts (line, column), for problems found after
+    #: validation (a scorer that fails to load).
+    scorer_positions: dict[str, tuple[int, int]] = field(default_factory=dict)
+    capture: CaptureConfig = field(default_factory=CaptureConfig)
+
+    def backend_for_model(self, model: str) -> Backend | None:
+        """The backend whose served model (or name) is ``model``, if any."""
+        for backend in self.backends.values():
+            if backend.model == model:
+                return backend
+        return self.backends.get(model)
