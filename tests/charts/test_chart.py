@@ -536,6 +536,33 @@ def test_capture_volume_from_an_existing_claim():
     kubernetes_validate.validate(find(manifests, "Deployment"), KUBE_VERSION, strict=True)
 
 
+def _switchyard_env(manifests) -> list[dict[str, Any]]:
+    containers = find(manifests, "Deployment")["spec"]["template"]["spec"]["containers"]
+    return next(c for c in containers if c["name"] == "switchyard")["env"]
+
+
+STATE_POLICY = EXISTING_POLICY + """
+state:
+  redis: {url: "redis://redis.cache.svc:6379/0", password_env: REDIS_PASSWORD}
+"""
+
+
+def test_fleet_state_password_comes_from_a_secret_into_switchyard_only():
+    import kubernetes_validate
+
+    manifests = render({"state": {"passwordSecret": {"name": "redis-auth", "key": "pw"}},
+                        "policy": {"content": STATE_POLICY}})
+    assert {"name": "REDIS_PASSWORD", "valueFrom": {"secretKeyRef": {"name": "redis-auth", "key": "pw"}}} \
+        in _switchyard_env(manifests)
+    containers = find(manifests, "Deployment")["spec"]["template"]["spec"]["containers"]
+    envoy = next(c for c in containers if c["name"] == "envoy")
+    assert "REDIS_PASSWORD" not in json.dumps(envoy)
+    policy = find(manifests, "ConfigMap", f"{FULLNAME}-policy")["data"]["policy.yaml"]
+    assert "password_env: REDIS_PASSWORD" in policy
+    kubernetes_validate.validate(find(manifests, "Deployment"), KUBE_VERSION, strict=True)
+    assert all(e["name"] != "REDIS_PASSWORD" for e in _switchyard_env(render()))  # off by default
+
+
 # -- values that must fail ---------------------------------------------------------------------------
 @pytest.mark.parametrize(
     ("values", "where"),
@@ -553,9 +580,12 @@ def test_capture_volume_from_an_existing_claim():
         ({"terminationGracePeriodSeconds": 0}, "terminationGracePeriodSeconds"),
         ({"networkPolicy": {"metricsFrom": [{"podSelecter": {}}]}}, "podSelecter"),
         ({"capture": {"enabled": True, "mountPath": "relative/dir"}}, "mountPath"),
+        ({"state": {"passwordEnv": "REDIS-PASSWORD"}}, "passwordEnv"),
+        ({"state": {"passwordSecret": {"name": "redis", "key": ""}}}, "key"),
     ],
     ids=["top-level", "envoy", "tls", "port-type", "port-missing", "credential-key", "enum", "scorer",
-         "drain-negative", "envoy-drain-integer", "termination-zero", "network-peer", "capture-mount-path"],
+         "drain-negative", "envoy-drain-integer", "termination-zero", "network-peer", "capture-mount-path",
+         "state-password-env", "state-secret-key"],
 )
 def test_values_typo_fails(values, where):
     import helm_python
