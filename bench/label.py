@@ -45,18 +45,22 @@ async def _serve_fast_stub(port_out, delay_s: float) -> None:
     at concurrency 32 the stub is not what limits the labeller. Answers like ``right``."""
     async def handle(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
         try:
-            head = await reader.readuntil(b"\r\n\r\n")
-            length = next((int(line.split(b":", 1)[1]) for line in head.split(b"\r\n")
-                           if line.lower().startswith(b"content-length:")), 0)
-            body = json.loads(await reader.readexactly(length))
-            await asyncio.sleep(delay_s)
-            text = body["messages"][-1]["content"]
-            answer = right(body["messages"])
-            payload = json.dumps({"choices": [{"index": 0, "message": {"role": "assistant", "content": answer}}],
-                                  "usage": {"prompt_tokens": len(text), "completion_tokens": len(answer)}}).encode()
-            writer.write(b"HTTP/1.1 200 OK\r\nContent-Type: application/json\r\nConnection: close\r\n"
-                         b"Content-Length: %d\r\n\r\n%s" % (len(payload), payload))
-            await writer.drain()
+            while True:  # keep-alive: requests on one connection until the client closes it
+                try:
+                    head = await reader.readuntil(b"\r\n\r\n")
+                except (asyncio.IncompleteReadError, ConnectionError):
+                    return
+                length = next((int(line.split(b":", 1)[1]) for line in head.split(b"\r\n")
+                               if line.lower().startswith(b"content-length:")), 0)
+                body = json.loads(await reader.readexactly(length))
+                await asyncio.sleep(delay_s)
+                text = body["messages"][-1]["content"]
+                answer = right(body["messages"])
+                payload = json.dumps({"choices": [{"index": 0, "message": {"role": "assistant", "content": answer}}],
+                                      "usage": {"prompt_tokens": len(text), "completion_tokens": len(answer)}}).encode()
+                writer.write(b"HTTP/1.1 200 OK\r\nContent-Type: application/json\r\n"
+                             b"Content-Length: %d\r\n\r\n%s" % (len(payload), payload))
+                await writer.drain()
         finally:
             writer.close()
 

@@ -1,7 +1,10 @@
 """Calls to OpenAI-compatible ``/chat/completions`` endpoints: bounded, timed, retried.
 
-Each model gets its own worker threads (``max_concurrency`` of them; ``http.client``, one
-connection per call), so at most that many of its calls are in flight. A call ends within
+Each model gets its own worker threads (``max_concurrency`` of them; ``http.client``), so at
+most that many of its calls are in flight. Each worker keeps its connection open between calls
+(HTTP keep-alive), so a labelling run opens about ``max_concurrency`` connections a model, not one
+a call; a kept connection the server has closed meanwhile is replaced once, before the call is
+counted as failed. A call ends within
 ``timeout_s`` (from sending to the last byte); an answer of 429 or 5xx is retried up to
 ``retries.max_attempts`` tries in all, after the answer's ``Retry-After`` (seconds or an
 HTTP date, at most :data:`MAX_RETRY_AFTER_S`) or else ``backoff_s`` doubled each time (at
@@ -20,6 +23,7 @@ import http.client
 import json
 import math
 import socket
+import threading
 import time
 from collections.abc import Awaitable, Callable, Mapping, Sequence
 from concurrent.futures import ThreadPoolExecutor
@@ -94,14 +98,22 @@ class ChatClient:
         self._url = urlsplit(endpoint.base_url + "/chat/completions")
         if self._url.scheme not in ("http", "https") or not self._url.hostname:
             raise LabelError(f"`{endpoint.name}`'s base_url must be an http(s) URL, got {endpoint.base_url!r}.")
-        self._headers = {"Content-Type": "application/json", "Accept": "application/json", "Connection": "close"}
+        self._headers = {"Content-Type": "application/json", "Accept": "application/json"}
         if endpoint.api_key:
             self._headers["Authorization"] = f"Bearer {endpoint.api_key}"
         self._executor = ThreadPoolExecutor(endpoint.max_concurrency, thread_name_prefix=f"label-{endpoint.name}")
+        self._local = threading.local()  # each worker's kept connection
+        self._connections: set[http.client.HTTPConnection] = set()
+        self._connections_lock = threading.Lock()
 
     def close(self) -> None:
-        """Stop the workers without waiting for calls still running (their sockets time out)."""
+        """Stop the workers without waiting for calls still running (their sockets time out),
+        and close the kept connections."""
         self._executor.shutdown(wait=False, cancel_futures=True)
+        with self._connections_lock:
+            kept, self._connections = self._connections, set()
+        for connection in kept:
+            connection.close()
 
     async def complete(self, messages: Sequence[Mapping[str, Any]], params: Mapping[str, Any] | None = None) -> Completion:
         """The model's answer to ``messages``; :class:`CallFailed` when there is none."""
@@ -149,17 +161,44 @@ class ChatClient:
         return reply
 
     def _post(self, payload: bytes) -> _Reply:
+        connection = getattr(self._local, "connection", None)
+        if connection is not None:
+            try:
+                return self._exchange(connection, payload)
+            except (http.client.RemoteDisconnected, ConnectionResetError, BrokenPipeError):
+                pass  # the server closed the kept connection while it was idle: one fresh try
+        return self._exchange(self._connect(), payload)
+
+    def _connect(self) -> http.client.HTTPConnection:
         url = self._url
         connection_class = http.client.HTTPSConnection if url.scheme == "https" else http.client.HTTPConnection
         connection = connection_class(url.hostname, url.port, timeout=self.endpoint.timeout_s)
+        self._local.connection = connection
+        with self._connections_lock:
+            self._connections.add(connection)
+        return connection
+
+    def _drop(self, connection: http.client.HTTPConnection) -> None:
+        connection.close()
+        if getattr(self._local, "connection", None) is connection:
+            self._local.connection = None
+        with self._connections_lock:
+            self._connections.discard(connection)
+
+    def _exchange(self, connection: http.client.HTTPConnection, payload: bytes) -> _Reply:
+        """One request and its whole answer on ``connection``, kept open when both sides allow."""
+        url = self._url
         path = url.path + (f"?{url.query}" if url.query else "")
         try:
             connection.request("POST", path, body=payload, headers=self._headers)
             response = connection.getresponse()
             body = response.read(_MAX_ANSWER_BYTES + 1)
-            return _Reply(response.status, response.getheader("Retry-After"), body)
-        finally:
-            connection.close()
+        except BaseException:
+            self._drop(connection)
+            raise
+        if response.will_close or not response.isclosed():  # closing, or an answer left unread
+            self._drop(connection)
+        return _Reply(response.status, response.getheader("Retry-After"), body)
 
     def _retry_after(self, raw: str | None) -> float | None:
         if raw is None:

@@ -82,15 +82,21 @@ def down_url() -> str:
 
 class StubBackend:
     """A loopback OpenAI-compatible server; use as a context manager. ``calls`` counts the
-    requests, ``prompts`` how often each prompt text came, ``authorizations`` the headers."""
+    requests, ``prompts`` how often each prompt text came, ``authorizations`` the headers,
+    ``connections`` the connections accepted."""
 
     def __init__(self, answer: Answer = right, *, behaviour: str = "ok", delay_s: float = 0.0,
-                 hang_s: float = 5.0, retry_after: str = "0") -> None:
+                 hang_s: float = 5.0, retry_after: str = "0", keep_alive: str = "yes") -> None:
         self.answer = answer
         self.behaviour = behaviour
         self.delay_s = delay_s
         self.hang_s = hang_s
         self.retry_after = retry_after
+        #: "yes": connections stay open between requests; "close": each answer says
+        #: ``Connection: close``; "drop": the server closes each connection after its answer
+        #: without saying so (as one that times idle connections out does).
+        self.keep_alive = keep_alive
+        self.connections = 0
         self.calls = 0
         self.prompts: Counter[str] = Counter()
         self.authorizations: list[str | None] = []
@@ -141,6 +147,11 @@ class StubBackend:
         class Handler(BaseHTTPRequestHandler):
             protocol_version = "HTTP/1.1"
 
+            def setup(self) -> None:
+                super().setup()
+                with stub._lock:
+                    stub.connections += 1
+
             def do_POST(self) -> None:  # noqa: N802 (http.server's name)
                 length = int(self.headers.get("Content-Length") or 0)
                 body = json.loads(self.rfile.read(length))
@@ -149,11 +160,16 @@ class StubBackend:
                 status, headers, payload = stub._reply(body)
                 try:
                     self.send_response(status)
+                    if stub.keep_alive == "close":
+                        headers = {**headers, "Connection": "close"}
                     for name, value in {**headers, "Content-Type": "application/json",
-                                        "Content-Length": str(len(payload)), "Connection": "close"}.items():
+                                        "Content-Length": str(len(payload))}.items():
                         self.send_header(name, value)
                     self.end_headers()
                     self.wfile.write(payload)
+                    self.wfile.flush()
+                    if stub.keep_alive == "drop":
+                        self.close_connection = True
                 except (BrokenPipeError, ConnectionResetError):
                     pass  # the client gave up (timeout)
 

@@ -122,6 +122,25 @@ def test_5xx_is_retried_with_doubling_backoff_then_recorded(tmp_path):
     assert (failed.kind, failed.attempts, sleeps) == ("http_5xx", 3, [0.5, 1.0])
 
 
+@pytest.mark.parametrize("keep_alive", ["yes", "close", "drop"])
+def test_workers_keep_their_connections_and_replace_ones_the_server_closed(keep_alive):
+    """20 calls from 2 workers open 2 connections when the server keeps them; every call is
+    answered when it closes them, saying so or not (then each call opens one)."""
+    async def call_many() -> list[str]:
+        client = ChatClient(Endpoint("x", stub.url, "m", max_concurrency=2), Retries(max_attempts=1))
+        try:
+            done = await asyncio.gather(*(client.complete(sum_prompt(i, 1)["messages"]) for i in range(20)))
+        finally:
+            client.close()
+        return [completion.text for completion in done]
+
+    with StubBackend(keep_alive=keep_alive) as stub:
+        answers = asyncio.run(call_many())
+        assert answers == [right(sum_prompt(i, 1)["messages"]) for i in range(20)]
+        assert stub.calls == 20
+        assert stub.connections == (2 if keep_alive == "yes" else 20)
+
+
 @pytest.mark.parametrize("mode", ["absolute", "pairwise"])
 def test_judge_outcomes_follow_its_rule(tmp_path, mode):
     prompts = [sum_prompt(1, 2), sum_prompt(5, 1, LONG)]
