@@ -67,6 +67,7 @@ _EXPORTS: dict[str, str] = {
     "Key": "extproc._schema",
     "MapOf": "extproc._schema",
     "Str": "extproc._schema",
+    "Bool": "extproc._schema",
     "Int": "extproc._schema",
     "Num": "extproc._schema",
     "Validation": "extproc._schema",

@@ -21,7 +21,7 @@ from pathlib import Path
 from typing import Any
 
 
-from extproc import Int, Key, MapOf, Num, Obj, PolicyError, Str, Validation, compose_yaml
+from extproc import Bool, Int, Key, MapOf, Num, Obj, PolicyError, Str, Validation, compose_yaml
 
 from routers.labelling.errors import LabelError
 
@@ -91,6 +91,11 @@ _JUDGE = Obj({
                                           "default: the one shipped for `mode`.", None),
     "strongest": Key(Str(min_length=1), "`pairwise`: the `models:` entry every other answer is compared to.",
                      None),
+    "both_orders": Key(Bool(), "`pairwise`: judge each pair twice, the strongest's answer first and then "
+                               "second, so the judge's preference for a position cancels out: `correct` is 1 "
+                               "when the answer is as good or better in both orders, 0 when worse in both, "
+                               "0.5 when the orders disagree. `false`: one order (half the judge calls).",
+                       True),
 }, title="grading.judge")
 
 _GRADING = Obj({
@@ -145,6 +150,7 @@ class JudgeConfig:
     mode: str
     prompt: str
     strongest: str | None = None
+    both_orders: bool = True
 
 
 @dataclass(frozen=True)
@@ -297,7 +303,8 @@ def _judge(raw: dict[str, Any], models: dict[str, Endpoint], base_dir: Path, v: 
             v.problem(None, f"`grading.judge.prompt_file` ({raw['prompt_file']}) lacks {', '.join(missing)}, "
                             f"needed in `{mode}` mode.", path + ("prompt_file",))
     endpoint = _endpoint("judge", raw, raw["model"], path, base_dir, v, need_keys)
-    return JudgeConfig(endpoint=endpoint, mode=mode, prompt=prompt or "", strongest=strongest)
+    return JudgeConfig(endpoint=endpoint, mode=mode, prompt=prompt or "", strongest=strongest,
+                       both_orders=raw["both_orders"])
 
 
 def _read_prompt(prompt_path: Path, path: tuple, v: Validation) -> str | None:

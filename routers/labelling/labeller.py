@@ -172,7 +172,7 @@ def _row_estimate(config: LabelConfig, costs: _Costs, prompt_chars: int) -> tupl
     if config.grading.mode != "judge" or judge is None:
         return per_model, 0.0
     pairwise = judge.mode == "pairwise"
-    calls = max(0, len(config.models) - 1) if pairwise else len(config.models)
+    calls = max(0, len(config.models) - 1) * (2 if judge.both_orders else 1) if pairwise else len(config.models)
     answers = sum(costs.mean_out(e) for e in config.models.values()) / max(1, len(config.models))
     judge_in = len(judge.prompt) / CHARS_PER_TOKEN + prompt_tokens + answers * (2 if pairwise else 1)
     return per_model, calls * judge.endpoint.cost(judge_in, costs.mean_out(judge.endpoint))
@@ -302,13 +302,35 @@ class _Labeller:
             return
         outcomes[self.judge.strongest].update(correct=1, verdict="baseline")
         question = question_text(prompt.messages)
+        orders = [(strongest.text, answers[name].text) for name in others]
+        if self.judge.both_orders:  # the same pairs again, the strongest's answer second
+            orders += [(b, a) for a, b in orders]
         verdicts = await self._verdicts([
-            render_prompt(self.judge.prompt, question=question, reference=prompt.reference,
-                          answer_a=strongest.text, answer_b=answers[name].text)
-            for name in others], reservation)
-        for name, verdict in zip(others, verdicts):
-            preference = parse_preference(verdict) if isinstance(verdict, str) else None
-            _set_grade(outcomes[name], verdict, "correct", None if preference is None else int(preference != "A"))
+            render_prompt(self.judge.prompt, question=question, reference=prompt.reference, answer_a=a, answer_b=b)
+            for a, b in orders], reservation)
+        swapped = verdicts[len(others):] or [None] * len(others)
+        for name, verdict, verdict_swapped in zip(others, verdicts, swapped):
+            _set_grade(outcomes[name], verdict, "correct", _as_good(verdict, verdict_swapped))
+            if isinstance(verdict_swapped, CallFailed):
+                _fail(outcomes[name], f"judge_{verdict_swapped.kind}")
+            elif verdict_swapped is not None:
+                outcomes[name]["verdict_swapped"] = verdict_swapped
+
+
+def _as_good(verdict: str | CallFailed, swapped: str | CallFailed | None) -> float | int | None:
+    """``correct`` of an answer judged against the strongest's: 1 when as good or better, 0 when
+    worse; with both orders the mean of the two (0.5 when they disagree). None: a verdict that
+    could not be read (or did not come)."""
+    first = parse_preference(verdict) if isinstance(verdict, str) else None
+    if first is None:
+        return None
+    if swapped is None:
+        return int(first != "A")
+    second = parse_preference(swapped) if isinstance(swapped, str) else None
+    if second is None:
+        return None
+    agree = int(first != "A") + int(second != "B")  # the strongest's answer is B in the swapped order
+    return agree // 2 if agree != 1 else 0.5
 
 
 def _outcome(result: _Answer | CallFailed) -> dict[str, Any]:
@@ -335,7 +357,7 @@ def _fail(outcome: dict[str, Any], kind: str) -> None:
     outcome["error"] = kind
 
 
-_KEY_ORDER = ("correct", "score", "error", "cost", "answer_chars", "attempts", "verdict")
+_KEY_ORDER = ("correct", "score", "error", "cost", "answer_chars", "attempts", "verdict", "verdict_swapped")
 
 
 def _ordered(outcome: dict[str, Any]) -> dict[str, Any]:

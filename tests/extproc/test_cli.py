@@ -245,7 +245,7 @@ def test_exported_names():
          "ScorerLoader",
          "ScorerSpec", "Scores", "describe_scorer", "load_scorer", "read_scorer_specs",
          # the YAML schema machinery (routers.labelling's config)
-         "Obj", "Key", "MapOf", "Str", "Int", "Num", "Validation",
+         "Obj", "Key", "MapOf", "Str", "Int", "Num", "Bool", "Validation",
          # declared once here, used by routers too
          "DEFAULT_GRACE_S", "LEARNED_COMMANDS", "ML_INSTALL_HINT", "lazy_exports", "pem_problem", "score_within"]
     )

@@ -72,6 +72,11 @@ def rule_judge(messages: list[dict[str, Any]]) -> str:
     return "Verdict: " + ("[[A]]" if a and not b else "[[B]]" if b and not a else "[[C]]")
 
 
+def first_position_judge(messages: list[dict[str, Any]]) -> str:
+    """A judge that always prefers the answer shown first (position bias): ``[[A]]``."""
+    return "Verdict: [[A]]"
+
+
 def down_url() -> str:
     """A base URL on a loopback port where nothing listens (connection refused)."""
     with socket.socket() as sock:

@@ -20,7 +20,9 @@ from routers.labelling import LabelError, LabelOptions, label_file, load_label_c
 from routers.labelling.client import ChatClient
 from routers.labelling.config import Endpoint, Retries
 from routers.labelling.graders import GRADERS, extract_choice, extract_number, parse_preference, parse_rating
-from tests.routers.label_stubs import StubBackend, down_url, right, rule_judge, short_only, sum_prompt
+from tests.routers.label_stubs import (
+    StubBackend, down_url, first_position_judge, right, rule_judge, short_only, sum_prompt,
+)
 
 REPO = Path(__file__).resolve().parents[3]
 LONG = " Please show your work carefully."
@@ -157,13 +159,32 @@ def test_judge_outcomes_follow_its_rule(tmp_path, mode):
         assert short["big"]["score"] == short["small"]["score"] == long["big"]["score"] == pytest.approx(8 / 9)
         assert long["small"]["score"] == pytest.approx(1 / 9) and "[[2]]" in long["small"]["verdict"]
     else:
-        assert judge_calls == 2  # one comparison per row: small against big
+        assert judge_calls == 4  # small against big, in both orders, per row
         assert short["big"] == {"correct": 1, "cost": short["big"]["cost"], "answer_chars": short["big"]["answer_chars"],
                                 "verdict": "baseline"}
         assert short["small"]["correct"] == 1 and "[[C]]" in short["small"]["verdict"]  # a tie
+        assert "[[C]]" in short["small"]["verdict_swapped"]
         assert long["small"]["correct"] == 0 and "[[A]]" in long["small"]["verdict"]  # big's answer wins
+        assert "[[B]]" in long["small"]["verdict_swapped"]  # big's answer, shown second, still wins
     model_cost = sum(o["cost"] for row in rows.values() for o in row["outcomes"].values())
     assert summary.spent_usd > model_cost  # the judge's calls count in the money spent, not in an outcome
+
+
+@pytest.mark.parametrize(("both_orders", "judge_calls", "correct"), [(True, 4, 0.5), (False, 2, 0)])
+def test_a_judge_that_prefers_a_position_is_cancelled_out_by_judging_both_orders(tmp_path, both_orders,
+                                                                                 judge_calls, correct):
+    """A judge that always picks the first answer shown: one order says the strongest model
+    always wins; both orders disagree with each other, so each answer gets 0.5, not 0."""
+    prompts = [sum_prompt(1, 2), sum_prompt(5, 1)]
+    with StubBackend(right) as big, StubBackend(right) as small, StubBackend(first_position_judge) as judge:
+        config = _config(tmp_path / "label.yaml", {"big": _model(big.url), "small": _model(small.url)}, grading={
+            "mode": "judge", "judge": {"base_url": judge.url, "model": "judge", "mode": "pairwise",
+                                       "strongest": "big", "both_orders": both_orders}})
+        _run(config, _jsonl(tmp_path / "prompts.jsonl", prompts), tmp_path / "out.jsonl")
+        assert judge.calls == judge_calls
+    rows = _rows(tmp_path / "out.jsonl")
+    assert [row["outcomes"]["small"]["correct"] for row in rows.values()] == [correct, correct]
+    assert load_labelled(tmp_path / "out.jsonl")[0].outcomes["small"].correct == correct  # what `train` reads
 
 
 def test_kill_9_then_rerun_labels_every_id_exactly_once(tmp_path):
