@@ -20,6 +20,11 @@ all rendered by `switchyard envoy render` for the bench policy (access log off):
 - ``switchyard-shadow``: the same policy served with ``--shadow`` naming it too, so every
   request is decided a second time (all 20 rules again) after its answer has gone, side by
   side with ``switchyard`` to show what a shadow policy adds to the live path;
+- ``switchyard-sessions``: the same policy with a ``sessions:`` section (the default
+  conversation key): every request repeats one conversation, so after the first each is a pin
+  hit (rule ``session``, no rules evaluated), the pin in process;
+- ``switchyard-sessions-redis``: the same with ``state.redis`` naming a Valkey started for the
+  row (harness/redis.py, no persistence): every request awaits one store ``GET`` on loopback;
 - ``switchyard-2-workers``: the same with ``--workers 2``, for capacity only (the targets
   compare single processes).
 
@@ -28,7 +33,9 @@ requests) and throughput on 8 connections (``wrk`` when it is on PATH, else 8 Py
 processes). Added latency = p50 − no-extproc p50. Targets: switchyard's added latency within
 1.15x of noop's, its throughput >= 0.9x noop's; capture at 100% adds at most 5% to
 switchyard's p50 (``switchyard-capture`` p50 within 1.05x of ``switchyard``'s), and so does a
-shadow policy (``switchyard-shadow``, the same target). Writes JSON
+shadow policy (``switchyard-shadow``, the same target), and sessions in process
+(``switchyard-sessions``, the same target); the Valkey store adds at most 1 ms to p99
+(``switchyard-sessions-redis`` p99 − ``switchyard-sessions`` p99). Writes JSON
 (default bench/results/extproc_overhead.json) and prints a table.
 
 A quick run: ``--requests 300 --duration 2 --rounds 1``.
@@ -59,7 +66,8 @@ import yaml  # noqa: E402
 from extproc.policy._loading import load_policy  # noqa: E402
 from harness import Child, envoy_binary, free_port, grpc_serving, http_ok, render_envoy_config  # noqa: E402
 
-CONFIGS = ("no-extproc", "noop", "switchyard", "switchyard-capture", "switchyard-shadow", "switchyard-2-workers")
+CONFIGS = ("no-extproc", "noop", "switchyard", "switchyard-capture", "switchyard-shadow", "switchyard-sessions",
+           "switchyard-sessions-redis", "switchyard-2-workers")
 POLICY = ROOT / "bench" / "policies" / "twenty_rules.yaml"
 BODY = json.dumps({"model": "auto", "messages": [{"role": "user", "content": "Hi! How's your day going?"}]}).encode()
 HEADERS = {"content-type": "application/json", "content-length": str(len(BODY))}
@@ -75,6 +83,12 @@ CAPTURE_TARGET = 1.05
 #: switchyard's p50 with a shadow policy over its p50 without (the issue's "shadow adds <= 5% to
 #: added p50", read as its p50 here, as for capture).
 SHADOW_TARGET = 1.05
+#: switchyard's p50 with sessions (pins in process) over its p50 without (the issue's "sessions add
+#: <= 5% to added p50", read as its p50 here, as for capture).
+SESSIONS_TARGET = 1.05
+#: What a Valkey store on loopback may add to p99 (ms), over pins in process (the issue's "Redis adds
+#: <= 1 ms p99 on loopback").
+REDIS_P99_TARGET_MS = 1.0
 
 
 def capture_policy(policy: Path, workdir: Path) -> Path:
@@ -82,6 +96,17 @@ def capture_policy(policy: Path, workdir: Path) -> Path:
     data = yaml.safe_load(policy.read_text())
     data["capture"] = {"path": str(workdir / "capture.jsonl"), "sample_rate": 1.0}
     copy = workdir / "capture-policy.yaml"
+    copy.write_text(yaml.safe_dump(data, sort_keys=False))
+    return copy
+
+
+def sessions_policy(policy: Path, workdir: Path, redis_url: str | None = None) -> Path:
+    """A copy of ``policy`` in ``workdir`` with ``sessions:`` (and ``state.redis`` at ``redis_url``)."""
+    data = yaml.safe_load(policy.read_text())
+    data["sessions"] = {"ttl_s": 1800}
+    if redis_url is not None:
+        data["state"] = {"redis": {"url": redis_url}}
+    copy = workdir / f"sessions-policy{'-redis' if redis_url else ''}.yaml"
     copy.write_text(yaml.safe_dump(data, sort_keys=False))
     return copy
 
@@ -125,6 +150,14 @@ def start(name: str, workdir: Path, concurrency: int, policy: Path = POLICY) -> 
     elif name.startswith("switchyard"):
         workers = "2" if name == "switchyard-2-workers" else "1"
         served = capture_policy(policy, workdir) if name == "switchyard-capture" else policy
+        if name == "switchyard-sessions":
+            served = sessions_policy(policy, workdir)
+        elif name == "switchyard-sessions-redis":
+            from harness.redis import RedisServer
+
+            redis = RedisServer(workdir / "redis", appendonly=False).start()
+            children.append(redis.child)  # stopped with the others
+            served = sessions_policy(policy, workdir, redis.url)
         shadow = ["--shadow", str(policy)] if name == "switchyard-shadow" else []
         children.append(Child("switchyard", [sys.executable, "-m", "extproc", "--log-level", "warning", "serve",
                                              "--policy", str(served), "--listen", f"127.0.0.1:{extproc}",
@@ -138,9 +171,10 @@ def start(name: str, workdir: Path, concurrency: int, policy: Path = POLICY) -> 
     try:
         deadline = time.monotonic() + 30
         for child in children:
-            child.start()
+            if not child.running:
+                child.start()
         if extproc:
-            _wait(children[0], lambda: grpc_serving(extproc), deadline)
+            _wait(children[-2], lambda: grpc_serving(extproc), deadline)
         _wait(envoy, lambda: http_ok(admin, "/ready"), deadline)
     except BaseException:
         stop(children)
@@ -162,7 +196,8 @@ def check(port: int, name: str) -> None:
     conn.close()
     if reply.status != 200:
         raise RuntimeError(f"{name}: status {reply.status}: {data[:300]!r}")
-    if name.startswith("switchyard") and reply.getheader("x-switchyard-rule") != "default":
+    expected = ("default", "session") if "sessions" in name else ("default",)  # a pin from an earlier round
+    if name.startswith("switchyard") and reply.getheader("x-switchyard-rule") not in expected:
         raise RuntimeError(f"{name}: expected rule 'default', got headers {reply.getheaders()}")
 
 
@@ -306,6 +341,8 @@ def summarise(runs: dict[str, list[dict]]) -> dict:
     captured = results["switchyard-capture"]
     capture_rounds = [c / s for c, s in zip(captured["p50_ms_rounds"], sw["p50_ms_rounds"])]
     shadowed = results["switchyard-shadow"]
+    sessions, redis = results["switchyard-sessions"], results["switchyard-sessions-redis"]
+    sessions_rounds = [c / s for c, s in zip(sessions["p50_ms_rounds"], sw["p50_ms_rounds"])]
     shadow_rounds = [c / s for c, s in zip(shadowed["p50_ms_rounds"], sw["p50_ms_rounds"])]
     return {
         "results": results,
@@ -334,6 +371,19 @@ def summarise(runs: dict[str, list[dict]]) -> dict:
             "p50_target": SHADOW_TARGET,
             "meets_p50_target": shadowed["p50_ms"] / sw["p50_ms"] <= SHADOW_TARGET,
         },
+        "sessions_vs_off": {
+            "p50_ratio": round(sessions["p50_ms"] / sw["p50_ms"], 3),
+            "p50_ratio_rounds": [round(r, 3) for r in sessions_rounds],
+            "added_p50_ms": round(sessions["p50_ms"] - sw["p50_ms"], 4),
+            "added_latency_ratio": round(sessions["added_p50_ms"] / sw["added_p50_ms"], 3)
+            if sw["added_p50_ms"] > 0 else None,
+            "p50_target": SESSIONS_TARGET,
+            "meets_p50_target": sessions["p50_ms"] / sw["p50_ms"] <= SESSIONS_TARGET,
+            "redis_p50_ratio": round(redis["p50_ms"] / sw["p50_ms"], 3),
+            "redis_added_p99_ms": round(redis["p99_ms"] - sessions["p99_ms"], 4),
+            "redis_p99_target_ms": REDIS_P99_TARGET_MS,
+            "meets_redis_p99_target": redis["p99_ms"] - sessions["p99_ms"] <= REDIS_P99_TARGET_MS,
+        },
     }
 
 
@@ -358,6 +408,12 @@ def table(report: dict) -> str:
                  f"{SHADOW_TARGET}: {'PASS' if shadow['meets_p50_target'] else 'MISS'}; per round "
                  f"{spread(shadow['p50_ratio_rounds'])}x), p99 {shadow['p99_ratio']:.2f}x, "
                  f"throughput {shadow['throughput_ratio']:.2f}x")
+    sessions = report["sessions_vs_off"]
+    lines.append(f"sessions/off: p50 {sessions['p50_ratio']:.3f}x (+{sessions['added_p50_ms']:.3f} ms; target <= "
+                 f"{SESSIONS_TARGET}: {'PASS' if sessions['meets_p50_target'] else 'MISS'}; per round "
+                 f"{spread(sessions['p50_ratio_rounds'])}x); Valkey: p50 {sessions['redis_p50_ratio']:.3f}x of off, "
+                 f"p99 +{sessions['redis_added_p99_ms']:.3f} ms over in process (target <= {REDIS_P99_TARGET_MS} ms: "
+                 f"{'PASS' if sessions['meets_redis_p99_target'] else 'MISS'})")
     for key, label in (("switchyard_servicer_us", "off"), ("switchyard_servicer_us_capture", "capture at 100%")):
         lines.append(f"switchyard servicer CPU per request (in-process, µs), {label}: "
                      + ", ".join(f"{phase} {us}" for phase, us in report[key].items()))

@@ -8,16 +8,32 @@ deadlines with them.
 
 from __future__ import annotations
 
-__all__ = ["ROUTING_HEADER", "RULE_HEADER", "HEADER_PREFIX", "METADATA_NAMESPACE", "MESSAGE_TIMEOUT_MS", "DEADLINE_MARGIN_MS"]
+__all__ = ["ROUTING_HEADER", "RULE_HEADER", "SESSION_HEADER", "HEADER_PREFIX", "METADATA_NAMESPACE", "FAILOVER_NAMESPACE",
+           "FAILOVER_MODELS_KEY", "MODEL_SLOT", "SERVED_BY_HEADER", "MESSAGE_TIMEOUT_MS", "DEADLINE_MARGIN_MS"]
 
 #: The header that names the chosen backend; Envoy's routes match on it.
 ROUTING_HEADER = "x-switchyard-backend"
 #: The header that names the rule that decided (added to the response from the metadata).
 RULE_HEADER = "x-switchyard-rule"
+#: The header that says what a session's pin did (``pinned``, ``new``, ``moved``), added to the
+#: response from the metadata when the policy has ``sessions:``.
+SESSION_HEADER = "x-switchyard-session"
 #: Every header switchyard sets starts so; Envoy removes client-sent ones before routing.
 HEADER_PREFIX = "x-switchyard-"
 #: The dynamic-metadata namespace of the decision.
 METADATA_NAMESPACE = "switchyard"
+#: Failover (``backends.<name>.fallbacks``): the namespace of the ordered attempts, read by the
+#: routes' ``priority_group`` cluster specifier (``{priority_groups: [{name, clusters: [...]}]}``).
+FAILOVER_NAMESPACE = "switchyard.failover"
+#: Failover: the ``switchyard`` metadata key holding cluster -> that attempt's ``model`` as JSON
+#: text, read by each backend cluster's upstream Lua filter.
+FAILOVER_MODELS_KEY = "attempt_models"
+#: Failover: the ``model`` value switchyard sends when a request has fallbacks; each cluster's
+#: upstream Lua filter replaces its JSON text (``json.dumps`` of it) with that attempt's model.
+MODEL_SLOT = "\x00switchyard-model"
+#: The response header naming the cluster that actually answered (``%UPSTREAM_CLUSTER%``); with
+#: failover it can differ from ``x-switchyard-backend``, the first choice.
+SERVED_BY_HEADER = "x-switchyard-served-by"
 
 #: ext_proc ``message_timeout``: how long Envoy waits for switchyard's answer to each message
 #: (the headers, then the buffered body) before failing the request closed with a 504.

@@ -21,12 +21,12 @@ LOOPBACK = "127.0.0.1"
 
 def _rendered(policy: Path | Policy, *, listen_port: int, admin_port: int, extproc_port: int,
               backends: dict[str, int], max_body_bytes: int | None = None, access_log: bool = True,
-              fail_open: bool = False):
+              fail_open: bool = False, envoy_options: dict[str, Any] | None = None):
     policy = policy if isinstance(policy, Policy) else load_policy(policy)
     options = EnvoyOptions(
         listen=Address(LOOPBACK, listen_port), admin=Address(LOOPBACK, admin_port),
         extproc=Address(LOOPBACK, extproc_port), access_log=access_log, body_limit=max_body_bytes,
-        fail_open=fail_open,
+        fail_open=fail_open, **(envoy_options or {}),
     )
     return render_envoy(policy, {name: Upstream(Address(LOOPBACK, port)) for name, port in backends.items()}, options)
 
@@ -35,7 +35,8 @@ def render_envoy_config(policy: Path | Policy, **kwargs: Any) -> dict[str, Any]:
     """The bootstrap (a dict) for ``policy`` with ``backends`` (backend name -> loopback port).
 
     ``max_body_bytes`` overrides Envoy's body buffer limit (default: the renderer's, from the
-    policy's ``routing.max_body_bytes``); ``fail_open`` renders ``envoy render --fail-open``.
+    policy's ``routing.max_body_bytes``); ``fail_open`` renders ``envoy render --fail-open``;
+    ``envoy_options``: more :class:`EnvoyOptions` fields (e.g. ``outlier``).
     """
     return _rendered(policy, **kwargs).bootstrap
 

@@ -12,6 +12,7 @@ import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Any
 
 import yaml
 
@@ -61,6 +62,7 @@ class Stack:
         names, self.default_backend = policy_backends(self.policy)
         self.ports = ports or Ports.free(names)
         self.max_body_bytes, self.fail_open, self.envoy_args = max_body_bytes, fail_open, envoy_args
+        self.envoy_options: dict[str, Any] = {}  # more EnvoyOptions fields for the rendered config
         self.backends = {
             name: Child(f"backend-{name}", [sys.executable, "-m", "demo.backend", "--name", name, "--port", str(port)],
                         self.workdir / f"backend-{name}.log")
@@ -95,7 +97,7 @@ class Stack:
         write_envoy_config(
             self.envoy_config, self.policy, listen_port=self.ports.listen, admin_port=self.ports.admin,
             extproc_port=self.ports.extproc, backends=self.ports.backends, max_body_bytes=self.max_body_bytes,
-            fail_open=self.fail_open,
+            fail_open=self.fail_open, envoy_options=self.envoy_options,
         )
         try:
             for child in self.children:

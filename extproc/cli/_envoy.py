@@ -2,7 +2,8 @@
 
     switchyard envoy render --policy P --backend NAME=HOST:PORT ... [--tls NAME[=SNI]]
         [--credential NAME=HEADER:FILE [--credential-prefix NAME=PREFIX]] [--listen HOST:PORT]
-        [--admin HOST:PORT] [--extproc HOST:PORT|unix:/PATH] [--ready HOST:PORT] [--fail-open] [--out FILE]
+        [--admin HOST:PORT] [--extproc HOST:PORT|unix:/PATH] [--ready HOST:PORT] [--fail-open]
+        [--outlier NAME=VALUE ... | --no-outlier-detection] [--out FILE]
 
 NAME is a policy backend or cluster name; every cluster of the policy needs a ``--backend``.
 The rendering itself lives in :mod:`extproc.envoy._render`.
@@ -12,10 +13,11 @@ from __future__ import annotations
 
 import argparse
 import sys
+from dataclasses import fields
 from pathlib import Path
 
 from extproc._defaults import DEFAULT_EXTPROC_ADDRESS
-from extproc.envoy._render import Address, Credential, EnvoyOptions, Upstream, render_envoy
+from extproc.envoy._render import DEFAULT_PER_TRY_TIMEOUT_S, Address, Credential, EnvoyOptions, OutlierDetection, Upstream, render_envoy
 from extproc._errors import EnvoyConfigError
 from extproc.policy._loading import load_policy
 
@@ -57,6 +59,18 @@ def register(sub: argparse._SubParsersAction) -> None:
                              "the request to the policy's default backend, its model not rewritten, instead of "
                              "failing it with 500/504 (ext_proc failure_mode_allow). Client x-switchyard-* headers "
                              "are still removed before routing. Default: fail closed.")
+    render.add_argument("--per-try-timeout", type=float, default=DEFAULT_PER_TRY_TIMEOUT_S, metavar="SECONDS",
+                        help="Failover (policies with `fallbacks`): seconds one attempt may wait for its backend's "
+                             "response headers before the next backend is tried. A non-streaming completion sends "
+                             "its headers only when it is done, so keep it above the longest one; a stream already "
+                             f"flowing is never cut by it (default {DEFAULT_PER_TRY_TIMEOUT_S:g}).")
+    render.add_argument("--outlier", action="append", default=[], metavar="NAME=VALUE",
+                        help="An outlier detection setting of every backend cluster (repeatable): "
+                             + ", ".join(f"{f.name} (default {f.default:g})" for f in fields(OutlierDetection))
+                             + ". Counts are answers in a row; times are seconds.")
+    render.add_argument("--no-outlier-detection", action="store_true",
+                        help="No outlier detection: Envoy never ejects a failing backend host (and "
+                             "`serve --envoy-admin` learns nothing from ejections).")
     render.add_argument("--out", type=Path,
                         help="Write here (credential SDS files go beside it) instead of stdout.")
     render.set_defaults(handler=_render)
@@ -101,6 +115,24 @@ def _upstreams(args: argparse.Namespace) -> dict[str, Upstream]:
     return upstreams
 
 
+def _outlier(args: argparse.Namespace) -> OutlierDetection | None:
+    """The outlier detection of ``--outlier NAME=VALUE`` (the defaults for the rest), or ``None``."""
+    if args.no_outlier_detection:
+        if args.outlier:
+            raise EnvoyConfigError("--outlier and --no-outlier-detection cannot be combined.")
+        return None
+    kinds = {f.name: type(f.default) for f in fields(OutlierDetection)}
+    values: dict[str, float] = {}
+    for name, text in _pairs(args.outlier, "--outlier", "VALUE").items():
+        if name not in kinds:
+            raise EnvoyConfigError(f"--outlier {name!r} is not a setting; use one of {', '.join(kinds)}.")
+        try:
+            values[name] = kinds[name](text)
+        except ValueError:
+            raise EnvoyConfigError(f"--outlier {name} must be a {kinds[name].__name__}, got {text!r}.") from None
+    return OutlierDetection(**values)
+
+
 def _render(args: argparse.Namespace) -> int:
     policy = load_policy(args.policy)
     options = EnvoyOptions(
@@ -110,6 +142,8 @@ def _render(args: argparse.Namespace) -> int:
         ready=Address.parse(args.ready, what="--ready") if args.ready else None,
         access_log=not args.no_access_log,
         fail_open=args.fail_open,
+        outlier=_outlier(args),
+        per_try_timeout_s=args.per_try_timeout,
         credentials_dir=str(args.out.resolve().parent) if args.out else None,
     )
     rendered = render_envoy(policy, _upstreams(args), options)

@@ -2,9 +2,11 @@
 
     switchyard serve --policy PATH [--listen HOST:PORT] [--workers N] [--drain-seconds S] [--grace S]
                      [--reload-interval S] [--metrics-listen HOST:PORT] [--max-policy-bytes N] [--shadow PATH]
+                     [--envoy-admin URL]
     switchyard policy check PATH... [--envoy CONFIG] [--max-policy-bytes N]
     switchyard envoy render --policy PATH --backend NAME=HOST:PORT ... [--tls NAME[=SNI]] [--out FILE]
-    switchyard policy explain PATH --request BODY.json [--header NAME=VALUE ...] [--max-policy-bytes N]
+    switchyard policy explain PATH --request BODY.json [--header NAME=VALUE ...] [--unhealthy BACKEND ...]
+                     [--max-policy-bytes N]
     switchyard policy explain PATH --requests REQUESTS.jsonl [--header NAME=VALUE ...]   (one decision a line)
     switchyard policy diff A B --requests REQUESTS.jsonl [--header NAME=VALUE ...]   (where A and B differ)
     switchyard policy schema [--markdown]
@@ -33,6 +35,7 @@ from extproc.engine._decision import Decision
 from extproc.policy._loading import DEFAULT_MAX_POLICY_BYTES, load_policy
 from extproc.policy._model import Policy
 from extproc.request._body import RoutingRequest, parse_json_body
+from extproc.traffic._health import STALE_AFTER_S
 
 __all__ = ["main", "build_parser"]
 
@@ -95,6 +98,12 @@ def build_parser(with_routers: bool = False) -> argparse.ArgumentParser:
                             "answer has gone and off its latency, sharing the loaded scorers; only metrics record "
                             "what it chose (switchyard_shadow_*). Watched and reloaded like --policy; a bad or "
                             "failing shadow never touches live traffic (default: none).")
+    serve.add_argument("--envoy-admin", metavar="URL", default=None,
+                       help="Envoy's admin endpoint, e.g. http://127.0.0.1:9901: every second each process reads "
+                            "its cluster list, and the rules skip (and LatentRouter masks) the backends whose "
+                            "cluster has no healthy host (outlier-ejected, failing health checks). Unreachable, "
+                            f"the last view is dropped after {STALE_AFTER_S:g} s and every backend counts as healthy again; when "
+                            "every backend a request may use is down, health is ignored (default: off).")
     _max_policy_bytes(serve)
     serve.set_defaults(handler=_serve)
 
@@ -120,6 +129,9 @@ def build_parser(with_routers: bool = False) -> argparse.ArgumentParser:
                             "`id` when given), its scores, or `error` for a request that gets an error answer.")
     explain.add_argument("--header", action="append", default=[], metavar="NAME=VALUE",
                          help="A request header (repeatable; with --requests, for every request, under each line's own).")
+    explain.add_argument("--unhealthy", action="append", default=[], metavar="BACKEND",
+                         help="Decide as if Envoy reported this backend down, as `serve --envoy-admin` learns it "
+                              "(repeatable; with --request only): rules skip it with reason `backend unhealthy`.")
     _max_policy_bytes(explain)
     explain.set_defaults(handler=_explain)
     diff = policy_sub.add_parser("diff", help="Decide the same requests with two policies; print where they differ.")
@@ -162,7 +174,7 @@ def _serve(args: argparse.Namespace) -> int:
             raise SwitchyardError(f"{option} must be a number of seconds >= 0, got {value}.")
     return serve(args.policy, args.listen, workers=args.workers, grace=args.grace, drain=args.drain_seconds,
                  reload_interval=args.reload_interval, metrics_listen=args.metrics_listen,
-                 max_policy_bytes=args.max_policy_bytes, shadow=args.shadow)
+                 max_policy_bytes=args.max_policy_bytes, shadow=args.shadow, envoy_admin=args.envoy_admin)
 
 
 def _check(args: argparse.Namespace) -> int:
@@ -227,14 +239,20 @@ def _diff(args: argparse.Namespace) -> int:
 def _explain(args: argparse.Namespace) -> int:
     policy = load_policy(args.path, args.max_policy_bytes)
     headers = _headers(args.header)
+    unknown = [name for name in args.unhealthy if name not in policy.backends]
+    if unknown:
+        raise SwitchyardError(f"--unhealthy {unknown[0]!r} is not a backend of {args.path} "
+                              f"(backends: {', '.join(policy.backends)}).")
     if args.requests is not None:
+        if args.unhealthy:
+            raise SwitchyardError("--unhealthy works with --request only, not with --requests.")
         from extproc.cli._explain_many import explain_many
 
         return explain_many(policy, args.requests, headers)
     raw = sys.stdin.buffer.read() if str(args.request) == "-" else args.request.read_bytes()
     try:
         body = parse_json_body(raw, max_bytes=policy.routing.max_body_bytes)
-        decision = asyncio.run(_decide(policy, RoutingRequest(headers=headers, body=body)))
+        decision = asyncio.run(_decide(policy, RoutingRequest(headers=headers, body=body), frozenset(args.unhealthy)))
     except RequestError as error:
         print(json.dumps({"error": {"status": error.status, "code": error.code, "message": str(error)}}, indent=2))
         return 2
@@ -242,13 +260,15 @@ def _explain(args: argparse.Namespace) -> int:
     return 0
 
 
-async def _decide(policy: Policy, request: RoutingRequest) -> Decision:
-    """Decide like the server does: the same scorers, loaded the same way, the same loop."""
+async def _decide(policy: Policy, request: RoutingRequest, unhealthy: frozenset[str] = frozenset()) -> Decision:
+    """Decide like the server does: the same scorers, loaded the same way, the same loop;
+    ``unhealthy``: the backends to count as down."""
+    from extproc.engine._engine import SignalMemo
     from extproc.scoring._cache import loaded_engine
     from extproc.scoring._decide import decide_with_scores
 
     async with loaded_engine(policy) as engine:
-        return await decide_with_scores(engine, request)
+        return await decide_with_scores(engine, request, memo=SignalMemo(request, unhealthy=unhealthy))
 
 
 def _schema(args: argparse.Namespace) -> int:

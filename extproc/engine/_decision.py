@@ -13,7 +13,7 @@ from extproc.policy._sections import Backend
 from extproc.scorers._interface import Scores
 from extproc.signals._kinds import SignalResult
 
-__all__ = ["Decision", "DIRECT_RULE", "DEFAULT_RULE", "FALLBACK_RULE"]
+__all__ = ["Decision", "DIRECT_RULE", "DEFAULT_RULE", "FALLBACK_RULE", "SESSION_RULE"]
 
 #: ``rule`` of a decision made because the request named a backend's model.
 DIRECT_RULE = "direct"
@@ -21,6 +21,8 @@ DIRECT_RULE = "direct"
 DEFAULT_RULE = "default"
 #: ``rule`` of a decision made because a scorer a rule needed failed (``Decision.fallback`` says why).
 FALLBACK_RULE = "fallback"
+#: ``rule`` of a decision that followed the session's pin (``sessions:``), without running scorers.
+SESSION_RULE = "session"
 
 
 @dataclass
@@ -46,6 +48,10 @@ class Decision:
     #: scorer -> its circuit breaker's state after this request asked it (``closed``,
     #: ``open``, ``half_open``); only scorers the decision asked for.
     breakers: dict[str, str] = field(default_factory=dict)
+    #: With ``sessions:``: ``pinned`` (the pin decided), ``new`` (decided and pinned), ``moved``
+    #: (the pin broke, ``session_break`` says why, and the session was pinned again); ``None``: no session.
+    session: str | None = None
+    session_break: str | None = None
 
     @property
     def model(self) -> str:
@@ -71,6 +77,10 @@ class Decision:
             out["utilities"] = ",".join(f"{name}={value:.4f}" for name, value in self.utilities.items())
         if self.fallback:
             out["fallback"] = self.fallback
+        if self.session:
+            out["session"] = self.session
+            if self.session_break:
+                out["session_break"] = self.session_break
         return out
 
     def explain(self) -> dict[str, Any]:
@@ -95,4 +105,4 @@ class Decision:
             "utilities": self.utilities,
             "fallback": self.fallback,
             "breakers": self.breakers,
-        }
+        } | ({"session": self.session, "session_break": self.session_break} if self.session else {})

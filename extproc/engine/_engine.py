@@ -5,8 +5,9 @@ Order of a decision:
 1. The tenant (from ``tenants.header``) fixes the backends this request may reach.
 2. A request naming a backend's model (``models.direct``) goes straight there (403 if the
    tenant may not reach it); an unknown model is routed or rejected (``models.unknown``).
-3. Rules in order; a rule whose backend is not eligible (tenant, images, context size) is
-   skipped without evaluating its condition; the first rule whose condition holds wins.
+3. Rules in order; a rule whose backend is not eligible (tenant, images, context size, or
+   known to be down: :class:`SignalMemo`'s ``unhealthy``, ignored when every otherwise
+   eligible backend is down) is skipped without evaluating its condition; the first rule whose condition holds wins.
    Conditions short-circuit, so signals a decision does not need are never computed.
    A ``route.utility`` rule picks, among its eligible backends, the best predicted
    quality − λ·cost.
@@ -24,9 +25,10 @@ the reason.
 from __future__ import annotations
 
 import ast
-from collections.abc import Callable, Mapping
+import dataclasses
+from collections.abc import Callable, Collection, Mapping
 
-from extproc.engine._decision import DEFAULT_RULE, DIRECT_RULE, FALLBACK_RULE, Decision
+from extproc.engine._decision import DEFAULT_RULE, DIRECT_RULE, FALLBACK_RULE, SESSION_RULE, Decision
 from extproc._errors import RequestError
 from extproc.policy._model import AllOf, Always, Condition, Not, Policy, SignalRef, UtilityRoute
 from extproc.policy._sections import Backend
@@ -35,8 +37,17 @@ from extproc.scorers._interface import Scorer, ScorerFailure, Scores, ScoresNeed
 from extproc.signals._kinds import SignalContext, SignalResult
 from extproc.signals._tokens import ESTIMATE
 
-__all__ = ["PolicyEngine", "SignalMemo"]
+__all__ = ["PolicyEngine", "SignalMemo", "PIN_BREAKS"]
 
+#: Why a session's pinned backend cannot serve a request (:meth:`PolicyEngine.decide_pinned`):
+#: the policy no longer has it, the tenant may not use it, it takes no images, the prompt is over
+#: its context, it is down; ``rule``: a ``breaks_session`` rule held.
+PIN_BREAKS = ("backend_removed", "tenant_not_allowed", "images_not_supported", "context_length_exceeded",
+              "unhealthy", "rule")
+
+
+#: Why a backend known to be down (``serve --envoy-admin``) is skipped.
+UNHEALTHY = "backend unhealthy"
 
 #: A compiled condition: called with the request's memoised ``signal(name) -> bool``.
 Check = Callable[[Callable[[str], bool]], bool]
@@ -70,12 +81,14 @@ def compile_condition(condition: Condition) -> Check:
 class _Evaluation:
     """One request's evaluation: the signal context and the memoised signal results."""
 
-    __slots__ = ("signals", "ctx", "results")
+    __slots__ = ("signals", "ctx", "results", "unhealthy")
 
-    def __init__(self, policy: Policy, request: RoutingRequest, scores: Mapping[str, Scores | ScorerFailure] | None = None) -> None:
+    def __init__(self, policy: Policy, request: RoutingRequest, scores: Mapping[str, Scores | ScorerFailure] | None = None,
+                 thresholds: Mapping[str, float] | None = None, unhealthy: Collection[str] = ()) -> None:
         self.signals = policy.signals
-        self.ctx = SignalContext(request, scores)
+        self.ctx = SignalContext(request, scores, thresholds)
         self.results: dict[str, SignalResult] = {}
+        self.unhealthy = unhealthy
 
     def signal(self, name: str) -> bool:
         result = self.results.get(name)
@@ -95,13 +108,21 @@ class _Evaluation:
         return None
 
     def unusable(self, backends: dict[str, Backend], allowed: tuple[str, ...]) -> dict[str, str]:
-        """Why each backend that cannot serve this request cannot; usable ones are absent."""
+        """Why each backend that cannot serve this request cannot; usable ones are absent.
+
+        A backend known to be unhealthy is unusable too, unless every one of ``backends`` that
+        could otherwise serve the request is unhealthy: then health is ignored, and the request
+        is decided as if all were healthy (a gateway whose backends are all ejected still tries)."""
         out: dict[str, str] = {}
         for name, backend in backends.items():
             if name not in allowed:
                 out[name] = "backend not allowed for tenant"
             elif (limit := self.over_limit(backend)) is not None:
                 out[name] = limit[1]
+        if self.unhealthy:
+            down = [name for name in backends if name not in out and name in self.unhealthy]
+            if down and len(down) < len(backends) - len(out):
+                out.update(dict.fromkeys(down, UNHEALTHY))
         return out
 
 
@@ -110,13 +131,26 @@ class SignalMemo:
     answer, so that each signal is evaluated once per request. Never shared between requests:
     the caller makes one per request (:func:`~extproc.scoring._decide.decide_with_scores` does) and
     passes it to every :meth:`PolicyEngine.decide` of that request. A signal whose score is
-    missing raises before its result is kept, so what is kept never changes as scores arrive."""
+    missing raises before its result is kept, so what is kept never changes as scores arrive.
+    ``thresholds``: score signal name -> the threshold that replaces the policy's for this
+    request (the ``share:`` controller's), fixed for the request's life. ``unhealthy``: the
+    backends known to be down when the request arrived (``serve --envoy-admin``); the rules
+    skip them and utility routes mask them, as :meth:`_Evaluation.unusable` says."""
 
-    __slots__ = ("request", "evaluation")
+    __slots__ = ("request", "evaluation", "thresholds", "unhealthy")
 
-    def __init__(self, request: RoutingRequest) -> None:
+    def __init__(self, request: RoutingRequest, thresholds: Mapping[str, float] | None = None,
+                 unhealthy: Collection[str] = ()) -> None:
         self.request = request
         self.evaluation: _Evaluation | None = None
+        self.thresholds = thresholds
+        self.unhealthy = unhealthy
+
+    def prompt_tokens(self) -> int:
+        """The request's prompt tokens by the estimate (:data:`ESTIMATE`), counted once: the
+        evaluation's count when a check already made it."""
+        ctx = self.evaluation.ctx if self.evaluation is not None else SignalContext(self.request)
+        return ctx.token_count("all", ESTIMATE)
 
 
 class PolicyEngine:
@@ -131,6 +165,8 @@ class PolicyEngine:
         # _routes, so the common loop stays as cheap as a policy without utility rules.
         self._rules = tuple((rule.name, rule.backend, compile_condition(rule.when)) for rule in policy.rules)
         self._routes = {rule.name: rule.route for rule in policy.rules if rule.route is not None}
+        # (name, backend, condition) of the rules marked breaks_session: fixed backends, cheap signals
+        self._session_breakers = tuple(entry for entry, rule in zip(self._rules, policy.rules) if rule.breaks_session)
 
     def allowed_backends(self, tenant: str | None) -> tuple[str, ...]:
         """The backends a tenant may reach, in preference order.
@@ -221,6 +257,65 @@ class PolicyEngine:
             code="no_eligible_backend",
         )
 
+    def rerouted(self, decision: Decision, name: str, rule: str, request: RoutingRequest, why: str) -> Decision:
+        """``decision`` sent to backend ``name`` instead, by ``rule`` (e.g. ``budget``); the rule
+        it replaces is listed in ``skipped`` with ``why``. The caller checked :meth:`cannot_serve`."""
+        backend = self.policy.backends[name]
+        rewrite = self.policy.routing.rewrite_model and request.body is not None and request.model != backend.model
+        return dataclasses.replace(decision, backend=backend, rule=rule, rewrite_model=rewrite,
+                                   skipped=[*decision.skipped, (decision.rule, why)], utilities={})
+
+    def cannot_serve(self, request: RoutingRequest, name: str, memo: SignalMemo | None = None) -> str | None:
+        """Why backend ``name`` may not serve ``request`` (tenant, images, context, health: the
+        memo's ``unhealthy``), or ``None`` when it may; the checks the rules skip backends by."""
+        allowed = self.allowed_backends(request.header(self.policy.tenants.header))
+        evaluation = memo.evaluation if memo is not None else None  # its counted tokens, scores untouched
+        if evaluation is None:
+            evaluation = _Evaluation(self.policy, request, unhealthy=memo.unhealthy if memo is not None else ())
+        backends = self.policy.backends if evaluation.unhealthy else {name: self.policy.backends[name]}
+        return evaluation.unusable(backends, allowed).get(name)
+
+    def routes_by_rules(self, request: RoutingRequest) -> bool:
+        """Whether :meth:`decide` picks ``request``'s backend by the rules: its model is routed (or
+        unknown, with ``models.unknown: route``), not one a backend serves directly."""
+        model, models = request.model, self.policy.models
+        if model is None or model in models.routed:
+            return True
+        if models.direct and self.policy.backend_for_model(model) is not None:
+            return False
+        return models.unknown == "route"
+
+    def decide_pinned(self, request: RoutingRequest, pinned: str, memo: SignalMemo | None = None,
+                      unhealthy: Collection[str] = ()) -> tuple[Decision | None, str | None]:
+        """The decision for a request of a session pinned to backend ``pinned``, without scorers.
+
+        ``(decision, None)``: the pin holds, rule :data:`SESSION_RULE`. ``(decision, "rule")``: a
+        rule marked ``breaks_session`` holds and routes elsewhere; it decides (the caller re-pins).
+        ``(None, reason)``: ``pinned`` cannot serve this request, ``reason`` one of
+        :data:`PIN_BREAKS` (the caller decides it with :meth:`decide` and re-pins). ``unhealthy``:
+        backends known to be down. Raises :class:`RequestError` as :meth:`decide` does for the tenant.
+        """
+        policy = self.policy
+        tenant = request.header(policy.tenants.header)
+        allowed = self.allowed_backends(tenant)
+        backend = policy.backends.get(pinned)
+        if backend is None:
+            return None, "backend_removed"
+        if pinned not in allowed:
+            return None, "tenant_not_allowed"
+        evaluation = self._evaluation(request, None, memo)
+        limit = evaluation.over_limit(backend)
+        if limit is not None:
+            return None, limit[0]
+        if pinned in unhealthy:
+            return None, "unhealthy"
+        if self._session_breakers:
+            unusable = evaluation.unusable(policy.backends, allowed)
+            for rule, target, holds in self._session_breakers:
+                if target != pinned and target not in unusable and target not in unhealthy and holds(evaluation.signal):
+                    return self._decision(policy.backends[target], rule, request, tenant, evaluation), "rule"
+        return self._decision(backend, SESSION_RULE, request, tenant, evaluation), None
+
     def _evaluation(self, request: RoutingRequest, scores: Mapping[str, Scores | ScorerFailure] | None,
                     memo: SignalMemo | None) -> _Evaluation:
         """This decide's evaluation: the memo's (given the scores known now), else a new one."""
@@ -230,7 +325,7 @@ class PolicyEngine:
             raise ValueError("A SignalMemo belongs to one request; this decide was given another request's.")
         evaluation = memo.evaluation
         if evaluation is None or evaluation.signals is not self.policy.signals:
-            evaluation = memo.evaluation = _Evaluation(self.policy, request, scores)
+            evaluation = memo.evaluation = _Evaluation(self.policy, request, scores, memo.thresholds, memo.unhealthy)
         else:
             evaluation.ctx.scores = scores if scores is not None else {}
         return evaluation

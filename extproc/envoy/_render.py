@@ -36,7 +36,17 @@ import yaml
 from extproc._defaults import DEFAULT_EXTPROC_ADDRESS
 from extproc._contract import MESSAGE_TIMEOUT_MS
 from extproc._errors import EnvoyConfigError
-from extproc._contract import HEADER_PREFIX, METADATA_NAMESPACE, ROUTING_HEADER, RULE_HEADER
+from extproc._contract import (
+    FAILOVER_MODELS_KEY,
+    FAILOVER_NAMESPACE,
+    HEADER_PREFIX,
+    METADATA_NAMESPACE,
+    MODEL_SLOT,
+    ROUTING_HEADER,
+    RULE_HEADER,
+    SERVED_BY_HEADER,
+    SESSION_HEADER,
+)
 from extproc.policy._model import Policy
 
 __all__ = [
@@ -47,6 +57,7 @@ __all__ = [
     "Credential",
     "Upstream",
     "EnvoyOptions",
+    "OutlierDetection",
     "RenderedEnvoy",
     "envoy_body_limit",
     "rewrite_growth",
@@ -54,6 +65,8 @@ __all__ = [
     "render_envoy",
     "check_envoy_config",
     "envoy_fail_open",
+    "longest_chain",
+    "DEFAULT_PER_TRY_TIMEOUT_S",
 ]
 
 
@@ -88,7 +101,58 @@ _TYPES = {
     "tls": "type.googleapis.com/envoy.extensions.transport_sockets.tls.v3.UpstreamTlsContext",
     "secret": "type.googleapis.com/envoy.extensions.transport_sockets.tls.v3.Secret",
     "connections": "type.googleapis.com/envoy.extensions.resource_monitors.downstream_connections.v3.DownstreamConnectionsConfig",
+    "priority_group": "type.googleapis.com/envoy.extensions.router.cluster_specifiers.priority_group.v3."
+                      "PriorityGroupClusterSpecifier",
+    "lua": "type.googleapis.com/envoy.extensions.filters.http.lua.v3.Lua",
 }
+
+#: Failover: how long one attempt may wait for its backend's response *headers* before Envoy
+#: tries the next backend. A streaming completion sends its headers at once, a non-streaming one
+#: only when it is done, so this must exceed the longest non-streaming completion; a stream
+#: already flowing is never cut by it.
+DEFAULT_PER_TRY_TIMEOUT_S = 60.0
+#: Failover: the pause before each retry (Envoy adds jitter, doubling up to the max).
+_RETRY_BACK_OFF = {"base_interval": "0.01s", "max_interval": "0.1s"}
+#: Failover: retries may be this share of a cluster's active requests (at least
+#: ``min_retry_concurrency`` at once); Envoy's default allows only 3 concurrent retries per cluster.
+_RETRY_BUDGET = {"budget_percent": {"value": 50.0}, "min_retry_concurrency": 10}
+_PRIORITY_GROUP = "envoy.router.cluster_specifier_plugin.priority_group"
+_LUA = "envoy.filters.http.lua"
+
+#: Each backend cluster's upstream Lua filter, run once per attempt: the ``model`` slot switchyard
+#: sent (the JSON text of MODEL_SLOT) becomes this cluster's model, from the ``switchyard``
+#: metadata's ``attempt_models`` (cluster -> JSON text). A body without the slot (a request sent
+#: without failover) passes unchanged; a slot without a model for this cluster is a 500, never
+#: another backend's model.
+_MODEL_SLOT_LUA = """\
+local CLUSTER = %(cluster)s
+local SLOT = %(slot)s
+function envoy_on_request(h)
+  local body = h:body()
+  if body == nil then return end
+  local s = body:getBytes(0, body:length())
+  local a, b = string.find(s, SLOT, 1, true)
+  if a == nil then return end
+  local decided = h:streamInfo():dynamicMetadata():get(%(namespace)s)
+  local models = decided and decided[%(key)s]
+  local model = models and models[CLUSTER]
+  if model == nil then
+    h:respond({[":status"] = "500"}, "switchyard: no model for this failover attempt")
+    return
+  end
+  local out, i = {}, 1
+  while a ~= nil do
+    out[#out + 1] = string.sub(s, i, a - 1)
+    out[#out + 1] = model
+    i = b + 1
+    a, b = string.find(s, SLOT, i, true)
+  end
+  out[#out + 1] = string.sub(s, i)
+  local new = table.concat(out)
+  body:setBytes(new)
+  h:headers():replace("content-length", tostring(#new))
+end
+"""
 
 
 # -- inputs ------------------------------------------------------------------------------
@@ -184,6 +248,35 @@ class Upstream:
 
 
 @dataclass(frozen=True)
+class OutlierDetection:
+    """Envoy's passive health check on every backend cluster (its ``outlier_detection``).
+
+    A host is ejected after ``consecutive_5xx`` 5xx answers in a row, or
+    ``consecutive_gateway_failure`` 502/503/504 in a row, or ``consecutive_local_origin_failure``
+    connect failures, resets and timeouts in a row (counted apart from the backend's own
+    answers: ``split_external_local_origin_errors``). It stays out ``base_ejection_s`` seconds
+    times the number of times it was ejected (at most ``max_ejection_s``); returns are checked
+    every ``interval_s``. Every host of a cluster may be ejected (``max_ejection_percent`` 100):
+    ``serve --envoy-admin`` reads the ejections and switchyard routes around them.
+    """
+
+    consecutive_5xx: int = 5
+    consecutive_gateway_failure: int = 5
+    consecutive_local_origin_failure: int = 5
+    interval_s: float = 2.0
+    base_ejection_s: float = 10.0
+    max_ejection_s: float = 300.0
+
+    def __post_init__(self) -> None:
+        for name in ("consecutive_5xx", "consecutive_gateway_failure", "consecutive_local_origin_failure"):
+            if getattr(self, name) < 1:
+                raise EnvoyConfigError(f"Outlier detection `{name}` must be at least 1, got {getattr(self, name)}.")
+        for name in ("interval_s", "base_ejection_s", "max_ejection_s"):
+            if not 0.001 <= getattr(self, name) < float("inf"):
+                raise EnvoyConfigError(f"Outlier detection `{name}` must be at least 0.001 s, got {getattr(self, name)}.")
+
+
+@dataclass(frozen=True)
 class EnvoyOptions:
     """Where Envoy listens and finds switchyard; everything not policy- or backend-specific.
 
@@ -197,7 +290,8 @@ class EnvoyOptions:
     switchyard cannot answer (down, erroring, over ``message_timeout``) gets 500/504
     ``router_unavailable``; on, Envoy sends it on unrouted: client ``x-switchyard-*``
     headers are still removed first, so it takes the last route, the policy's default
-    backend, with ``model`` as the client sent it.
+    backend, with ``model`` as the client sent it. ``outlier``: the outlier detection of
+    every backend cluster (``None``: none, Envoy never ejects a backend).
     """
 
     listen: Address = field(default_factory=lambda: Address("127.0.0.1", 10000))
@@ -210,6 +304,9 @@ class EnvoyOptions:
     node_id: str = "switchyard"
     node_cluster: str = "switchyard"
     fail_open: bool = False
+    #: Failover (policies with ``fallbacks``): seconds an attempt may wait for response headers.
+    per_try_timeout_s: float = DEFAULT_PER_TRY_TIMEOUT_S
+    outlier: OutlierDetection | None = field(default_factory=OutlierDetection)
 
 
 @dataclass(frozen=True)
@@ -241,11 +338,16 @@ class RenderedEnvoy:
 def rewrite_growth(policy: Policy) -> int:
     """The most bytes the ``model`` rewrite can add to a body: a whole ``"model":"…",``
     member (a body without ``model``) with the longest backend model, escaped or not."""
-    longest = max(
-        max(len(json.dumps(b.model)), len(json.dumps(b.model, ensure_ascii=False).encode()))
-        for b in policy.backends.values()
-    )
+    models = [b.model for b in policy.backends.values()] + ([MODEL_SLOT] if longest_chain(policy) > 1 else [])
+    longest = max(max(len(json.dumps(m)), len(json.dumps(m, ensure_ascii=False).encode())) for m in models)
     return len('"model":,') + longest
+
+
+def longest_chain(policy: Policy) -> int:
+    """The most backends one request of ``policy`` may try (1: the policy has no failover)."""
+    chains = [1 + len(b.fallbacks) for b in policy.backends.values()]
+    chains += [1 + len(r.fallbacks) for r in policy.rules if r.fallbacks is not None]
+    return max(chains)
 
 
 def envoy_body_limit(policy: Policy) -> int:
@@ -337,13 +439,28 @@ def _local_replies() -> dict[str, Any]:
     ]}
 
 
-def _access_log() -> list[dict[str, Any]]:
+def _access_log(failover: bool = False) -> list[dict[str, Any]]:
+    """``failover``: also the request id and the attempts made (the attempt log's lines share the id)."""
     fields = {
         "time": "%START_TIME%", "method": "%REQ(:METHOD)%", "path": "%REQ(:PATH)%",
         "status": "%RESPONSE_CODE%", "details": "%RESPONSE_CODE_DETAILS%", "flags": "%RESPONSE_FLAGS%",
         "duration_ms": "%DURATION%", "bytes_in": "%BYTES_RECEIVED%", "bytes_out": "%BYTES_SENT%",
         "cluster": "%UPSTREAM_CLUSTER%", "upstream": "%UPSTREAM_HOST%",
         "switchyard": f"%DYNAMIC_METADATA({METADATA_NAMESPACE})%",
+    }
+    if failover:
+        fields |= {"request_id": "%REQ(x-request-id)%", "attempts": "%UPSTREAM_REQUEST_ATTEMPT_COUNT%"}
+    return [{"name": "envoy.access_loggers.stdout",
+             "typed_config": {"@type": _TYPES["stdout"], "log_format": {"json_format": fields}}}]
+
+
+def _attempt_log() -> list[dict[str, Any]]:
+    """Failover: one line per upstream attempt (the router's ``upstream_log``), joined to the
+    request's access-log line by ``request_id``."""
+    fields = {
+        "time": "%START_TIME%", "attempt_of": "%REQ(x-request-id)%", "cluster": "%UPSTREAM_CLUSTER%",
+        "upstream": "%UPSTREAM_HOST%", "status": "%RESPONSE_CODE%", "flags": "%RESPONSE_FLAGS%",
+        "failure": "%UPSTREAM_TRANSPORT_FAILURE_REASON%", "duration_ms": "%DURATION%",
     }
     return [{"name": "envoy.access_loggers.stdout",
              "typed_config": {"@type": _TYPES["stdout"], "log_format": {"json_format": fields}}}]
@@ -354,13 +471,41 @@ def _header_route(backend: str, action: dict[str, Any]) -> dict[str, Any]:
     return {"match": match, "route": action}
 
 
-def _routes(policy: Policy, upstreams: Mapping[str, Upstream]) -> list[dict[str, Any]]:
+def _failover_action(cluster: str, policy: Policy, options: EnvoyOptions) -> dict[str, Any]:
+    """A backend's route with failover: the clusters come from switchyard's ``priority_group``
+    metadata (this cluster alone without it), each retry moving to the next group."""
+    if not options.per_try_timeout_s > 0:
+        raise EnvoyConfigError(f"--per-try-timeout must be a positive number of seconds, got {options.per_try_timeout_s:g}.")
+    specifier = {"@type": _TYPES["priority_group"],
+                 "priority_groups": [{"name": cluster, "clusters": [{"cluster_name": cluster, "weight": 1}]}],
+                 "override_metadata_namespace": FAILOVER_NAMESPACE}
+    return {
+        "inline_cluster_specifier_plugin": {"extension": {"name": _PRIORITY_GROUP, "typed_config": specifier}},
+        "retry_policy": {
+            "retry_on": "connect-failure,reset,5xx,retriable-status-codes",
+            "retriable_status_codes": [429],
+            "num_retries": longest_chain(policy) - 1,  # switchyard lowers it per request (x-envoy-max-retries)
+            "per_try_timeout": f"{options.per_try_timeout_s:g}s",
+            "refresh_cluster_on_retry": True,
+            "retry_back_off": dict(_RETRY_BACK_OFF),
+        },
+    }
+
+
+def _routes(policy: Policy, upstreams: Mapping[str, Upstream], options: EnvoyOptions) -> list[dict[str, Any]]:
     def action(cluster: str) -> dict[str, Any]:
         upstream = upstreams[cluster]
         host = {"host_rewrite_literal": upstream.server_name} if upstream.tls else {}
         return {"cluster": cluster, **host, **_ROUTE_TIMEOUTS}
 
-    routes = [_header_route(name, action(backend.cluster)) for name, backend in policy.backends.items()]
+    def backend_action(cluster: str) -> dict[str, Any]:
+        if longest_chain(policy) == 1:
+            return action(cluster)
+        # Host per attempt: each TLS cluster's endpoint carries its name (a route's
+        # host_rewrite_literal would send the first backend's name to every attempt).
+        return {**_failover_action(cluster, policy, options), "auto_host_rewrite": True, **_ROUTE_TIMEOUTS}
+
+    routes = [_header_route(name, backend_action(backend.cluster)) for name, backend in policy.backends.items()]
     unknown = {"error": {
         "message": "The routing service chose a backend this Envoy has no route for; re-render the Envoy config "
                    "for the running policy.",
@@ -373,8 +518,10 @@ def _routes(policy: Policy, upstreams: Mapping[str, Upstream]) -> list[dict[str,
     return routes
 
 
-def _ext_proc_filter(fail_open: bool) -> dict[str, Any]:
-    return {"name": _EXT_PROC, "typed_config": {
+def _ext_proc_filter(fail_open: bool, failover: bool = False) -> dict[str, Any]:
+    """``failover``: switchyard also sets ``x-envoy-max-retries`` (which needs ``allow_envoy``) and
+    the ``switchyard.failover`` metadata."""
+    config = {
         "@type": _TYPES["ext_proc"],
         "grpc_service": {"envoy_grpc": {"cluster_name": EXTPROC_CLUSTER}},
         "failure_mode_allow": fail_open,
@@ -385,7 +532,11 @@ def _ext_proc_filter(fail_open: bool) -> dict[str, Any]:
             "request_trailer_mode": "SKIP", "response_trailer_mode": "SKIP",
         },
         "metadata_options": {"receiving_namespaces": {"untyped": [METADATA_NAMESPACE]}},
-    }}
+    }
+    if failover:
+        config["mutation_rules"] = {"allow_envoy": True}  # else x-envoy-max-retries is dropped silently
+        config["metadata_options"]["receiving_namespaces"]["untyped"].append(FAILOVER_NAMESPACE)
+    return {"name": _EXT_PROC, "typed_config": config}
 
 
 def _strip_matcher() -> dict[str, Any]:
@@ -408,21 +559,29 @@ def _ingress(policy: Policy, upstreams: Mapping[str, Upstream], options: EnvoyOp
         "local_reply_config": _local_replies(),
     }
     if options.access_log:
-        hcm["access_log"] = _access_log()
+        hcm["access_log"] = _access_log(longest_chain(policy) > 1)
     decision = f"%DYNAMIC_METADATA({METADATA_NAMESPACE}:{{}})%"
-    hcm["http_filters"] = [_ext_proc_filter(options.fail_open),
-                           {"name": "envoy.filters.http.router", "typed_config": {"@type": _TYPES["router"]}}]
+    failover = longest_chain(policy) > 1
+    router: dict[str, Any] = {"@type": _TYPES["router"]}
+    if failover and options.access_log:
+        router["upstream_log"] = _attempt_log()
+    hcm["http_filters"] = [_ext_proc_filter(options.fail_open, failover),
+                           {"name": "envoy.filters.http.router", "typed_config": router}]
+    served_by = [{"header": {"key": SERVED_BY_HEADER, "value": "%UPSTREAM_CLUSTER%"},
+                  "append_action": "OVERWRITE_IF_EXISTS_OR_ADD"}] if failover else []
     hcm["route_config"] = {"name": "switchyard", "virtual_hosts": [{
         "name": "llm",
         "domains": ["*"],
-        "response_headers_to_add": [
+        **({"include_attempt_count_in_response": True} if failover else {}),
+        "response_headers_to_add": served_by + [
             {"header": {"key": ROUTING_HEADER, "value": decision.format("backend")},
              "append_action": "OVERWRITE_IF_EXISTS_OR_ADD"},
             {"header": {"key": RULE_HEADER, "value": decision.format("rule")},
              "append_action": "OVERWRITE_IF_EXISTS_OR_ADD"},
-        ],
+        ] + ([{"header": {"key": SESSION_HEADER, "value": decision.format("session")},
+               "append_action": "OVERWRITE_IF_EXISTS_OR_ADD"}] if policy.sessions is not None else []),
         "request_body_buffer_limit": options.body_limit or envoy_body_limit(policy),
-        "routes": _routes(policy, upstreams),
+        "routes": _routes(policy, upstreams, options),
     }]}
     return {"name": "ingress", "address": options.listen.envoy(),
             "filter_chains": [{"filters": [{"name": _HCM, "typed_config": hcm}]}]}
@@ -458,42 +617,94 @@ def _sds_path(options: EnvoyOptions, cluster: str) -> str:
     return str(Path(options.credentials_dir) / f"credential-{cluster}.yaml")
 
 
-def _backend_cluster(name: str, upstream: Upstream, options: EnvoyOptions, sds: dict[str, dict]) -> dict[str, Any]:
+def _outlier_detection(outlier: OutlierDetection) -> dict[str, Any]:
+    """A backend cluster's ``outlier_detection`` (:class:`OutlierDetection`). Success-rate
+    ejection stays off: it needs several hosts per cluster, and a cluster here usually has one."""
+    return {
+        "consecutive_5xx": outlier.consecutive_5xx,
+        "consecutive_gateway_failure": outlier.consecutive_gateway_failure,
+        "enforcing_consecutive_gateway_failure": 100,
+        "split_external_local_origin_errors": True,
+        "consecutive_local_origin_failure": outlier.consecutive_local_origin_failure,
+        "enforcing_consecutive_local_origin_failure": 100,
+        "enforcing_success_rate": 0,
+        "interval": f"{outlier.interval_s:.3f}s",
+        "base_ejection_time": f"{outlier.base_ejection_s:.3f}s",
+        "max_ejection_time": f"{outlier.max_ejection_s:.3f}s",
+        "max_ejection_percent": 100,
+    }
+
+
+def _credential_filter(name: str, credential: Credential, options: EnvoyOptions,
+                       sds: dict[str, dict]) -> dict[str, Any]:
+    secret = f"credential-{name}"
+    path = _sds_path(options, name)
+    sds[path] = {"resources": [{"@type": _TYPES["secret"], "name": secret,
+                                "generic_secret": {"secret": {"filename": credential.file}}}]}
+    generic = {"@type": _TYPES["generic"], "header": credential.header.lower(), "credential": {
+        "name": secret,
+        "sds_config": {"path_config_source": {
+            "path": path, "watched_directory": {"path": str(Path(credential.file).parent)}}},
+    }}
+    if credential.prefix:
+        generic["header_value_prefix"] = credential.prefix
+    return {"name": "envoy.filters.http.credential_injector", "typed_config": {
+        "@type": _TYPES["injector"], "overwrite": True,
+        "credential": {"name": "envoy.http.injected_credentials.generic", "typed_config": generic}}}
+
+
+def _upstream_filters(name: str, upstream: Upstream, options: EnvoyOptions, sds: dict[str, dict],
+                      failover: bool) -> list[dict[str, Any]]:
+    """The filters each attempt to cluster ``name`` runs. With ``failover`` every cluster has them,
+    credential or not: the upstream headers are shared by a request's attempts, so each cluster
+    must remove what an earlier attempt's cluster added, and set its own ``model``."""
+    mutations: list[dict[str, Any]] = [{"remove": h} for h in _CLIENT_CREDENTIAL_HEADERS]
+    if failover:
+        mutations.append({"remove_on_match": _strip_matcher()})  # the routing header stays at the edge
+    # Client-sent keys never reach a provider (nor replace the injected one).
+    filters = [{"name": "envoy.filters.http.header_mutation", "typed_config": {
+        "@type": _TYPES["header_mutation"], "mutations": {"request_mutations": mutations}}}]
+    if upstream.credential is not None:
+        filters.append(_credential_filter(name, upstream.credential, options, sds))
+    if failover:
+        lua = _MODEL_SLOT_LUA % {"cluster": _lua_string(name), "slot": _lua_string(json.dumps(MODEL_SLOT)),
+                                 "namespace": _lua_string(METADATA_NAMESPACE), "key": _lua_string(FAILOVER_MODELS_KEY)}
+        filters.append({"name": _LUA, "typed_config": {"@type": _TYPES["lua"],
+                                                       "default_source_code": {"inline_string": lua}}})
+    filters.append({"name": "envoy.filters.http.upstream_codec", "typed_config": {"@type": _TYPES["codec"]}})
+    return filters
+
+
+def _lua_string(text: str) -> str:
+    """``text`` as a Lua string literal (JSON's escapes are Lua's for these: quotes, backslash, \\u is not)."""
+    return "'" + "".join(c if c.isalnum() or c in "-_.:{}\"[]/ " else f"\\{ord(c):03d}" for c in text) + "'"
+
+
+def _backend_cluster(name: str, upstream: Upstream, options: EnvoyOptions, sds: dict[str, dict],
+                     policy: Policy | None = None) -> dict[str, Any]:
     address = upstream.address
+    failover = policy is not None and longest_chain(policy) > 1
     cluster: dict[str, Any] = {"name": name}
     if address.path or address.is_ip:
         cluster.update(type="STATIC", connect_timeout="1s")
     else:
         cluster.update(type="STRICT_DNS", dns_lookup_family="V4_PREFERRED", connect_timeout="2s")
-    if upstream.credential is not None:
-        credential = upstream.credential
-        secret = f"credential-{name}"
-        path = _sds_path(options, name)
-        sds[path] = {"resources": [{"@type": _TYPES["secret"], "name": secret,
-                                    "generic_secret": {"secret": {"filename": credential.file}}}]}
-        generic = {"@type": _TYPES["generic"], "header": credential.header.lower(), "credential": {
-            "name": secret,
-            "sds_config": {"path_config_source": {
-                "path": path, "watched_directory": {"path": str(Path(credential.file).parent)}}},
-        }}
-        if credential.prefix:
-            generic["header_value_prefix"] = credential.prefix
+    if upstream.credential is not None or failover:
         cluster["typed_extension_protocol_options"] = {"envoy.extensions.upstreams.http.v3.HttpProtocolOptions": {
             "@type": _TYPES["http_options"],
             "explicit_http_config": {"http_protocol_options": {}},
-            "http_filters": [
-                # Client-sent keys never reach a provider (nor replace the injected one).
-                {"name": "envoy.filters.http.header_mutation", "typed_config": {
-                    "@type": _TYPES["header_mutation"],
-                    "mutations": {"request_mutations": [{"remove": h} for h in _CLIENT_CREDENTIAL_HEADERS]}}},
-                {"name": "envoy.filters.http.credential_injector", "typed_config": {
-                    "@type": _TYPES["injector"], "overwrite": True,
-                    "credential": {"name": "envoy.http.injected_credentials.generic", "typed_config": generic}}},
-                {"name": "envoy.filters.http.upstream_codec", "typed_config": {"@type": _TYPES["codec"]}},
-            ],
+            "http_filters": _upstream_filters(name, upstream, options, sds, failover),
         }}
-    cluster["load_assignment"] = {"cluster_name": name,
-                                  "endpoints": [{"lb_endpoints": [{"endpoint": {"address": address.envoy()}}]}]}
+    if failover:
+        cluster["circuit_breakers"] = {"thresholds": [{"priority": "DEFAULT", "retry_budget": dict(_RETRY_BUDGET)}]}
+        # the upstream Lua filter buffers the whole body under this limit (default 1 MiB)
+        cluster["per_connection_buffer_limit_bytes"] = options.body_limit or envoy_body_limit(policy)
+    endpoint: dict[str, Any] = {"address": address.envoy()}
+    if failover and upstream.tls:
+        endpoint["hostname"] = upstream.server_name  # the Host of attempts here (the route's auto_host_rewrite)
+    cluster["load_assignment"] = {"cluster_name": name, "endpoints": [{"lb_endpoints": [{"endpoint": endpoint}]}]}
+    if options.outlier is not None:
+        cluster["outlier_detection"] = _outlier_detection(options.outlier)
     if upstream.tls:
         cluster["transport_socket"] = {"name": "envoy.transport_sockets.tls", "typed_config": {
             "@type": _TYPES["tls"],
@@ -519,7 +730,7 @@ def render_envoy(policy: Policy, upstreams: Mapping[str, Upstream], options: Env
     if options.ready is not None:
         listeners.append(_ready_listener(options.ready))
         clusters.append(_static_cluster(_ADMIN_CLUSTER, options.admin))
-    clusters += [_backend_cluster(name, upstream, options, sds) for name, upstream in by_cluster.items()]
+    clusters += [_backend_cluster(name, upstream, options, sds, policy) for name, upstream in by_cluster.items()]
     bootstrap: dict[str, Any] = {}
     if sds:  # file-based SDS needs the node's identity
         bootstrap["node"] = {"id": options.node_id, "cluster": options.node_cluster}
@@ -591,6 +802,8 @@ def check_envoy_config(policy: Policy, config: Mapping[str, Any], source: str = 
     hcms = list(_ingress_hcms(config))
     if not hcms:
         return [*problems, f"{source}: no listener runs the ext_proc filter ({_EXT_PROC})."]
+    if longest_chain(policy) > 1:
+        problems += _failover_problems(policy, config, source)
     needed = policy.routing.max_body_bytes + (rewrite_growth(policy) if policy.routing.rewrite_model else 0)
     for hcm in hcms:
         if not _strips_switchyard_headers(hcm):
@@ -607,7 +820,7 @@ def check_envoy_config(policy: Policy, config: Mapping[str, Any], source: str = 
                 if route is None:
                     problems.append(f"{where} has no route for `{ROUTING_HEADER}: {name}` (backend {name!r}).")
                     continue
-                target = (route.get("route") or {}).get("cluster")
+                target = _route_cluster(route)
                 if target != backend.cluster:
                     problems.append(f"{where} sends backend {name!r} to cluster {target!r}; the policy says {backend.cluster!r}.")
                 limit = _route_limit(route, vhost)
@@ -618,6 +831,59 @@ def check_envoy_config(policy: Policy, config: Mapping[str, Any], source: str = 
                     problems.append(f"{where}: request_body_buffer_limit {limit} for backend {name!r} is below {needed} "
                                     f"(routing.max_body_bytes {policy.routing.max_body_bytes} + model rewrite); "
                                     f"bodies the policy accepts would get 413 from Envoy.")
+    return problems
+
+
+def _route_cluster(route: Mapping[str, Any]) -> str | None:
+    """The cluster a route sends to: its ``cluster``, or its priority-group specifier's first group's."""
+    action = route.get("route") or {}
+    if "cluster" in action:
+        return action["cluster"]
+    extension = (action.get("inline_cluster_specifier_plugin") or {}).get("extension") or {}
+    groups = (extension.get("typed_config") or {}).get("priority_groups") or [{}]
+    clusters = groups[0].get("clusters") or [{}]
+    return clusters[0].get("cluster_name")
+
+
+def _failover_problems(policy: Policy, config: Mapping[str, Any], source: str) -> list[str]:
+    """What failover (``fallbacks``) needs of an Envoy config: ext_proc may set ``x-envoy-*`` and
+    the failover metadata; each backend's route retries by priority group up to the longest chain;
+    each backend cluster rewrites ``model`` per attempt and drops the last attempt's credentials."""
+    problems = []
+    for ext_proc in _ext_proc_configs(config):
+        if not (ext_proc.get("mutation_rules") or {}).get("allow_envoy"):
+            problems.append(f"{source}: the ext_proc filter needs `mutation_rules: {{allow_envoy: true}}` for failover "
+                            f"(else switchyard's x-envoy-max-retries is dropped).")
+        namespaces = ((ext_proc.get("metadata_options") or {}).get("receiving_namespaces") or {}).get("untyped") or []
+        if FAILOVER_NAMESPACE not in namespaces:
+            problems.append(f"{source}: the ext_proc filter does not receive metadata namespace {FAILOVER_NAMESPACE!r} "
+                            f"(metadata_options.receiving_namespaces.untyped); failover would never happen.")
+    for hcm in _ingress_hcms(config):
+        for vhost in (hcm.get("route_config") or {}).get("virtual_hosts") or []:
+            for name in policy.backends:
+                route = next((r for r in vhost.get("routes") or [] if _matches_backend(r, name)), None)
+                action = (route or {}).get("route") or {}
+                extension = (action.get("inline_cluster_specifier_plugin") or {}).get("extension") or {}
+                retry = action.get("retry_policy") or {}
+                if route is None:
+                    continue  # reported by check_envoy_config
+                if (extension.get("typed_config") or {}).get("override_metadata_namespace") != FAILOVER_NAMESPACE:
+                    problems.append(f"{source}: the route of backend {name!r} has no priority_group cluster specifier "
+                                    f"reading {FAILOVER_NAMESPACE!r}; it cannot fail over.")
+                if not retry.get("refresh_cluster_on_retry") or int(retry.get("num_retries", 1)) < longest_chain(policy) - 1:
+                    problems.append(f"{source}: the route of backend {name!r} needs retry_policy with "
+                                    f"refresh_cluster_on_retry and num_retries >= {longest_chain(policy) - 1} "
+                                    f"(the longest fallback chain).")
+    for cluster in (config.get("static_resources") or {}).get("clusters") or []:
+        if cluster.get("name") not in {b.cluster for b in policy.backends.values()}:
+            continue
+        options = (cluster.get("typed_extension_protocol_options") or {}).get(
+            "envoy.extensions.upstreams.http.v3.HttpProtocolOptions") or {}
+        names = [f.get("name") for f in options.get("http_filters") or []]
+        if _LUA not in names or "envoy.filters.http.header_mutation" not in names:
+            problems.append(f"{source}: backend cluster {cluster.get('name')!r} lacks the failover upstream filters "
+                            f"(header_mutation removing credentials, the model-slot Lua); an attempt there would "
+                            f"get the previous backend's credential and no model.")
     return problems
 
 

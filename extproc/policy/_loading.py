@@ -19,9 +19,20 @@ from extproc._schema import REQUIRED, ListOf, MapOf, Validation, compose_yaml, d
 from extproc.policy._model import ALWAYS, AllOf, Always, AnyOf, Condition, Not, Policy, Rule, SignalRef
 from extproc.policy._schema import POLICY_SCHEMA, SCORERS_FILE_SCHEMA
 from extproc.policy._scorer_specs import build_scorer_specs, check_score_signal, check_utility_route
-from extproc.policy._sections import Backend, CaptureConfig, ModelsConfig, RoutingConfig, TenantsConfig
+from extproc.policy._sections import (
+    Backend,
+    BudgetsConfig,
+    CaptureConfig,
+    ModelsConfig,
+    Price,
+    RoutingConfig,
+    SessionsConfig,
+    ShareConfig,
+    TenantsConfig,
+)
 from extproc.scorers._interface import BreakerConfig, ScorerSpec
-from extproc.signals._kinds import Signal, build_signal
+from extproc.state import StateConfig
+from extproc.signals._kinds import ScoreSignal, Signal, build_signal
 
 __all__ = [
     "load_policy",
@@ -120,7 +131,7 @@ def _build(data: dict[str, Any], v: Validation, base_dir: Path, checkpoints: dic
         v.problem(None, message, path)
 
     backends = {
-        name: Backend(name=name, **{k: val for k, val in spec.items() if k != "description"})
+        name: _backend(name, spec)
         for name, spec in data["backends"].items()
         if spec is not None  # None: it has a schema problem (see _checkable)
     }
@@ -130,6 +141,9 @@ def _build(data: dict[str, Any], v: Validation, base_dir: Path, checkpoints: dic
         if name is not None and name not in data["backends"]:
             report(path, f"`{dotted(path)}` names backend {name!r}, which is not defined; defined: {defined}.")
 
+    for name, spec in data["backends"].items():
+        if spec is not None:
+            _check_fallbacks(name, spec["fallbacks"], ("backends", name, "fallbacks"), check_backend, report)
     check_backend(data["default"], ("default",))
     if data["fallback"] is not None:
         check_backend(data["fallback"], ("fallback",))
@@ -169,7 +183,14 @@ def _build(data: dict[str, Any], v: Validation, base_dir: Path, checkpoints: dic
             route = check_utility_route(spec["route"], scorers, described, backends,
                                         lambda key, msg: report(path + ("route",) + key, msg), defined_scorers)
         when = _condition(spec["when"], path + ("when",), data["signals"], report)
-        rules.append(Rule(spec["name"], when, spec["backend"], route))
+        fallbacks = spec.get("fallbacks")
+        if fallbacks is not None:
+            _check_fallbacks(spec["backend"], fallbacks, path + ("fallbacks",), check_backend, report)
+        rule = Rule(spec["name"], when, spec["backend"], route, breaks_session=spec.get("breaks_session", False),
+                    fallbacks=tuple(fallbacks) if fallbacks is not None else None)
+        _check_breaks_session(rule, signals, data.get("sessions") is not None, lambda msg, p=path: report(
+            p + ("breaks_session",), msg))
+        rules.append(rule)
 
     tenants = data["tenants"]
     for tenant, names in tenants["allow"].items():
@@ -200,6 +221,117 @@ def _build(data: dict[str, Any], v: Validation, base_dir: Path, checkpoints: dic
         scorers=scorers,
         scorer_positions={name: v.position(None, ("scorers", name)) for name in scorers},
         capture=_capture(data["capture"], base_dir),
+        budgets=_budgets(data.get("budgets"), tenants["header"].lower(), check_backend, report),
+        share=_share(data.get("share"), signals, data["signals"], check_backend, report),
+        sessions=_sessions(data.get("sessions")),
+        state=StateConfig.from_mapping(data.get("state"), source=v.source, report=report),
+    )
+
+
+def _backend(name: str, spec: dict[str, Any]) -> Backend:
+    fields = {k: val for k, val in spec.items() if k not in ("description", "price", "fallbacks")}
+    price = spec.get("price")
+    return Backend(name=name, **fields, price=Price(**price) if price is not None else None,
+                   fallbacks=tuple(spec["fallbacks"]))
+
+
+def _check_fallbacks(owner: str | None, fallbacks: list[str], path: tuple, check_backend, report) -> None:
+    """A ``fallbacks`` list names defined backends, each once, never ``owner`` (the backend it is
+    the failover of; ``None``: a utility rule, whose backend varies)."""
+    seen: dict[str, int] = {}
+    for i, name in enumerate(fallbacks):
+        check_backend(name, path + (i,))
+        if name == owner:
+            report(path + (i,), f"`{dotted(path + (i,))}` names {name!r} itself; a backend cannot fail over to itself.")
+        elif name in seen:
+            report(path + (i,), f"`{dotted(path + (i,))}` names {name!r} again; `{dotted(path + (seen[name],))}` has it.")
+        seen.setdefault(name, i)
+
+
+def _budgets(section: dict[str, Any] | None, tenant_header: str, check_backend, report) -> BudgetsConfig | None:
+    """The ``budgets:`` section (``None``: not set); ``when_spent`` needs exactly one of its keys."""
+    if section is None:
+        return None
+    when = section["when_spent"] or {}
+    backend, reject = when.get("backend"), when.get("reject")
+    path = ("budgets", "when_spent")
+    if (backend is None) == (reject is None):
+        report(path, "`budgets.when_spent` needs exactly one of `backend` (a cheaper backend) and `reject: true`.")
+    elif reject is False:
+        report(path + ("reject",), "`budgets.when_spent.reject` must be `true` (or set `backend` instead); got false.")
+    check_backend(backend, path + ("backend",))
+    header = section["key"]["header"]
+    return BudgetsConfig(
+        header=header.lower() if header is not None else tenant_header,
+        window_s=float(section["window_s"]),
+        limits={name: float(limit) for name, limit in section["limits"].items() if limit is not None},
+        output_tokens=section["output_tokens"],
+        when_spent_backend=backend,
+    )
+
+
+def _sessions(section: dict[str, Any] | None) -> SessionsConfig | None:
+    """The ``sessions:`` section (``None``: not set)."""
+    if section is None:
+        return None
+    return SessionsConfig(key=section["key"], header=section["header"].lower(), ttl_s=float(section["ttl_s"]))
+
+
+def _check_breaks_session(rule: Rule, signals: dict[str, Signal], sessions: bool, report) -> None:
+    """A ``breaks_session`` rule is checked against a pinned request without scorers: it needs a
+    fixed backend and cheap signals only, and a ``sessions:`` section to break."""
+    if not rule.breaks_session:
+        return
+    if not sessions:
+        report(f"Rule {rule.name!r} sets `breaks_session`, which has no effect without a `sessions:` section.")
+    elif rule.route is not None:
+        report(f"Rule {rule.name!r} sets `breaks_session` on a `route` (utility) rule; a pin is checked without "
+               "running scorers, so only rules with a fixed `backend` may break a session.")
+    else:
+        scored = [name for name in _signal_names(rule.when) if isinstance(signals.get(name), ScoreSignal)]
+        if scored:
+            report(f"Rule {rule.name!r} sets `breaks_session` but its condition uses the `score` signal "
+                   f"{scored[0]!r}; a pin is checked without running scorers, so a session-breaking rule may use "
+                   "only cheap signals.")
+
+
+def _signal_names(condition: Condition) -> list[str]:
+    """Every signal a condition names, in order."""
+    if isinstance(condition, SignalRef):
+        return [condition.name]
+    if isinstance(condition, Not):
+        return _signal_names(condition.item)
+    if isinstance(condition, (AllOf, AnyOf)):
+        return [name for item in condition.items for name in _signal_names(item)]
+    return []
+
+
+def _share(section: dict[str, Any] | None, signals: dict[str, Signal], declared: dict[str, Any], check_backend,
+           report) -> ShareConfig | None:
+    """The ``share:`` section (``None``: not set): its signal a one-sided score signal, its
+    backends defined, its bounds a range."""
+    if section is None:
+        return None
+    name = section["signal"]
+    signal = signals.get(name)
+    if name not in declared:
+        known = ", ".join(declared) or "none"
+        report(("share", "signal"), f"`share.signal` names signal {name!r}, which is not defined; defined: {known}.")
+    elif signal is not None and not isinstance(signal, ScoreSignal):
+        report(("share", "signal"), f"`share.signal` must name a `score` signal; {name!r} is a `{signal.kind}` signal.")
+    elif isinstance(signal, ScoreSignal) and signal.above is not None and signal.below is not None:
+        report(("share", "signal"), f"`share.signal` {name!r} sets both `above` and `below`; the controller moves "
+                                    "one threshold, so set only one.")
+    for i, backend in enumerate(section["large"]):
+        check_backend(backend, ("share", "large", i))
+    low, high = section["min_threshold"], section["max_threshold"]
+    if high <= low:
+        report(("share", "max_threshold"),
+               f"`share.max_threshold` ({high}) must be greater than `share.min_threshold` ({low}).")
+    return ShareConfig(
+        signal=name, target=float(section["target"]), large=tuple(section["large"]),
+        min_threshold=float(low), max_threshold=float(high), window_s=float(section["window_s"]),
+        gain=float(section["gain"]), update_s=float(section["update_s"]), min_requests=section["min_requests"],
     )
 
 

@@ -9,8 +9,18 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from typing import Union
 
-from extproc.policy._sections import Backend, CaptureConfig, ModelsConfig, RoutingConfig, TenantsConfig
+from extproc.policy._sections import (
+    Backend,
+    BudgetsConfig,
+    CaptureConfig,
+    ModelsConfig,
+    RoutingConfig,
+    SessionsConfig,
+    ShareConfig,
+    TenantsConfig,
+)
 from extproc.scorers._interface import ScorerSpec
+from extproc.state import StateConfig
 from extproc.signals._kinds import Signal
 
 __all__ = [
@@ -76,6 +86,10 @@ class Rule:
     when: Condition
     backend: str | None
     route: UtilityRoute | None = None
+    #: ``breaks_session``: when it holds, a pinned session's request goes by this rule and is re-pinned.
+    breaks_session: bool = False
+    #: Failover backends for this rule's requests, replacing its backend's ``fallbacks``; ``None``: the backend's.
+    fallbacks: tuple[str, ...] | None = None
 
     @property
     def targets(self) -> tuple[str, ...]:
@@ -101,6 +115,14 @@ class Policy:
     #: validation (a scorer that fails to load).
     scorer_positions: dict[str, tuple[int, int]] = field(default_factory=dict)
     capture: CaptureConfig = field(default_factory=CaptureConfig)
+    #: ``budgets:``; ``None``: no money budgets.
+    budgets: BudgetsConfig | None = None
+    #: ``share:``; ``None``: no large-share controller.
+    share: ShareConfig | None = None
+    #: ``sessions:``; ``None``: no conversation stickiness.
+    sessions: SessionsConfig | None = None
+    #: ``state:``: where fleet state (session pins, budgets, the share) lives.
+    state: StateConfig = field(default_factory=StateConfig)
 
     def backend_for_model(self, model: str) -> Backend | None:
         """The backend whose served model (or name) is ``model``, if any."""

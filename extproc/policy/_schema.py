@@ -15,8 +15,20 @@ import yaml
 
 from extproc.policy._sections import CaptureConfig
 from extproc._contract import DEADLINE_MARGIN_MS, MESSAGE_TIMEOUT_MS
-from extproc.policy._sections import Backend, ModelsConfig, RoutingConfig, TenantsConfig
+from extproc.policy._sections import (
+    DEFAULT_LIMIT,
+    Backend,
+    BudgetsConfig,
+    ModelsConfig,
+    Price,
+    RoutingConfig,
+    SESSION_KEYS,
+    SessionsConfig,
+    ShareConfig,
+    TenantsConfig,
+)
 from extproc.scorers._kinds import scorer_schemas
+from extproc.state import STATE_KEY
 from extproc.scorers._interface import BatchConfig, BreakerConfig, ImageLimits, ScorerSpec
 from extproc.signals._kinds import signal_schemas
 from extproc._schema import (
@@ -115,7 +127,11 @@ _CAPTURE = CaptureConfig()
 _BACKEND = Backend(name="", cluster="", model="")
 _MODELS = ModelsConfig()
 _TENANTS = TenantsConfig()
+_SESSIONS = SessionsConfig()
 _ROUTING = RoutingConfig()
+_PRICE = Price()
+_BUDGETS = BudgetsConfig()
+_SHARE = ShareConfig(signal="", target=0.0, large=(), min_threshold=0.0, max_threshold=0.0)
 
 _scorer_common = {
     "device": Key(
@@ -303,7 +319,152 @@ BACKEND_SCHEMA = Obj(
             "Largest prompt (in counted tokens) the backend accepts; longer prompts never go there. Default: no limit.",
             _BACKEND.max_context_tokens,
         ),
+        "price": Key(
+            Obj(
+                title="price",
+                keys={
+                    "input_per_mtok": Key(
+                        Num(minimum=0), "Money per million prompt tokens (any currency unit; the one `budgets.limits` uses).",
+                        _PRICE.input_per_mtok,
+                    ),
+                    "output_per_mtok": Key(
+                        Num(minimum=0), "Money per million output tokens, in the same unit.", _PRICE.output_per_mtok,
+                    ),
+                },
+            ),
+            "What the backend charges, for `budgets:`. Not set: requests routed here cost nothing.",
+            None,
+        ),
+        "fallbacks": Key(
+            ListOf(Str(min_length=1)),
+            "Failover: the backends Envoy retries a failed attempt on (connect failure, reset, 5xx, 429, no "
+            "response headers within `envoy render --per-try-timeout`), in order, each with its own model name, "
+            "credential and TLS; never after response bytes reached the client. Backends the request or tenant "
+            "may not use are left out per request.",
+            list(_BACKEND.fallbacks),
+        ),
         "description": _description,
+    },
+)
+
+BUDGETS_SCHEMA = Obj(
+    title="budgets",
+    keys={
+        "key": Key.section(
+            Obj(
+                title="key",
+                keys={
+                    "header": Key(
+                        Str(min_length=1),
+                        "The request header whose value (surrounding spaces ignored) names the budget a request "
+                        "spends; set it from a trusted layer, like `tenants.header`. Requests without it share the "
+                        "budget of the empty name. Default: `tenants.header`.",
+                        _BUDGETS.header,
+                    ),
+                },
+            ),
+            "Which budget a request spends.",
+        ),
+        "window_s": Key(
+            Num(minimum=1, maximum=366 * 86400),
+            "Length of a budget window in seconds. Windows are aligned to the epoch (86400: UTC days); "
+            "the spend starts again from 0 at each window's start.",
+            _BUDGETS.window_s,
+        ),
+        "limits": Key(
+            MapOf(Num(minimum=0)),
+            f"Budget name → money per window (the unit of `backends.<name>.price`). `{DEFAULT_LIMIT}` is the "
+            f"limit of every name not listed; without `{DEFAULT_LIMIT}`, unlisted names have no budget.",
+            dict(_BUDGETS.limits),
+        ),
+        "output_tokens": Key(
+            Int(minimum=0, maximum=10_000_000),
+            "The output tokens charged for a request that sets neither `max_completion_tokens` nor `max_tokens` "
+            "(a request that sets one is charged for that many).",
+            _BUDGETS.output_tokens,
+        ),
+        "when_spent": Key(
+            Obj(
+                title="when_spent",
+                keys={
+                    "backend": Key(
+                        Str(min_length=1),
+                        "Route the request to this (cheaper) backend instead, rule `budget`; its cost is not "
+                        "charged. A request this backend cannot serve (tenant, images, context) is answered 429.",
+                        None,
+                    ),
+                    "reject": Key(Bool(), "`true`: answer 429 with the JSON error `budget_exhausted`.", None),
+                },
+            ),
+            "What happens to a request whose cost would take its budget over the limit: set exactly one of "
+            "`backend` and `reject: true`.",
+            REQUIRED,
+        ),
+    },
+)
+
+SHARE_SCHEMA = Obj(
+    title="share",
+    keys={
+        "signal": Key(
+            Str(min_length=1),
+            "The `score` signal whose threshold moves (one of `above`, `below`, `large_share`). Its match must "
+            "send requests to the `large` backends: with `above` / `large_share` the threshold rises when the "
+            "share is over target, with `below` it falls.",
+        ),
+        "target": Key(Num(minimum=0, maximum=1), "The share of routed requests to hold on the `large` backends."),
+        "large": Key(
+            ListOf(Str(min_length=1), min_items=1),
+            "The backends that count as large.",
+        ),
+        "min_threshold": Key(Num(), "The lowest threshold the controller may set."),
+        "max_threshold": Key(Num(), "The highest threshold the controller may set (greater than `min_threshold`)."),
+        "window_s": Key(
+            Num(minimum=1, maximum=86400),
+            "The sliding window (seconds) over which the share is observed, fleet-wide.",
+            _SHARE.window_s,
+        ),
+        "gain": Key(
+            Num(minimum=0, maximum=100),
+            "How far one update moves the threshold per unit of share error (threshold units): "
+            "threshold += gain × (observed − target), clamped to the bounds.",
+            _SHARE.gain,
+        ),
+        "update_s": Key(
+            Num(minimum=0.1, maximum=3600),
+            "Seconds between two threshold updates, fleet-wide (one replica updates; every replica reads "
+            "the threshold at this period).",
+            _SHARE.update_s,
+        ),
+        "min_requests": Key(
+            Int(minimum=1),
+            "Requests the window must hold before the threshold moves.",
+            _SHARE.min_requests,
+        ),
+    },
+)
+
+SESSIONS_SCHEMA = Obj(
+    title="sessions",
+    keys={
+        "key": Key(
+            Str(enum=SESSION_KEYS),
+            "Where a request's session comes from: `conversation` (a hash of the tenant, the system prompt and "
+            "the first user message, so every turn of one chat shares it), `header` (the `sessions.header` "
+            "request header) or `user` (the OpenAI `user` body field). A request without one is decided alone.",
+            _SESSIONS.key,
+        ),
+        "header": Key(
+            Str(min_length=1),
+            "The request header holding the session id, with `key: header`. Set it from a trusted layer or "
+            "the client; the id is hashed with the tenant, so two tenants never share a session.",
+            _SESSIONS.header,
+        ),
+        "ttl_s": Key(
+            Num(minimum=1, maximum=30 * 86400),
+            "Seconds a pin lives after its session's last request; then the next turn is decided afresh.",
+            _SESSIONS.ttl_s,
+        ),
     },
 )
 
@@ -319,6 +480,18 @@ RULE_SCHEMA = Obj(
         ),
         "backend": Key(Str(min_length=1), "The backend this rule routes to. Set exactly one of `backend` and `route`.", None),
         "route": Key(ROUTE_SCHEMA, "Pick the backend by LatentRouter utility instead of a fixed `backend`.", None),
+        "breaks_session": Key(
+            Bool(),
+            "With `sessions:`: when this rule holds for a request of a pinned session, the rule decides instead "
+            "of the pin, and the session is pinned to its backend. Only for rules with a fixed `backend` whose "
+            "condition uses no `score` signal (the pin is checked without running scorers).",
+            False,
+        ),
+        "fallbacks": Key(
+            ListOf(Str(min_length=1)),
+            "Failover for requests this rule decides: replaces the chosen backend's `backends.<name>.fallbacks`.",
+            None,
+        ),
         "description": _description,
     },
 )
@@ -454,6 +627,26 @@ POLICY_SCHEMA = Obj(
             "Writes a sample of live requests, with their decisions, to a JSONL file for `switchyard label` "
             "(off unless `path` is set). The prompts never reach logs or metrics; requests never wait for the disk.",
         ),
+        "budgets": Key(
+            BUDGETS_SCHEMA,
+            "Money budgets per tenant (or per the value of another header) per window, held fleet-wide in the "
+            "`state:` store. Not set: no budgets.",
+            None,
+        ),
+        "sessions": Key(
+            SESSIONS_SCHEMA,
+            "Conversation stickiness: the later turns of a session go to the backend its first routed turn got, "
+            "without running scorers (`x-switchyard-rule: session`). Pins live in the `state:` store. "
+            "Not set: every request is decided alone.",
+            None,
+        ),
+        "state": STATE_KEY,
+        "share": Key(
+            SHARE_SCHEMA,
+            "Hold the share of requests on the large backends near a target, fleet-wide, by moving a score "
+            "signal's threshold. Not set: thresholds stay as written.",
+            None,
+        ),
     },
 )
 
@@ -509,10 +702,16 @@ def markdown_reference() -> str:
     lines += ["", "#### `rules[]`", "", *head, *_table(RULE_SCHEMA, "")]
     lines += ["", "#### `rules[].route`", "", *head, *_table(ROUTE_SCHEMA, "route.")]
     lines += ["", f"A condition is {CONDITION_SCHEMA.doc[0].lower()}{CONDITION_SCHEMA.doc[1:]}"]
-    for section in ("models", "tenants", "routing", "capture"):
+    price = BACKEND_SCHEMA.keys["price"].schema
+    assert isinstance(price, Obj)
+    lines += ["", "#### `backends.<name>.price`", "", *head, *_table(price, "price.")]
+    for section in ("models", "tenants", "routing", "capture", "budgets", "share", "sessions", "state"):
         schema = top[section].schema
         assert isinstance(schema, Obj)
         lines += ["", f"#### `{section}`", "", *head, *_table(schema, f"{section}.")]
+        for inner, spec in schema.keys.items():  # a section inside the section: `budgets.when_spent`
+            if isinstance(spec.schema, Obj):
+                lines += _table(spec.schema, f"{section}.{inner}.")
     lines += ["", "#### `scorers.<name>` by `kind`"]
     for index, (kind, obj) in enumerate(SCORER_KINDS_SCHEMA.items()):
         lines += ["", f"**`{kind}`** — {obj.doc}", "", *head]

@@ -23,18 +23,22 @@ from envoy.config.core.v3 import base_pb2
 from envoy.service.ext_proc.v3 import external_processor_pb2 as ext
 from envoy.type.v3 import http_status_pb2
 
-from extproc._contract import METADATA_NAMESPACE, ROUTING_HEADER
+from extproc._contract import FAILOVER_MODELS_KEY, FAILOVER_NAMESPACE, METADATA_NAMESPACE, ROUTING_HEADER
 from extproc.engine._decision import Decision
+from extproc.policy._sections import Backend
 from extproc._errors import RequestError
 
 __all__ = [
     "CONTINUE",
     "continue_headers",
     "routed_body_response",
+    "failover_body_response",
     "error_response",
 ]
 
 _OVERWRITE = base_pb2.HeaderValueOption.OVERWRITE_IF_EXISTS_OR_ADD
+#: Envoy's per-request retry cap; the ext_proc filter needs ``mutation_rules.allow_envoy`` to set it.
+MAX_RETRIES_HEADER = "x-envoy-max-retries"
 
 #: "Go on unchanged" for each phase, by ``ProcessingRequest`` oneof name. Read-only.
 CONTINUE: dict[str, ext.ProcessingResponse] = {
@@ -93,6 +97,35 @@ def routed_body_response(decision: Decision, rewritten_body: bytes | None = None
     common = response.request_body.response
     common.body_mutation.body = rewritten_body
     common.header_mutation.set_headers.append(_set("content-length", str(len(rewritten_body))))
+    return response
+
+
+def failover_body_response(decision: Decision, chain: tuple[Backend, ...],
+                           body: bytes | None) -> ext.ProcessingResponse:
+    """The request-body answer of a policy with ``fallbacks``: :func:`routed_body_response` with
+    ``body`` (with more than one backend in ``chain``, its ``model`` is the slot), plus
+    ``x-envoy-max-retries`` (the attempts after the first) and, with more than one backend, the
+    chain's clusters as ``priority_group`` metadata (namespace ``switchyard.failover``) and, in
+    namespace ``switchyard``, ``chain`` (for the access log) and ``attempt_models`` (cluster -> its
+    model as JSON text, for the upstream Lua filters)."""
+    response = ext.ProcessingResponse()
+    response.CopyFrom(routed_body_response(decision, body))
+    common = response.request_body.response
+    common.header_mutation.set_headers.append(_set(MAX_RETRIES_HEADER, str(len(chain) - 1)))
+    if len(chain) == 1:
+        return response
+    fields = response.dynamic_metadata.fields
+    decided = fields[METADATA_NAMESPACE].struct_value.fields
+    decided["chain"].string_value = ",".join(backend.name for backend in chain)
+    models = decided[FAILOVER_MODELS_KEY].struct_value.fields
+    groups = fields[FAILOVER_NAMESPACE].struct_value.fields["priority_groups"].list_value
+    for backend in chain:
+        models[backend.cluster].string_value = json.dumps(backend.model)
+        group = groups.values.add().struct_value.fields
+        group["name"].string_value = backend.cluster
+        cluster = group["clusters"].list_value.values.add().struct_value.fields
+        cluster["cluster_name"].string_value = backend.cluster
+        cluster["weight"].number_value = 1
     return response
 
 

@@ -19,11 +19,13 @@ from __future__ import annotations
 import asyncio
 import hashlib
 import logging
+from collections.abc import Callable
 from pathlib import Path
 
 from extproc.engine._engine import PolicyEngine
 from extproc._errors import PolicyError
 from extproc.policy._loading import DEFAULT_MAX_POLICY_BYTES, parse_policy, read_policy_text
+from extproc.policy._model import Policy
 from extproc.scoring._cache import ScorerCache, retire
 from extproc.policy._scorer_specs import checkpoint_fingerprint
 from extproc.telemetry._instruments import Telemetry
@@ -74,6 +76,9 @@ class PolicyFile:
         self._checkpoints = checkpoints or {}  # of the running version
         self._rejected: Version | None = None  # the last bad version, logged once
         self._telemetry = telemetry or Telemetry()
+        #: Called with each new policy before it runs (e.g. to build the store its ``state:``
+        #: names); a :class:`PolicyError` from it rejects the reload. Called from a worker thread.
+        self.accept: Callable[[Policy], None] | None = None
 
     @classmethod
     def load(cls, path: str | Path, telemetry: Telemetry | None = None,
@@ -121,6 +126,8 @@ class PolicyFile:
         checkpoints: dict[str, str] = {}
         try:
             engine = _engine(self.path, text, self.scorers, checkpoints)
+            if self.accept is not None:
+                self.accept(engine.policy)
         except PolicyError as error:
             return self._reject((digest, checkpoints), error)
         if self.scorers is not None:

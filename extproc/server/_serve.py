@@ -24,6 +24,15 @@ With ``shadow`` (``serve --shadow FILE``), each process also runs the shadow pol
 (:mod:`extproc.server._shadow`): loaded after the live policy's scorers, through the same scorer
 cache, watched and reloaded like it, and its decisions still in flight get ``grace`` seconds
 at shutdown. A shadow file that is bad at start never stops the server from starting.
+
+Each process builds the fleet-state store of the policy's ``state:`` section once
+(:class:`~extproc.traffic._fleet.FleetState`: in process, or Redis/Valkey), rebuilds it when a
+reload changes the section (a store that cannot be built rejects the reload), and closes it at
+shutdown; session pins (``sessions:``, :mod:`extproc.traffic._sessions`) live there.
+
+With ``envoy_admin`` (``serve --envoy-admin URL``), each process polls Envoy's cluster list in a
+task of its own (:mod:`extproc.traffic._health`) and the rules skip the backends Envoy reports
+down; the poll never runs on a request's path and its failures never fail a request.
 """
 
 from __future__ import annotations
@@ -51,6 +60,10 @@ from extproc.server._servicer import ExternalProcessor
 from extproc.server._shadow import Shadow, ShadowPolicy, SharedScorers
 from extproc.telemetry._instruments import Telemetry
 from extproc.telemetry._setup import TelemetryConfig, setup_telemetry
+from extproc.traffic._fleet import FleetState
+from extproc.traffic._budgets import FleetLimits
+from extproc.traffic._sessions import Sessions
+from extproc.traffic._health import BackendHealth, HealthPoller, parse_admin_url
 
 __all__ = ["serve", "serve_async", "parse_listen"]
 
@@ -82,10 +95,12 @@ async def serve_async(
     reuse_port: bool = False,
     stop_signals: tuple[signal.Signals, ...] = (signal.SIGTERM, signal.SIGINT),
     shadow_policy: ShadowPolicy | None = None,
+    envoy_admin: str | None = None,
 ) -> None:
     """Serve ``policy`` until one of ``stop_signals``, reloading it as it changes; then drain
     for ``drain`` seconds and stop with ``grace`` seconds for open streams (module docstring).
-    ``shadow_policy``: decide every routed request again with it, off the live path."""
+    ``shadow_policy``: decide every routed request again with it, off the live path.
+    ``envoy_admin``: Envoy's admin URL, polled for the backends it reports down."""
     host, port = parse_listen(listen)
     # Scorers load here, after any fork: their worker threads and devices belong to this process.
     scorers = SharedScorers()
@@ -103,8 +118,14 @@ async def serve_async(
     telemetry.observe_breakers(lambda: BREAKERS.states(policy.current().scorers))
     capture = CaptureWriter(telemetry)  # the policy's `capture:` section says what it writes, reload by reload
     shadow = Shadow(shadow_policy.current, telemetry) if shadow_policy is not None else None
-    ext_grpc.add_ExternalProcessorServicer_to_server(ExternalProcessor(policy.current, telemetry, capture, shadow),
-                                                     server)
+    fleet = FleetState(policy.current().policy.state)  # this process's store; a reload may swap it
+    policy.accept = fleet.accept
+    backend_health = BackendHealth() if envoy_admin else None
+    sessions = Sessions(lambda: fleet.store, telemetry, unhealthy=(
+        (lambda: backend_health.unhealthy(policy.current().policy)) if backend_health is not None else None))
+    limits = FleetLimits(lambda: fleet.store, telemetry)  # budgets: and share:, in the same store
+    ext_grpc.add_ExternalProcessorServicer_to_server(
+        ExternalProcessor(policy.current, telemetry, capture, shadow, sessions, limits, backend_health), server)
     health = HealthServicer()
     health_pb2_grpc.add_HealthServicer_to_server(health, server)
     address = f"[{host}]:{port}" if ":" in host else f"{host}:{port}"
@@ -138,6 +159,10 @@ async def serve_async(
     loop.add_signal_handler(signal.SIGHUP, on_reload_signal)
     watcher = asyncio.create_task(policy.watch(reload_interval, reload_now), name="switchyard-policy-watch")
     watchers = [watcher]
+    if backend_health is not None:
+        telemetry.observe_backend_health(lambda: _backend_states(backend_health, policy.current().policy))
+        poller = HealthPoller(envoy_admin, backend_health, telemetry)
+        watchers.append(asyncio.create_task(poller.run(), name="switchyard-envoy-health"))
     if shadow_policy is not None:
         log.info("shadowing", extra={"shadow": str(shadow_policy.path), "digest": shadow_policy.digest})
         watchers.append(asyncio.create_task(shadow_policy.watch(reload_interval, reload_shadow),
@@ -160,8 +185,15 @@ async def serve_async(
     if shadow is not None:
         await shadow.drain(grace)
     await asyncio.to_thread(capture.close, grace)
+    await fleet.aclose()
     await policy.close()  # every scorer, the shadow's too: they share one cache
     await _let_cancelled_calls_end()
+
+
+def _backend_states(health: BackendHealth, policy) -> dict[str, bool]:
+    """Each backend of ``policy``: whether the decision counts it healthy now."""
+    down = health.unhealthy(policy)
+    return {name: name not in down for name in policy.backends}
 
 
 async def _let_cancelled_calls_end(timeout: float = CALLS_END_S) -> None:
@@ -201,6 +233,7 @@ def serve(
     metrics_listen: str | None = None,
     max_policy_bytes: int = DEFAULT_MAX_POLICY_BYTES,
     shadow: Path | None = None,
+    envoy_admin: str | None = None,
 ) -> int:
     """Run the server in this process, or in ``workers`` forked processes on one port.
 
@@ -212,9 +245,14 @@ def serve(
     ``max_policy_bytes``: a larger policy file is refused unparsed, at start and on reload.
     ``shadow``: a candidate policy file every routed request is decided with again, off the
     live path (a bad one is logged, and requests are not shadowed until it is good).
+    ``envoy_admin``: ``http://HOST:PORT`` of Envoy's admin endpoint; each process polls its
+    cluster list every second and the rules skip the backends Envoy reports down
+    (:mod:`extproc.traffic._health`). ``None``: every backend counts as healthy.
     """
     config = TelemetryConfig.from_env(metrics_listen)  # a bad OTEL_* value never starts a server
     metrics_address = parse_listen(config.metrics_listen, "--metrics-listen") if config.metrics_listen else None
+    if envoy_admin is not None:
+        parse_admin_url(envoy_admin)  # a bad URL never starts a server
     policy = PolicyFile.load(policy_path, max_bytes=max_policy_bytes)  # before forking: a bad policy never starts a server
     shadow_policy = ShadowPolicy(shadow, max_policy_bytes) if shadow is not None else None
     # What is loaded by now (modules, the policy) lives as long as the process: the garbage
@@ -227,7 +265,7 @@ def serve(
             if endpoint is not None:
                 endpoint.start()
             asyncio.run(serve_async(policy, listen, grace=grace, drain=drain, reload_interval=reload_interval,
-                                    shadow_policy=shadow_policy))
+                                    shadow_policy=shadow_policy, envoy_admin=envoy_admin))
         finally:
             if endpoint is not None:
                 endpoint.close()
@@ -272,7 +310,7 @@ def serve(
                     answer_scrapes(channels[index][1], setup.registry)
                 asyncio.run(serve_async(policy, listen, grace=grace, drain=drain, reuse_port=True,
                                         reload_interval=reload_interval, stop_signals=(signal.SIGTERM,),
-                                        shadow_policy=shadow_policy))
+                                        shadow_policy=shadow_policy, envoy_admin=envoy_admin))
                 setup.shutdown()
                 os._exit(0)
             except BaseException:  # noqa: BLE001 - report and exit the child, never return into the parent's code

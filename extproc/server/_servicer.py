@@ -31,12 +31,22 @@ from extproc.server._capture import CaptureWriter
 from extproc.engine._decision import Decision
 from extproc.engine._engine import PolicyEngine, SignalMemo
 from extproc._errors import RequestError
-from extproc.server._mutations import CONTINUE, continue_headers, error_response, routed_body_response
-from extproc._contract import HEADER_PREFIX
+from extproc.server._mutations import (
+    CONTINUE,
+    continue_headers,
+    error_response,
+    failover_body_response,
+    routed_body_response,
+)
+from extproc._contract import HEADER_PREFIX, MODEL_SLOT
 from extproc.request._body import RoutingRequest, body_too_large, is_json_content_type, parse_json_body, rewrite_model
 from extproc.scorers._interface import ScoresNeeded
 from extproc.scoring._decide import decide_with_scores
 from extproc.server._shadow import Shadow
+from extproc.traffic._budgets import FleetLimits
+from extproc.traffic._failover import failover_for, record_failover
+from extproc.traffic._health import BackendHealth
+from extproc.traffic._sessions import Sessions
 from extproc.telemetry._instruments import Telemetry, start_decide_span
 
 __all__ = ["ExternalProcessor", "RequestStream"]
@@ -60,15 +70,21 @@ def _header_map(message: ext.HttpHeaders) -> dict[str, str]:
 class RequestStream:
     """The state of one HTTP request's ext_proc stream, and its answers."""
 
-    def __init__(self, engine: PolicyEngine, telemetry: Telemetry, capture: CaptureWriter | None = None) -> None:
+    def __init__(self, engine: PolicyEngine, telemetry: Telemetry, capture: CaptureWriter | None = None,
+                 sessions: Sessions | None = None, limits: FleetLimits | None = None,
+                 health: BackendHealth | None = None) -> None:
         self.engine = engine
         self.telemetry = telemetry
         self.capture = capture
+        self.sessions = sessions
+        self.limits = limits
+        self.health = health
         self.request: RoutingRequest | None = None
         self.routed = False
         self.arrival = time.monotonic()  # scorer deadlines count from here
         self.done = False  # the answer just given is the last one this request needs
         self.decided: Decision | None = None  # the routing decision, once made
+        self.memo: SignalMemo | None = None  # the request's signals and health view, once its body is parsed
 
     def handle(self, message: ext.ProcessingRequest) -> ext.ProcessingResponse | Awaitable[ext.ProcessingResponse]:
         phase = message.WhichOneof("request")
@@ -113,12 +129,18 @@ class RequestStream:
         span = start_decide_span(self.telemetry, self.request.headers)  # joins the caller's traceparent
         try:
             self.request.body = parse_json_body(raw, max_bytes=self.engine.policy.routing.max_body_bytes)
-            memo = SignalMemo(self.request)
+            memo = self.memo = SignalMemo(
+                self.request, self.limits.thresholds(self.engine.policy) if self.limits else None,
+                unhealthy=self.health.unhealthy(self.engine.policy) if self.health is not None else ())
+            if self.sessions is not None and (session := self.sessions.key(self.engine, self.request)) is not None:
+                return self._route_session(raw, session, memo, started, span)  # awaits the fleet-state store
             decision = self.engine.decide(self.request, memo=memo)
         except RequestError as error:
             return self._rejected(error, span)
         except ScoresNeeded as need:
             return self._route_scored(raw, need, memo, started, span)
+        if self.limits is not None and self.limits.applies(self.engine.policy):  # budgets, share: the store
+            return self._route_limited(raw, decision, memo, started, span)
         return self._routed(raw, decision, started, span)
 
     async def _route_scored(self, raw: bytes, need: ScoresNeeded, memo: SignalMemo, started: float,
@@ -129,6 +151,30 @@ class RequestStream:
                 self.engine, self.request, arrival=self.arrival, first_need=need, memo=memo, telemetry=self.telemetry,
                 span=span,
             )
+            if self.limits is not None:
+                decision = await self.limits.settle(self.engine, self.request, decision, memo)
+        except RequestError as error:
+            return self._rejected(error, span)
+        return self._routed(raw, decision, started, span)
+
+    async def _route_session(self, raw: bytes, session: str, memo: SignalMemo, started: float,
+                             span) -> ext.ProcessingResponse:
+        assert self.request is not None and self.sessions is not None
+        try:
+            decision = await self.sessions.decide(self.engine, self.request, session, memo=memo,
+                                                  arrival=self.arrival, span=span)
+            if self.limits is not None:
+                decision = await self.limits.settle(self.engine, self.request, decision, memo)
+        except RequestError as error:
+            return self._rejected(error, span)
+        return self._routed(raw, decision, started, span)
+
+    async def _route_limited(self, raw: bytes, decision: Decision, memo: SignalMemo, started: float,
+                             span) -> ext.ProcessingResponse:
+        """A cheap rule's decision, after its budget and the share controller (:class:`FleetLimits`)."""
+        assert self.request is not None and self.limits is not None
+        try:
+            decision = await self.limits.settle(self.engine, self.request, decision, memo)
         except RequestError as error:
             return self._rejected(error, span)
         return self._routed(raw, decision, started, span)
@@ -151,8 +197,16 @@ class RequestStream:
         if log.isEnabledFor(logging.DEBUG):
             log.debug("decision", extra={"backend": decision.backend.name, "rule": decision.rule,
                                          "signals": {k: r.matched for k, r in decision.signals.items()}})
-        rewritten = rewrite_model(raw, self.request.body, decision.model) if decision.rewrite_model else None
-        response = routed_body_response(decision, rewritten)
+        failover = failover_for(self.engine, self.request, decision, raw, self.memo)
+        if failover is not None and failover.retries:  # each attempt's Lua filter puts its model in the slot
+            rewritten = rewrite_model(raw, self.request.body, MODEL_SLOT)
+        else:
+            rewritten = rewrite_model(raw, self.request.body, decision.model) if decision.rewrite_model else None
+        if failover is None:
+            response = routed_body_response(decision, rewritten)
+        else:
+            response = failover_body_response(decision, failover.chain, rewritten)
+            record_failover(self.telemetry, decision, failover)
         self.decided = decision
         capture = self.engine.policy.capture
         if self.capture is not None and capture.enabled:
@@ -171,20 +225,30 @@ class ExternalProcessor(ext_grpc.ExternalProcessorServicer):
     ``engine`` is called once per stream, so a reloaded policy applies to new requests (its
     ``capture:`` section too). ``capture`` writes the requests that section samples; ``None``:
     nothing is captured. ``shadow`` decides every routed request again after its answer has
-    gone (``None``: no shadow policy).
+    gone (``None``: no shadow policy). ``sessions``: the pins of the policies' ``sessions:``
+    sections (``None``: every request is decided alone). ``limits``: the budgets and large-share
+    controller of the policies' ``budgets:`` / ``share:`` sections (``None``: neither applies).
+    ``health``: the backends Envoy reports down (``serve --envoy-admin``), which the rules skip
+    (``None``: every backend counts as healthy).
     """
 
     def __init__(self, engine: Callable[[], PolicyEngine], telemetry: Telemetry | None = None,
-                 capture: CaptureWriter | None = None, shadow: Shadow | None = None) -> None:
+                 capture: CaptureWriter | None = None, shadow: Shadow | None = None,
+                 sessions: Sessions | None = None, limits: FleetLimits | None = None,
+                 health: BackendHealth | None = None) -> None:
         self._engine = engine
         self._telemetry = telemetry or Telemetry()
         self._capture = capture
         self._shadow = shadow
+        self._sessions = sessions
+        self._limits = limits
+        self._health = health
 
     async def Process(
         self, request_iterator: AsyncIterator[ext.ProcessingRequest], context: grpc.aio.ServicerContext
     ) -> AsyncIterator[ext.ProcessingResponse]:
-        stream = RequestStream(self._engine(), self._telemetry, self._capture)
+        stream = RequestStream(self._engine(), self._telemetry, self._capture, self._sessions, self._limits,
+                               self._health)
         async for message in request_iterator:
             try:
                 response = stream.handle(message)

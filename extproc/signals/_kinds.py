@@ -65,10 +65,14 @@ _NO_MATCH = SignalResult(False, ())
 class SignalContext:
     """Per-request memo of the values signals share (texts, token counts, language)."""
 
-    def __init__(self, request: RoutingRequest, scores: Mapping[str, Scores | ScorerFailure] | None = None) -> None:
+    def __init__(self, request: RoutingRequest, scores: Mapping[str, Scores | ScorerFailure] | None = None,
+                 thresholds: Mapping[str, float] | None = None) -> None:
         self.request = request
         #: scorer name -> its scores (or why it has none) for this request, given by the caller
         self.scores = scores if scores is not None else {}
+        #: score signal name -> the threshold that replaces its written one for this request
+        #: (the ``share:`` controller's); the frozen policy is never changed
+        self.thresholds: Mapping[str, float] = thresholds if thresholds is not None else {}
         self._texts: dict[str, str] = {}
         self._lower_texts: dict[str, str] = {}
         self._tokens: dict[tuple[str, str], int] = {}
@@ -477,6 +481,15 @@ class RequestFieldSignal(Signal):
         matched = (self.above is None or value > self.above) and (self.below is None or value < self.below)
         return SignalResult(matched, value)
 
+    def _beyond(self, value: float, threshold: float) -> bool:
+        """Whether ``value`` matches with ``threshold`` in place of this signal's one bound
+        (``share:`` allows only one-sided score signals)."""
+        if self.below is not None:
+            return value < threshold
+        if self.at_least is not None:
+            return value >= threshold
+        return value > threshold
+
 
 def _same(a: Any, b: Any) -> bool:
     """Equality that does not confuse ``True`` with ``1``."""
@@ -578,10 +591,22 @@ class ScoreSignal(Signal):
         value = outcome.values.get(self.output)
         if value is None:
             raise ScoringFailed(self.scorer, ScorerFailure("missing_output", f"no output {self.output!r}"))
+        moved = ctx.thresholds.get(self.name)
+        if moved is not None:  # the share controller's threshold replaces the one bound
+            return SignalResult(self._beyond(value, moved), value)
         if self.at_least is not None:
             return SignalResult(value >= self.at_least, value)
         matched = (self.above is None or value > self.above) and (self.below is None or value < self.below)
         return SignalResult(matched, value)
+
+    def _beyond(self, value: float, threshold: float) -> bool:
+        """Whether ``value`` matches with ``threshold`` in place of this signal's one bound
+        (``share:`` allows only one-sided score signals)."""
+        if self.below is not None:
+            return value < threshold
+        if self.at_least is not None:
+            return value >= threshold
+        return value > threshold
 
 
 #: Signal kinds by ``kind``; the policy schema's ``SIGNAL_KINDS`` declares their keys.

@@ -24,6 +24,17 @@ counters end in ``_total``)::
     switchyard.shadow.cost        switchyard_shadow_cost_total{policy}  (policy: live, shadow)
     switchyard.shadow.large       switchyard_shadow_large_total{policy}
     switchyard.shadow.skipped     switchyard_shadow_skipped_total{reason}
+    switchyard.sessions.pins      switchyard_sessions_pins_total{result}  (result: new, moved)
+    switchyard.sessions.hits      switchyard_sessions_hits_total
+    switchyard.sessions.breaks    switchyard_sessions_breaks_total{reason}
+    switchyard.budget.spent       switchyard_budget_spent_total{budget}  (money; budget: a `limits` name or `other`)
+    switchyard.budget.exhausted   switchyard_budget_exhausted_total{action}  (action: backend, reject)
+    switchyard.share.observed     switchyard_share_observed{signal}  (the fleet's large share over the window)
+    switchyard.share.threshold    switchyard_share_threshold{signal}  (the threshold the controller set)
+    switchyard.failover.chains    switchyard_failover_chains_total{backend, attempts}
+    switchyard.failover.refused   switchyard_failover_refused_total{reason}  (reason: slot_in_body)
+    switchyard.backend.healthy    switchyard_backend_healthy{backend}  (1: the decision may use it; serve --envoy-admin)
+    switchyard.health.poll_failures  switchyard_health_poll_failures_total{reason}
 
 A failed scorer call is also a warning log line, at most one per scorer every
 :data:`FAILURE_LOG_EVERY_S` seconds, counting the failures it stands for (:class:`FailureLog`),
@@ -149,6 +160,14 @@ class Telemetry:
       (:class:`~extproc.server._capture.CaptureWriter`), from its queue and its writer thread.
     - ``shadow_decisions``, ``shadow_cost``, ``shadow_large``, ``shadow_skipped``: the
       shadow (:class:`~extproc.server._shadow.Shadow`), once per request it compared or skipped.
+    - ``session_pins``, ``session_hits``, ``session_breaks``: :mod:`extproc.traffic._sessions`,
+      once per request of a session (``sessions:``).
+    - ``budget_spent``, ``budget_exhausted``: :mod:`extproc.traffic._budgets`, once per charged
+      or over-budget request; ``share_observed``, ``share_threshold``: the share controller
+      (:mod:`extproc.traffic._share`), at each update it reads.
+    - ``health_poll_failures``: the Envoy health poller (:mod:`extproc.traffic._health`), once per
+      failed poll; ``switchyard.backend.healthy``: the server registers the backends' health
+      once with :meth:`observe_backend_health`; it is read at each collection.
     - ``switchyard.scorer.breaker.state``: the server registers the running scorers'
       breakers once with :meth:`observe_breakers`; they are read at each collection.
     """
@@ -216,6 +235,48 @@ class Telemetry:
             "switchyard.shadow.skipped", unit="{request}",
             description="Routed requests the shadow did not compare, by reason (dropped: too many shadow decisions "
                         "in flight; timeout; error: the shadow policy raised).")
+        self.session_pins = meter.create_counter(
+            "switchyard.sessions.pins", unit="{session}",
+            description="Sessions pinned to a backend (`sessions:`), by result (new: a session's first routed "
+                        "request; moved: pinned again after its pin broke).")
+        self.session_hits = meter.create_counter(
+            "switchyard.sessions.hits", unit="{request}",
+            description="Requests routed by their session's pin, without running scorers (rule `session`).")
+        self.session_breaks = meter.create_counter(
+            "switchyard.sessions.breaks", unit="{request}",
+            description="Requests whose session's pinned backend could not take them, by reason "
+                        "(backend_removed, tenant_not_allowed, images_not_supported, context_length_exceeded, "
+                        "unhealthy, rule: a `breaks_session` rule held); each is decided and pinned again.")
+
+        self.budget_spent = meter.create_counter(
+            "switchyard.budget.spent", unit="1",
+            description="Money charged to budgets (`budgets:`, in the unit of the backends' `price`), by budget: "
+                        "the name when `budgets.limits` lists it, else `other` (names are not labels).")
+        self.budget_exhausted = meter.create_counter(
+            "switchyard.budget.exhausted", unit="{request}",
+            description="Requests whose cost would take their budget over its limit, by action (backend: sent "
+                        "to `budgets.when_spent.backend`; reject: answered 429 `budget_exhausted`).")
+        self.share_observed = meter.create_gauge(
+            "switchyard.share.observed", unit="1",
+            description="The fleet's share of routed requests on the `share.large` backends over `share.window_s`, "
+                        "as the controller last read it, by signal.")
+        self.share_threshold = meter.create_gauge(
+            "switchyard.share.threshold", unit="1",
+            description="The threshold the share controller set for its score signal, by signal.")
+        self.failover_chains = meter.create_counter(
+            "switchyard.failover.chains", unit="{request}",
+            description="Routed requests of a policy with `fallbacks`, by backend (the first choice) and attempts "
+                        "(the chain length Envoy may try; 1: none of its fallbacks may serve the request).")
+        self.failover_refused = meter.create_counter(
+            "switchyard.failover.refused", unit="{request}",
+            description="Requests sent without failover although fallbacks applied, by reason (slot_in_body: the "
+                        "client body holds switchyard's model slot text).")
+
+        self.health_poll_failures = meter.create_counter(
+            "switchyard.health.poll_failures", unit="{poll}",
+            description="Polls of Envoy's admin endpoint (serve --envoy-admin) that read no cluster list, by reason "
+                        "(unreachable, timeout, http_status, too_large, bad_json, bad_answer); the last view is "
+                        "kept, and dropped once stale (every backend then counts as healthy).")
 
     def record_score(self, scorer: str, outcome: Scores | ScorerFailure, latency_ms: float) -> None:
         """One scorer call: its latency by ``result`` (``ok``, or the failure's ``reason``),
@@ -253,6 +314,19 @@ class Telemetry:
             "switchyard.scorer.breaker.state", callbacks=[observe], unit="1",
             description="Each running scorer's circuit breaker: 0 closed, 1 open (requests take the fallback "
                         "at once), 2 half-open (one request tries the scorer).")
+
+
+    def observe_backend_health(self, healthy: Callable[[], Mapping[str, bool]]) -> None:
+        """Report ``switchyard.backend.healthy{backend} = healthy()[backend]`` (1 or 0) at every
+        collection. Call once per process (the server does, with ``--envoy-admin``)."""
+
+        def observe(_options: CallbackOptions) -> list[Observation]:
+            return [Observation(int(up), {"backend": name}) for name, up in healthy().items()]
+
+        self._meter.create_observable_gauge(
+            "switchyard.backend.healthy", callbacks=[observe], unit="1",
+            description="Each backend of the running policy: 1 when the decision may use it, 0 when Envoy reports "
+                        "its cluster without a healthy host (ejected, failing health checks).")
 
 
 def start_decide_span(telemetry: Telemetry, headers: Mapping[str, str]) -> trace.Span | None:

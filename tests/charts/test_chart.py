@@ -637,3 +637,10 @@ def test_dockerfile_installs_what_the_tests_install():
     values = yaml.safe_load((CHART / "values.yaml").read_text())
     assert values["podSecurityContext"]["runAsUser"] == 10001
     assert load_policy(CHART / "files" / "default-policy.yaml").default == "small"
+
+
+def test_switchyard_reads_backend_health_from_the_envoy_beside_it():
+    deployment = find(render({"envoy": {"adminPort": 9911}}), "Deployment")
+    switchyard = deployment["spec"]["template"]["spec"]["containers"][1]
+    args = switchyard["args"]
+    assert args[args.index("--envoy-admin") + 1] == "http://127.0.0.1:9911"  # the pod's loopback admin endpoint

@@ -26,7 +26,7 @@ def problems(write_policy, text):
 CASES = [
     # (name, policy text, expected (line, column), substring of the message)
     ("unknown key", BASE + "rulez: []\n", (6, 1), "Unknown key `rulez`"),
-    ("unknown backend key", BASE.replace("model: s}", "model: s, price: 3}"), (3, 37), "Unknown key `price` in `backends.small`"),
+    ("unknown backend key", BASE.replace("model: s}", "model: s, pricing: 3}"), (3, 37), "Unknown key `pricing` in `backends.small`"),
     ("wrong type", BASE.replace("version: 1", "version: one"), (1, 10), "`version` must be an integer"),
     ("missing required", "version: 1\nbackends:\n  small: {model: s}\ndefault: small\n", (3, 10), "`backends.small.cluster` is required"),
     ("undefined default backend", BASE.replace("default: small", "default: medium"), (5, 1), "names backend 'medium', which is not defined"),
@@ -144,7 +144,7 @@ def test_cli_check_prints_path_line_column_and_exits_1(write_policy, capsys):
     path = write_policy(BASE + "rulez: []\n")
     assert main(["policy", "check", str(path)]) == 1
     out = capsys.readouterr().out.strip()
-    assert out == f"{path}:6:1: Unknown key `rulez` in `<document>`; known keys: version, backends, default, fallback, scorers, signals, rules, models, tenants, routing, capture."
+    assert out == f"{path}:6:1: Unknown key `rulez` in `<document>`; known keys: version, backends, default, fallback, scorers, signals, rules, models, tenants, routing, capture, budgets, sessions, state, share."
 
 
 def test_cli_check_accepts_valid_policies(capsys):

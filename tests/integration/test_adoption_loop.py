@@ -80,11 +80,13 @@ def _section(text: str, start: str, end: str) -> str:
 
 
 def _pairwise_judge(messages: list[dict]) -> str:
-    """Grades the shipped pairwise prompt by a rule: a wrong B (the small model) loses to A
-    (the strongest, large); otherwise a tie."""
+    """Grades the shipped pairwise prompt by a rule: a wrong answer (the small model's, in
+    whichever position it is shown) loses to the other; otherwise a tie."""
     prompt = messages[-1]["content"]
+    a = _section(prompt, "[The Start of Assistant A's Answer]\n", "\n[The End of Assistant A's")
     b = _section(prompt, "[The Start of Assistant B's Answer]\n", "\n[The End of Assistant B's")
-    return "Judged by the rule. " + ("[[A]]" if b.startswith("WRONG") else "[[C]]")
+    verdict = "[[A]]" if b.startswith("WRONG") else "[[B]]" if a.startswith("WRONG") else "[[C]]"
+    return "Judged by the rule. " + verdict
 
 
 # -- the steps --------------------------------------------------------------------------------------
@@ -126,7 +128,8 @@ def _label(root: Path, capture: Path) -> Path:
         }))  # fmt: skip
         assert main(["label", "--config", str(config), "--input", str(capture), "--output", str(labelled),
                      "--no-progress"]) == 0  # fmt: skip
-        assert small.calls == large.calls == judge.calls == CAPTURED  # one call each per captured request
+        assert small.calls == large.calls == CAPTURED  # one call each per captured request
+        assert judge.calls == 2 * CAPTURED  # the pair judged in both orders
     return labelled
 
 
