@@ -32,6 +32,7 @@ signals:
   hard: {kind: keywords, keywords: [prove]}
 rules:
   - {name: hard, when: hard, backend: large}
+sessions: {key: header, header: x-session-id}  # only requests carrying the header have a session
 """
 
 #: A backend that answers 503 while the file argv[2] exists, else a chat completion.
@@ -116,3 +117,22 @@ def test_an_ejected_backend_leaves_the_decision_and_comes_back(health_gateway):
     down.unlink()  # large recovers; after the ejection time Envoy returns it, and so does switchyard
     back = _until("hard requests back on large", gateway, lambda r: r.header("x-switchyard-backend") == "large")
     assert (back.status, back.header("x-switchyard-rule")) == (200, "hard"), back
+
+
+def test_a_session_pinned_to_a_backend_that_goes_down_moves_and_says_so(health_gateway):
+    gateway, down = health_gateway
+    session = {"x-session-id": "chat-1"}
+    first = gateway.post(HARD, session)
+    assert (first.status, first.header("x-switchyard-backend"), first.header("x-switchyard-session")) == (
+        200, "large", "new"), first
+    pinned = gateway.post(chat("thanks, go on"), session)  # alone, this would go to small
+    assert (pinned.header("x-switchyard-backend"), pinned.header("x-switchyard-rule")) == ("large", "session"), pinned
+
+    down.touch()
+    _until("large ejected", gateway, lambda r: r.header("x-switchyard-backend") == "small")
+    moved = gateway.post(chat("thanks, go on"), session)
+    assert (moved.status, moved.header("x-switchyard-backend"), moved.header("x-switchyard-session")) == (
+        200, "small", "moved"), moved
+    after = gateway.post(chat("and then?"), session)
+    assert (after.header("x-switchyard-backend"), after.header("x-switchyard-rule"),
+            after.header("x-switchyard-session")) == ("small", "session", "pinned"), after
