@@ -481,15 +481,6 @@ class RequestFieldSignal(Signal):
         matched = (self.above is None or value > self.above) and (self.below is None or value < self.below)
         return SignalResult(matched, value)
 
-    def _beyond(self, value: float, threshold: float) -> bool:
-        """Whether ``value`` matches with ``threshold`` in place of this signal's one bound
-        (``share:`` allows only one-sided score signals)."""
-        if self.below is not None:
-            return value < threshold
-        if self.at_least is not None:
-            return value >= threshold
-        return value > threshold
-
 
 def _same(a: Any, b: Any) -> bool:
     """Equality that does not confuse ``True`` with ``1``."""
