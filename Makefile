@@ -35,6 +35,8 @@ bench: $(STAMP)
 	$(PY) bench/quality.py
 	$(PY) bench/decision.py
 	$(PY) bench/soak.py
+	$(PY) bench/failover.py
+	$(PY) bench/label.py
 
 clean:
 	rm -rf $(VENV) .demo bench/results
