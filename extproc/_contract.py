@@ -9,7 +9,8 @@ deadlines with them.
 from __future__ import annotations
 
 __all__ = ["ROUTING_HEADER", "RULE_HEADER", "SESSION_HEADER", "HEADER_PREFIX", "METADATA_NAMESPACE", "FAILOVER_NAMESPACE",
-           "FAILOVER_MODELS_KEY", "MODEL_SLOT", "SERVED_BY_HEADER", "MESSAGE_TIMEOUT_MS", "DEADLINE_MARGIN_MS"]
+           "FAILOVER_MODELS_KEY", "MODEL_SLOT", "SERVED_BY_HEADER", "BUDGET_KEY", "BUDGET_WINDOW", "BUDGET_CHARGED",
+           "BUDGET_PRICE", "USAGE_FILTER", "MESSAGE_TIMEOUT_MS", "DEADLINE_MARGIN_MS"]
 
 #: The header that names the chosen backend; Envoy's routes match on it.
 ROUTING_HEADER = "x-switchyard-backend"
@@ -34,6 +35,18 @@ MODEL_SLOT = "\x00switchyard-model"
 #: The response header naming the cluster that actually answered (``%UPSTREAM_CLUSTER%``); with
 #: failover it can differ from ``x-switchyard-backend``, the first choice.
 SERVED_BY_HEADER = "x-switchyard-served-by"
+#: Budgets (``budgets:``): the ``switchyard`` metadata keys of a request's charge, set by the body
+#: answer of a charged request and forwarded by the usage filter (:data:`USAGE_FILTER`) with the
+#: response, so switchyard can correct the charge from the response's ``usage``: the budget's
+#: store key, the window it was charged to (``<window_s>:<index>``), the money charged, and the
+#: price it was charged at (``<input_per_mtok>,<output_per_mtok>``). Numbers are Python ``repr``.
+BUDGET_KEY = "budget_key"
+BUDGET_WINDOW = "budget_window"
+BUDGET_CHARGED = "budget_charged"
+BUDGET_PRICE = "budget_price"
+#: Budgets: the name of the second, observe-only ext_proc filter the renderer adds when the
+#: policy has ``budgets:``; it sends switchyard the response (headers, body) with the charge.
+USAGE_FILTER = "switchyard.usage"
 
 #: ext_proc ``message_timeout``: how long Envoy waits for switchyard's answer to each message
 #: (the headers, then the buffered body) before failing the request closed with a 504.

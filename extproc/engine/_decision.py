@@ -52,6 +52,9 @@ class Decision:
     #: (the pin broke, ``session_break`` says why, and the session was pinned again); ``None``: no session.
     session: str | None = None
     session_break: str | None = None
+    #: With ``budgets:``: the charge of this request (metadata key -> value, keys from
+    #: :mod:`extproc._contract`), added to :meth:`metadata` so the usage filter can correct it.
+    charge: dict[str, str] = field(default_factory=dict)
 
     @property
     def model(self) -> str:
@@ -81,6 +84,7 @@ class Decision:
             out["session"] = self.session
             if self.session_break:
                 out["session_break"] = self.session_break
+        out.update(self.charge)
         return out
 
     def explain(self) -> dict[str, Any]:

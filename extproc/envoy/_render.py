@@ -7,6 +7,8 @@ envoy/sidecar.yaml are what it renders for policies/default.yaml. What it builds
     listener ──▶ early removal of client x-switchyard-* headers (before route selection)
              ──▶ ext_proc (switchyard; request headers SEND, body BUFFERED; fail closed,
                  or with ``fail_open`` unreachable switchyard ─▶ the default backend's route)
+             ──▶ with ``budgets:`` only: the usage filter (a second ext_proc, observe-only: Envoy
+                 sends switchyard each response and the request's charge, never waiting)
              ──▶ router: one route per policy backend on the exact routing-header value
                  ─▶ that backend's cluster; a routing header naming no backend ─▶ 503;
                  no routing header (a request switchyard did not route) ─▶ the default's cluster
@@ -37,6 +39,7 @@ from extproc._defaults import DEFAULT_EXTPROC_ADDRESS
 from extproc._contract import MESSAGE_TIMEOUT_MS
 from extproc._errors import EnvoyConfigError
 from extproc._contract import (
+    USAGE_FILTER,
     FAILOVER_MODELS_KEY,
     FAILOVER_NAMESPACE,
     HEADER_PREFIX,
@@ -539,6 +542,26 @@ def _ext_proc_filter(fail_open: bool, failover: bool = False) -> dict[str, Any]:
     return {"name": _EXT_PROC, "typed_config": config}
 
 
+def _usage_filter() -> dict[str, Any]:
+    """The observe-only ext_proc filter of a policy with ``budgets:``: Envoy sends switchyard
+    the response headers and body chunks with the request's ``switchyard`` metadata (the budget
+    charge) and does not wait for answers (``observability_mode``), so the response is untouched
+    in bytes and timing; a switchyard that cannot be reached never fails it (``failure_mode_allow``).
+    Its own ``name`` keeps it apart from the routing filter in :func:`check_envoy_config`."""
+    return {"name": USAGE_FILTER, "typed_config": {
+        "@type": _TYPES["ext_proc"],
+        "grpc_service": {"envoy_grpc": {"cluster_name": EXTPROC_CLUSTER}},
+        "failure_mode_allow": True,
+        "observability_mode": True,
+        "processing_mode": {
+            "request_header_mode": "SKIP", "request_body_mode": "NONE",
+            "response_header_mode": "SEND", "response_body_mode": "STREAMED",
+            "request_trailer_mode": "SKIP", "response_trailer_mode": "SKIP",
+        },
+        "metadata_options": {"forwarding_namespaces": {"untyped": [METADATA_NAMESPACE]}},
+    }}
+
+
 def _strip_matcher() -> dict[str, Any]:
     """What the early header mutation removes: every client-sent switchyard header."""
     return {"key_matcher": {"prefix": HEADER_PREFIX, "ignore_case": True}}
@@ -566,6 +589,7 @@ def _ingress(policy: Policy, upstreams: Mapping[str, Upstream], options: EnvoyOp
     if failover and options.access_log:
         router["upstream_log"] = _attempt_log()
     hcm["http_filters"] = [_ext_proc_filter(options.fail_open, failover),
+                           *([_usage_filter()] if policy.budgets is not None else []),
                            {"name": "envoy.filters.http.router", "typed_config": router}]
     served_by = [{"header": {"key": SERVED_BY_HEADER, "value": "%UPSTREAM_CLUSTER%"},
                   "append_action": "OVERWRITE_IF_EXISTS_OR_ADD"}] if failover else []

@@ -86,7 +86,7 @@ def routed_body_response(decision: Decision, rewritten_body: bytes | None = None
     dynamic metadata in namespace ``switchyard``.
     """
     metadata = tuple(decision.metadata().items())
-    if decision.scores or decision.fallback:  # per-request values: never cached
+    if decision.scores or decision.fallback or decision.charge:  # per-request values: never cached
         template = _routed_template.__wrapped__(decision.backend.name, metadata)
     else:
         template = _routed_template(decision.backend.name, metadata)

@@ -64,6 +64,7 @@ from extproc.traffic._fleet import FleetState
 from extproc.traffic._budgets import FleetLimits
 from extproc.traffic._sessions import Sessions
 from extproc.traffic._health import BackendHealth, HealthPoller, parse_admin_url
+from extproc.traffic._usage import UsageCorrections
 
 __all__ = ["serve", "serve_async", "parse_listen"]
 
@@ -125,7 +126,8 @@ async def serve_async(
         (lambda: backend_health.unhealthy(policy.current().policy)) if backend_health is not None else None))
     limits = FleetLimits(lambda: fleet.store, telemetry)  # budgets: and share:, in the same store
     ext_grpc.add_ExternalProcessorServicer_to_server(
-        ExternalProcessor(policy.current, telemetry, capture, shadow, sessions, limits, backend_health), server)
+        ExternalProcessor(policy.current, telemetry, capture, shadow, sessions, limits, backend_health,
+                          UsageCorrections(lambda: fleet.store, telemetry)), server)
     health = HealthServicer()
     health_pb2_grpc.add_HealthServicer_to_server(health, server)
     address = f"[{host}]:{port}" if ":" in host else f"{host}:{port}"

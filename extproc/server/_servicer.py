@@ -14,7 +14,10 @@ decision, a request the policy's ``capture:`` section samples is handed to the
 :class:`~extproc.server._capture.CaptureWriter` (a queue append; the disk is another thread's job).
 With a shadow policy (``serve --shadow``), once the body answer has been handed to gRPC the
 request is offered to the :class:`~extproc.server._shadow.Shadow`, which decides it again in a task
-of its own: the live answer never waits for the shadow, nor fails with it.
+of its own: the live answer never waits for the shadow, nor fails with it. With ``budgets:``, a
+second, observe-only filter (the usage filter) opens its own stream per response, starting with
+the response headers; :class:`~extproc.traffic._usage.UsageCorrections` reads it and corrects
+the request's charge, answering nothing (Envoy does not wait for it).
 """
 
 from __future__ import annotations
@@ -47,6 +50,7 @@ from extproc.traffic._budgets import FleetLimits
 from extproc.traffic._failover import failover_for, record_failover
 from extproc.traffic._health import BackendHealth
 from extproc.traffic._sessions import Sessions
+from extproc.traffic._usage import UsageCorrections
 from extproc.telemetry._instruments import Telemetry, start_decide_span
 
 __all__ = ["ExternalProcessor", "RequestStream"]
@@ -229,13 +233,15 @@ class ExternalProcessor(ext_grpc.ExternalProcessorServicer):
     sections (``None``: every request is decided alone). ``limits``: the budgets and large-share
     controller of the policies' ``budgets:`` / ``share:`` sections (``None``: neither applies).
     ``health``: the backends Envoy reports down (``serve --envoy-admin``), which the rules skip
-    (``None``: every backend counts as healthy).
+    (``None``: every backend counts as healthy). ``usage``: corrects budget charges from the
+    responses the rendered usage filter sends (a stream that starts with the response headers;
+    ``None``: such a stream is answered "continue", phase by phase).
     """
 
     def __init__(self, engine: Callable[[], PolicyEngine], telemetry: Telemetry | None = None,
                  capture: CaptureWriter | None = None, shadow: Shadow | None = None,
                  sessions: Sessions | None = None, limits: FleetLimits | None = None,
-                 health: BackendHealth | None = None) -> None:
+                 health: BackendHealth | None = None, usage: UsageCorrections | None = None) -> None:
         self._engine = engine
         self._telemetry = telemetry or Telemetry()
         self._capture = capture
@@ -243,6 +249,7 @@ class ExternalProcessor(ext_grpc.ExternalProcessorServicer):
         self._sessions = sessions
         self._limits = limits
         self._health = health
+        self._usage = usage
 
     async def Process(
         self, request_iterator: AsyncIterator[ext.ProcessingRequest], context: grpc.aio.ServicerContext
@@ -250,6 +257,9 @@ class ExternalProcessor(ext_grpc.ExternalProcessorServicer):
         stream = RequestStream(self._engine(), self._telemetry, self._capture, self._sessions, self._limits,
                                self._health)
         async for message in request_iterator:
+            if stream.request is None and self._usage is not None and message.HasField("response_headers"):
+                await self._observe_usage(message, request_iterator)  # the usage filter's stream
+                return
             try:
                 response = stream.handle(message)
                 if not isinstance(response, ext.ProcessingResponse):  # the body needs learned scores
@@ -264,6 +274,13 @@ class ExternalProcessor(ext_grpc.ExternalProcessorServicer):
                 if self._shadow is not None and stream.decided is not None:
                     self._offer_shadow(stream)  # the answer has gone: gRPC asked for the next one
                 return
+
+    async def _observe_usage(self, first: ext.ProcessingRequest,
+                             rest: AsyncIterator[ext.ProcessingRequest]) -> None:
+        try:
+            await self._usage.observe(first, rest)
+        except Exception:  # noqa: BLE001 - Envoy does not wait for this stream; nothing to answer
+            log.exception("reading a response's usage failed")
 
     def _offer_shadow(self, stream: RequestStream) -> None:
         try:

@@ -101,6 +101,11 @@ class FallbackStore:
         ok, total = await self._remote("incr_window", lambda: self.remote.incr_window(key, amount, window_s))
         return total if ok else local_total
 
+    async def incr_bucket(self, key: str, amount: float, window_s: float, index: int) -> float:
+        local_total = await self.local.incr_bucket(key, amount, window_s, index)
+        ok, total = await self._remote("incr_bucket", lambda: self.remote.incr_bucket(key, amount, window_s, index))
+        return total if ok else local_total
+
     async def read_window(self, key: str, window_s: float) -> float:
         ok, total = await self._remote("read_window", lambda: self.remote.read_window(key, window_s))
         return total if ok else await self.local.read_window(key, window_s)

@@ -46,8 +46,11 @@ class MemoryStore:
         return value
 
     async def incr_window(self, key: str, amount: float, window_s: float) -> float:
+        return await self.incr_bucket(key, amount, window_s, window_index(self._clock(), window_s))
+
+    async def incr_bucket(self, key: str, amount: float, window_s: float, index: int) -> float:
         now = self._clock()
-        bucket = bucket_key(key, window_s, window_index(now, window_s))
+        bucket = bucket_key(key, window_s, index)
         total = self._live_count(bucket, now) + amount
         self._counts[bucket] = (total, now + bucket_ttl_s(window_s))
         self._wrote(now)

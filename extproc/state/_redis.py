@@ -117,7 +117,10 @@ class RedisStore:
         return value if held is None else held
 
     async def incr_window(self, key: str, amount: float, window_s: float) -> float:
-        bucket = self._key(bucket_key(key, window_s, window_index(self._clock(), window_s)))
+        return await self.incr_bucket(key, amount, window_s, window_index(self._clock(), window_s))
+
+    async def incr_bucket(self, key: str, amount: float, window_s: float, index: int) -> float:
+        bucket = self._key(bucket_key(key, window_s, index))
         async with self._redis().pipeline(transaction=True) as pipe:
             pipe.incrbyfloat(bucket, amount)
             pipe.pexpire(bucket, _ms(bucket_ttl_s(window_s)))

@@ -7,7 +7,9 @@ A store holds three kinds of state, each keyed by a string the caller chooses:
   caller learns the winning value, so two replicas pinning one new session agree;
 - **fixed-window counters** (spend, request counts): :meth:`Store.incr_window` adds to the
   bucket of the current window (its key carries the window's index; it expires after two
-  windows) and :meth:`Store.read_window` reads it;
+  windows), :meth:`Store.incr_bucket` to the bucket of a window the caller names (a budget
+  charge and its later correction land in one bucket even across a window boundary), and
+  :meth:`Store.read_window` reads the current one;
 - **a sliding-window read** over those buckets (:meth:`Store.read_sliding`): the current bucket
   plus the previous one weighted by the share of it still inside the window, the estimate
   rate limiters use; a share controller divides two of them (large requests / all requests).
@@ -43,6 +45,11 @@ class Store(Protocol):
 
     async def incr_window(self, key: str, amount: float, window_s: float) -> float:
         """Add ``amount`` to ``key``'s bucket of the current ``window_s`` window; its total after."""
+        ...
+
+    async def incr_bucket(self, key: str, amount: float, window_s: float, index: int) -> float:
+        """Add ``amount`` to ``key``'s bucket ``index`` of ``window_s`` windows (:func:`window_index`);
+        its total after. The bucket is kept :func:`bucket_ttl_s` from now, as :meth:`incr_window`'s."""
         ...
 
     async def read_window(self, key: str, window_s: float) -> float:

@@ -29,6 +29,8 @@ counters end in ``_total``)::
     switchyard.sessions.breaks    switchyard_sessions_breaks_total{reason}
     switchyard.budget.spent       switchyard_budget_spent_total{budget}  (money; budget: a `limits` name or `other`)
     switchyard.budget.exhausted   switchyard_budget_exhausted_total{action}  (action: backend, reject)
+    switchyard.budget.corrections  switchyard_budget_corrections_total{result}  (result: corrected, refunded,
+                                  no_usage, too_large, incomplete, bad_charge)
     switchyard.share.observed     switchyard_share_observed{signal}  (the fleet's large share over the window)
     switchyard.share.threshold    switchyard_share_threshold{signal}  (the threshold the controller set)
     switchyard.failover.chains    switchyard_failover_chains_total{backend, attempts}
@@ -163,7 +165,8 @@ class Telemetry:
     - ``session_pins``, ``session_hits``, ``session_breaks``: :mod:`extproc.traffic._sessions`,
       once per request of a session (``sessions:``).
     - ``budget_spent``, ``budget_exhausted``: :mod:`extproc.traffic._budgets`, once per charged
-      or over-budget request; ``share_observed``, ``share_threshold``: the share controller
+      or over-budget request; ``budget_corrections``: :mod:`extproc.traffic._usage`, once per
+      charged response the usage filter sent; ``share_observed``, ``share_threshold``: the share controller
       (:mod:`extproc.traffic._share`), at each update it reads.
     - ``health_poll_failures``: the Envoy health poller (:mod:`extproc.traffic._health`), once per
       failed poll; ``switchyard.backend.healthy``: the server registers the backends' health
@@ -256,6 +259,11 @@ class Telemetry:
             "switchyard.budget.exhausted", unit="{request}",
             description="Requests whose cost would take their budget over its limit, by action (backend: sent "
                         "to `budgets.when_spent.backend`; reject: answered 429 `budget_exhausted`).")
+        self.budget_corrections = meter.create_counter(
+            "switchyard.budget.corrections", unit="{response}",
+            description="Charged responses whose `usage` corrected their budget charge, by result (corrected; "
+                        "refunded: a non-2xx answer, the whole charge given back; no_usage, too_large, incomplete, "
+                        "bad_charge: the estimate stays).")
         self.share_observed = meter.create_gauge(
             "switchyard.share.observed", unit="1",
             description="The fleet's share of routed requests on the `share.large` backends over `share.window_s`, "

@@ -4,7 +4,7 @@ The policy's ``budgets:`` section (:class:`~extproc.policy._sections.BudgetsConf
 budget name a limit per window. Once the engine has decided, the request's cost is worked out
 for the chosen backend (:func:`request_cost`: the prompt's estimated tokens at the backend's
 input price, plus the output tokens it may produce at its output price) and charged to the
-budget with one atomic :meth:`~extproc.state.Store.incr_window`. A charge that takes the
+budget with one atomic :meth:`~extproc.state.Store.incr_bucket` in the current window. A charge that takes the
 window's total over the limit is given back at once and the request goes to
 ``when_spent.backend`` (rule ``budget``, not charged) or is answered 429 ``budget_exhausted``.
 
@@ -15,6 +15,10 @@ cost afterwards would let every replica's concurrent requests through on the sam
 A charge that was given back may have turned away a request that raced it near the limit;
 it never lets one through. While the store is down (:class:`~extproc.state.FallbackStore`),
 each replica holds the budget on its own view of the spend.
+
+A charge that stays is written into the decision's metadata (:func:`charge_metadata`: the
+store key, the window, the money, the price), and the rendered usage filter sends it back with
+the response, whose ``usage`` corrects the charge (:mod:`extproc.traffic._usage`).
 """
 
 from __future__ import annotations
@@ -24,15 +28,17 @@ import math
 import re
 import time
 from collections.abc import Callable, Mapping
+from dataclasses import replace
 from typing import Any
 
+from extproc._contract import BUDGET_CHARGED, BUDGET_KEY, BUDGET_PRICE, BUDGET_WINDOW
 from extproc._errors import RequestError
 from extproc.engine._decision import Decision
 from extproc.engine._engine import PolicyEngine, SignalMemo
 from extproc.policy._sections import DEFAULT_LIMIT, BudgetsConfig, Price
 from extproc.request._body import RoutingRequest
 from extproc.policy._model import Policy
-from extproc.state._store import Store
+from extproc.state._store import Store, window_index
 from extproc.telemetry._instruments import Telemetry
 from extproc.traffic._share import ShareController
 
@@ -43,6 +49,7 @@ __all__ = [
     "Budgets",
     "FleetLimits",
     "budget_name",
+    "charge_metadata",
     "output_tokens",
     "request_cost",
     "store_key",
@@ -82,6 +89,17 @@ def request_cost(price: Price | None, prompt_tokens: int, output: int) -> float:
     return (prompt_tokens * price.input_per_mtok + output * price.output_per_mtok) / 1_000_000
 
 
+def charge_metadata(key: str, window_s: float, index: int, cost: float, price: Price) -> dict[str, str]:
+    """The ``switchyard`` metadata of a charge (keys from :mod:`extproc._contract`), which the
+    usage filter sends back with the response (:mod:`extproc.traffic._usage` reads it)."""
+    return {
+        BUDGET_KEY: key,
+        BUDGET_WINDOW: f"{window_s!r}:{index}",
+        BUDGET_CHARGED: repr(cost),
+        BUDGET_PRICE: f"{price.input_per_mtok!r},{price.output_per_mtok!r}",
+    }
+
+
 def _getter(store: Store | Callable[[], Store]) -> Callable[[], Store]:
     """``store`` as a function returning the store to use now."""
     return store if callable(store) else (lambda: store)
@@ -112,7 +130,8 @@ class Budgets:
     def __init__(self, store: Store | Callable[[], Store], telemetry: Telemetry | None = None,
                  clock: Callable[[], float] = time.time) -> None:
         """``store``: the store, or what returns the current one (a reload may swap it).
-        ``clock`` (wall-clock seconds, as the store's windows) only dates the 429's reset time."""
+        ``clock`` (wall-clock seconds, as the store's windows) picks the window a charge goes to
+        (charge, give-back and the usage correction all use that one) and dates the 429's reset time."""
         self._store = _getter(store)
         self.telemetry = telemetry or Telemetry()
         self._clock = clock
@@ -134,11 +153,13 @@ class Budgets:
             return decision
         key, store = store_key(name), self._store()
         if cost <= limit:
-            total = await store.incr_window(key, cost, config.window_s)
+            index = window_index(self._clock(), config.window_s)  # the charge and its give-back: one bucket
+            total = await store.incr_bucket(key, cost, config.window_s, index)
             if total <= limit + _ROUNDING:
                 self.telemetry.budget_spent.add(cost, {"budget": self._label(config, name)})
-                return decision
-            await store.incr_window(key, -cost, config.window_s)  # give the charge back
+                return replace(decision, charge=charge_metadata(key, config.window_s, index, cost,
+                                                                  decision.backend.price))
+            await store.incr_bucket(key, -cost, config.window_s, index)  # give the charge back
         return self._spent(engine, request, decision, memo, config, name, limit)
 
     def _spent(self, engine: PolicyEngine, request: RoutingRequest, decision: Decision, memo: SignalMemo | None,
@@ -171,9 +192,11 @@ class FleetLimits:
     """What the servicer calls for ``budgets:`` and ``share:``: the thresholds a request decides
     with, then, once decided, its charge and its count. One per server, over the server's store."""
 
-    def __init__(self, store: Store | Callable[[], Store], telemetry: Telemetry | None = None) -> None:
-        """``store``: the store, or what returns the current one (a reload may swap it)."""
-        self.budgets = Budgets(store, telemetry)
+    def __init__(self, store: Store | Callable[[], Store], telemetry: Telemetry | None = None,
+                 clock: Callable[[], float] = time.time) -> None:
+        """``store``: the store, or what returns the current one (a reload may swap it).
+        ``clock``: the budgets' wall clock (:class:`Budgets`)."""
+        self.budgets = Budgets(store, telemetry, clock)
         self.share = ShareController(store, telemetry)
 
     @staticmethod

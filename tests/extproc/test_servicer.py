@@ -216,3 +216,56 @@ def test_repeated_headers_are_joined_and_plain_values_are_read():
         message.headers.headers.append(base_pb2.HeaderValue(key=key, raw_value=value.encode()))
     message.headers.headers.append(base_pb2.HeaderValue(key="x-old-envoy", value="text"))
     assert _header_map(message) == {"x-tier": "gold,silver", ":method": "POST", "x-old-envoy": "text"}
+
+
+BUDGET_POLICY = """
+version: 1
+backends:
+  large: {cluster: large, model: large-model, price: {input_per_mtok: 1000, output_per_mtok: 2000}}
+default: large
+budgets: {limits: {default: 5}, when_spent: {reject: true}}
+"""
+
+
+def test_a_charged_body_answer_carries_the_charge_and_the_usage_stream_corrects_it():
+    """The charge goes out in the body answer's metadata; Envoy's usage filter sends it back with
+    the response (a stream that starts with the response headers), which gets no answer and
+    corrects the charge in the store from the response's usage."""
+    import asyncio
+
+    from extproc import parse_policy
+    from extproc._contract import BUDGET_CHARGED, BUDGET_KEY, BUDGET_PRICE, BUDGET_WINDOW, METADATA_NAMESPACE
+    from extproc.state import MemoryStore
+    from extproc.traffic._budgets import FleetLimits
+    from extproc.traffic._usage import UsageCorrections
+
+    store = MemoryStore()
+    engine = PolicyEngine(parse_policy(BUDGET_POLICY))
+    servicer = ExternalProcessor(lambda: engine, limits=FleetLimits(store), usage=UsageCorrections(store))
+
+    async def stream(*messages):
+        async def requests():
+            for message in messages:
+                yield message
+        return [answer async for answer in servicer.Process(requests(), None)]
+
+    async def scenario():
+        body = json.dumps(chat("what is it", max_tokens=1000)).encode()
+        answers = await stream(headers_message({**JSON_HEADERS, "x-tenant-id": "acme"}), body_message(body))
+        metadata = answers[-1].dynamic_metadata.fields[METADATA_NAMESPACE].struct_value
+        charged = {key: metadata.fields[key].string_value for key in (BUDGET_KEY, BUDGET_WINDOW, BUDGET_CHARGED,
+                                                                       BUDGET_PRICE)}
+        spent = await store.read_window("budget:acme", 86400)
+        usage = ext.ProcessingRequest(response_headers=ext.HttpHeaders())
+        usage.response_headers.headers.headers.append(base_pb2.HeaderValue(key=":status", raw_value=b"200"))
+        usage.metadata_context.filter_metadata[METADATA_NAMESPACE].CopyFrom(metadata)
+        answer = json.dumps({"usage": {"prompt_tokens": 4, "completion_tokens": 10}}).encode()
+        observed = await stream(usage, ext.ProcessingRequest(
+            response_body=ext.HttpBody(body=answer, end_of_stream=True)))
+        return charged, spent, observed, await store.read_window("budget:acme", 86400)
+
+    charged, spent, observed, corrected = asyncio.run(asyncio.wait_for(scenario(), 10))
+    assert charged[BUDGET_KEY] == "budget:acme" and float(charged[BUDGET_CHARGED]) == pytest.approx(2.004) == spent
+    assert charged[BUDGET_PRICE] == "1000.0,2000.0" and charged[BUDGET_WINDOW].startswith("86400.0:")
+    assert observed == []  # observability mode: Envoy waits for nothing
+    assert corrected == pytest.approx(0.024)

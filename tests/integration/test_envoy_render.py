@@ -19,7 +19,7 @@ from extproc.envoy._render import (
     REWRITE_SLACK_BYTES, Address, Credential, EnvoyOptions, Upstream, check_envoy_config, envoy_body_limit, envoy_fail_open, render_envoy, rewrite_growth,
 )
 from extproc._errors import EnvoyConfigError
-from extproc._contract import ROUTING_HEADER
+from extproc._contract import ROUTING_HEADER, USAGE_FILTER
 from extproc.policy._loading import load_policy, parse_policy
 from harness import Child, envoy_binary, free_port, grpc_serving, http_ok, render_envoy_config
 from tests.integration.gateway import REPO, Gateway
@@ -35,14 +35,15 @@ SHIPPED = {
 }
 
 # Backend names that differ from their clusters, and two backends sharing one cluster.
-SHARED = parse_policy("""
+SHARED_TEXT = """
 version: 1
 backends:
   fast: {cluster: pool-a, model: fast-model}
   fast-lora: {cluster: pool-a, model: fast-model-lora}
   big: {cluster: pool-b, model: a-much-longer-model-name}
 default: fast
-""", source="shared.yaml")
+"""
+SHARED = parse_policy(SHARED_TEXT, source="shared.yaml")
 
 
 def _validate(path: Path) -> subprocess.CompletedProcess:
@@ -134,6 +135,35 @@ def test_fail_open_sets_failure_mode_allow_and_nothing_else():
     assert not envoy_fail_open(closed) and envoy_fail_open(opened)
     _ext_proc(opened)["failure_mode_allow"] = False
     assert opened == closed  # header stripping, routes, the default route: all unchanged
+
+
+def test_budgets_add_an_observe_only_usage_filter_after_the_routing_one_and_nothing_else(tmp_path):
+    upstreams = {"pool-a": Upstream(Address("127.0.0.1", 1)), "pool-b": Upstream(Address("127.0.0.1", 2))}
+    priced = SHARED_TEXT.replace("model: fast-model}", "model: fast-model, price: {input_per_mtok: 1, output_per_mtok: 2}}")
+    assert priced != SHARED_TEXT
+    plain = render_envoy(parse_policy(priced), upstreams).bootstrap
+    budgeted = render_envoy(parse_policy(priced + "budgets: {limits: {default: 5}, when_spent: {reject: true}}\n"),
+                            upstreams).bootstrap
+    filters = _hcm(budgeted)["http_filters"]
+    assert [f["name"] for f in filters] == ["envoy.filters.http.ext_proc", USAGE_FILTER, "envoy.filters.http.router"]
+    usage = filters[1]["typed_config"]
+    assert usage["observability_mode"] is True and usage["failure_mode_allow"] is True
+    assert usage["processing_mode"] == {
+        "request_header_mode": "SKIP", "request_body_mode": "NONE", "response_header_mode": "SEND",
+        "response_body_mode": "STREAMED", "request_trailer_mode": "SKIP", "response_trailer_mode": "SKIP"}
+    assert usage["metadata_options"] == {"forwarding_namespaces": {"untyped": ["switchyard"]}}
+    assert not envoy_fail_open(budgeted)  # the observer's failure_mode_allow is not fail-open
+    del filters[1]
+    assert budgeted == plain  # the routing filter, routes, clusters: unchanged
+    out = tmp_path / "envoy.yaml"
+    out.write_text(yaml.safe_dump(render_envoy(parse_policy(
+        priced + "budgets: {limits: {default: 5}, when_spent: {reject: true}}\n"), upstreams).bootstrap))
+    done = _validate(out)
+    assert done.returncode == 0, done.stdout + done.stderr
+
+
+def _hcm(config: dict) -> dict:
+    return config["static_resources"]["listeners"][0]["filter_chains"][0]["filters"][0]["typed_config"]
 
 
 @pytest.mark.parametrize("name", sorted(SHIPPED))

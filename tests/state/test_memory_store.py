@@ -67,6 +67,18 @@ def test_incr_window_totals_per_fixed_window():
     assert run(store.incr_window("spend:t1", 1.0, 60)) == 1.0
 
 
+def test_incr_bucket_adds_to_the_named_window_even_after_it_ended():
+    """A budget's correction lands in the bucket its charge went to, not in the current one."""
+    clock = Clock(600.0)  # window 10 of 60 s
+    store = MemoryStore(clock)
+    assert run(store.incr_bucket("spend", 5.0, 60, 10)) == 5.0
+    clock.now += 60  # window 11
+    assert run(store.incr_bucket("spend", -3.0, 60, 10)) == 2.0
+    assert run(store.read_window("spend", 60)) == 0.0  # the current window is untouched
+    assert run(store.read_sliding("spend", 60)) == 2.0  # the previous bucket, at its full weight
+    assert run(store.incr_window("spend", 1.0, 60)) == 1.0
+
+
 def test_windows_of_different_lengths_do_not_mix():
     store = MemoryStore(Clock(600.0))
     run(store.incr_window("n", 1, 60))

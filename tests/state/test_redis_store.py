@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import time
 
 import pytest
 import redis.asyncio
@@ -111,6 +112,26 @@ def test_incr_window_totals_across_two_replicas(redis_server):
     run(scenario())
 
 
+def test_incr_bucket_adds_to_the_named_window_in_one_shared_bucket(redis_server):
+    clock = Clock(600.0)  # window 10 of 60 s
+
+    async def scenario():
+        a, b = redis_store(redis_server, clock=clock), redis_store(redis_server, clock=clock)
+        try:
+            assert await a.incr_window("spend", 5.0, 60) == 5.0
+            clock.now = 660.0  # window 11: b corrects a's charge in window 10
+            assert await b.incr_bucket("spend", -3.5, 60, 10) == 1.5
+            assert await a.read_window("spend", 60) == 0.0
+            assert await a.read_sliding("spend", 60) == 1.5
+            ttl_ms = await raw(redis_server, "PTTL", "test:spend:60s:10")
+            assert 60_000 < ttl_ms <= 120_000  # kept two windows from the correction
+        finally:
+            await a.aclose()
+            await b.aclose()
+
+    run(scenario())
+
+
 def test_read_sliding_over_two_buckets(redis_server):
     clock = Clock(540.0)
 
@@ -145,14 +166,16 @@ def test_killed_server_answers_in_process_and_counts_then_recovers_on_same_port(
             assert await store.get("pin") == "large"  # what this replica wrote itself
             assert await store.set_if_absent("pin2", "small", 300) == "small"
             assert await store.incr_window("spend", 1.0, 60) == 3.0  # this replica's own view
-            assert await store.read_window("spend", 60) == 3.0
-            assert await store.read_sliding("spend", 60) >= 3.0
+            assert await store.incr_bucket("spend", -0.5, 60, int(time.time() // 60)) == 2.5  # a correction, too
+            assert await store.read_window("spend", 60) == 2.5
+            assert await store.read_sliding("spend", 60) >= 2.5
             await store.set("pin3", "x", 300)
             assert not store.remote_up
             operations = {op for op, _ in calls}
-            assert operations == {"get", "set_if_absent", "incr_window", "read_window", "read_sliding", "set"}
+            assert operations == {"get", "set_if_absent", "incr_window", "incr_bucket", "read_window", "read_sliding",
+                                  "set"}
             assert {reason for _, reason in calls} <= {"error", "timeout"}
-            assert sum(store.fallbacks.values()) == len(calls) == 6
+            assert sum(store.fallbacks.values()) == len(calls) == 7
 
             redis_server.start()  # same port, same folder: the append-only file brings the data back
             assert await store.get("pin") == "large"
@@ -160,7 +183,7 @@ def test_killed_server_answers_in_process_and_counts_then_recovers_on_same_port(
             assert await store.incr_window("spend", 1.0, 60) == 6.0  # 2 + 3 before the crash, + 1
             assert await other.read_window("spend", 60) == 6.0  # the other replica reconnected too
             assert await store.set_if_absent("pin2", "large", 300) == "large"  # the remote is the truth again
-            assert len(calls) == 6
+            assert len(calls) == 7
         finally:
             await store.aclose()
             await other.aclose()

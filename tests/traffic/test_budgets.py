@@ -119,8 +119,9 @@ def test_the_budget_name_is_the_header_value_and_odd_names_are_hashed_in_the_sto
 # -- charging and a spent budget -------------------------------------------------------------------
 
 def test_a_tenant_is_charged_until_its_budget_is_spent_then_goes_to_the_budget_backend():
-    eng, store = engine(), MemoryStore(clock=Clock(1_000.0))
-    budgets = Budgets(store)
+    clock = Clock(1_000.0)
+    eng, store = engine(), MemoryStore(clock=clock)
+    budgets = Budgets(store, clock=clock)
 
     async def scenario():
         routes = [(await settle(budgets, eng, request())).backend.name for _ in range(6)]
@@ -136,8 +137,9 @@ def test_a_tenant_is_charged_until_its_budget_is_spent_then_goes_to_the_budget_b
 
 
 def test_another_tenant_is_unaffected_and_unlisted_tenants_share_nothing_but_the_default_limit():
-    eng, store = engine(), MemoryStore(clock=Clock(1_000.0))
-    budgets = Budgets(store)
+    clock = Clock(1_000.0)
+    eng, store = engine(), MemoryStore(clock=clock)
+    budgets = Budgets(store, clock=clock)
 
     async def scenario():
         for _ in range(5):
@@ -154,7 +156,7 @@ def test_another_tenant_is_unaffected_and_unlisted_tenants_share_nothing_but_the
 def test_a_window_rollover_starts_the_spend_again():
     clock = Clock(86400.0 * 100 + 10)
     eng, store = engine(), MemoryStore(clock=clock)
-    budgets = Budgets(store)
+    budgets = Budgets(store, clock=clock)
 
     async def scenario():
         first = [(await settle(budgets, eng, request())).backend.name for _ in range(5)]
