@@ -267,12 +267,17 @@ class ExternalProcessor(ext_grpc.ExternalProcessorServicer):
             except Exception:  # a bug must fail this request closed, not kill the server
                 log.exception("internal error while processing a request")
                 response = error_response(RequestError("Internal routing error.", status=500, code="internal_error"))
-            yield response
-            if stream.done or response.HasField("immediate_response"):
+            final = stream.done or response.HasField("immediate_response")
+            try:
+                yield response
+            finally:
+                # Once the answer has gone. Not after the yield alone: Envoy may end the stream
+                # as soon as it has the answer, and gRPC then closes this generator at the yield.
+                if final and self._shadow is not None and stream.decided is not None:
+                    self._offer_shadow(stream)
+            if final:
                 # End the stream (gRPC OK): Envoy marks processing complete, so the routed
                 # request no longer depends on this process (a restart cannot cut it).
-                if self._shadow is not None and stream.decided is not None:
-                    self._offer_shadow(stream)  # the answer has gone: gRPC asked for the next one
                 return
 
     async def _observe_usage(self, first: ext.ProcessingRequest,

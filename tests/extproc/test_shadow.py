@@ -155,6 +155,28 @@ def test_the_live_answer_is_out_before_the_shadow_task_starts_and_a_stuck_shadow
     asyncio.run(run())
 
 
+def test_a_stream_closed_right_after_the_live_answer_is_still_shadowed(tmp_path):
+    # Envoy may end the stream as soon as it has the body answer; gRPC then closes the
+    # generator at its yield instead of asking for the next message.
+    async def run():
+        live = PolicyEngine(load_policy(LIVE))
+        telemetry, reader = metered()
+        shadow = Shadow(lambda: candidate_engine(tmp_path), telemetry)
+
+        async def messages():
+            yield headers_message(JSON_HEADERS)
+            yield body_message(json.dumps(chat("please refactor this python function for me")).encode())
+
+        stream = ExternalProcessor(lambda: live, telemetry, shadow=shadow).Process(messages(), None)
+        await stream.__anext__()
+        await stream.__anext__()  # the body answer
+        await stream.aclose()
+        await shadow.drain(30)
+        return values(reader, "switchyard.shadow.decisions")
+
+    assert sum(asyncio.run(run()).values()) == 1
+
+
 @pytest.mark.parametrize("behaviour, reason", [("raise", "error"), ("hang", "timeout")])
 def test_a_shadow_that_raises_or_times_out_is_counted_and_changes_no_live_answer(tmp_path, behaviour, reason):
     async def failing(engine, request, **kwargs):

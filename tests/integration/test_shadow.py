@@ -20,8 +20,8 @@ from tests.extproc.test_shadow import CANDIDATE, bodies
 from tests.integration.gateway import DEFAULT_POLICY
 from tests.integration.test_metrics import MetricsGateway, total, wait_for
 
-REQUESTS = 200
-THREADS = 4
+REQUESTS = 1000
+THREADS = 8
 
 
 @pytest.fixture(scope="module")
