@@ -62,12 +62,15 @@ class RequestError(SwitchyardError):
     """A client request cannot be routed.
 
     ``status`` is the HTTP status Envoy returns to the client, ``code`` the OpenAI-style
-    error code in the JSON error body.
+    error code in the JSON error body, ``retry_after_s`` (whole seconds) the ``retry-after``
+    header's value, when the client may try again later.
     """
 
-    def __init__(self, message: str, *, status: int = 400, code: str = "invalid_request") -> None:
+    def __init__(self, message: str, *, status: int = 400, code: str = "invalid_request",
+                 retry_after_s: int | None = None) -> None:
         self.status = status
         self.code = code
+        self.retry_after_s = retry_after_s
         super().__init__(message)
 
 

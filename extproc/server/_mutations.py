@@ -139,4 +139,6 @@ def error_response(error: RequestError) -> ext.ProcessingResponse:
         details=f"switchyard_{error.code}",
     )
     immediate.headers.set_headers.append(_set("content-type", "application/json"))
+    if error.retry_after_s is not None:
+        immediate.headers.set_headers.append(_set("retry-after", str(error.retry_after_s)))
     return ext.ProcessingResponse(immediate_response=immediate)

@@ -168,12 +168,19 @@ class Budgets:
         why = None if backend is None else engine.cannot_serve(request, backend, memo)
         if backend is None or why is not None:
             self.telemetry.budget_exhausted.add(1, {"action": "reject"})
-            raise RequestError(self._message(config, name, limit, backend, why), status=429, code=BUDGET_EXHAUSTED)
+            resets = self._resets(config)
+            raise RequestError(self._message(config, name, limit, backend, why, resets), status=429,
+                               code=BUDGET_EXHAUSTED, retry_after_s=max(1, math.ceil(resets - self._clock())))
         self.telemetry.budget_exhausted.add(1, {"action": "backend"})
         return engine.rerouted(decision, backend, BUDGET_RULE, request, "budget spent")
 
-    def _message(self, config: BudgetsConfig, name: str, limit: float, backend: str | None, why: str | None) -> str:
-        resets = (math.floor(self._clock() / config.window_s) + 1) * config.window_s
+    def _resets(self, config: BudgetsConfig) -> float:
+        """When the current window of ``config`` ends (wall-clock seconds)."""
+        return (window_index(self._clock(), config.window_s) + 1) * config.window_s
+
+    @staticmethod
+    def _message(config: BudgetsConfig, name: str, limit: float, backend: str | None, why: str | None,
+                 resets: float) -> str:
         whose = f"The budget {name!r}" if name else "The budget of requests without a budget name"
         message = (f"{whose} ({limit:g} per {config.window_s:g} s window) cannot take this request's cost; "
                    f"it starts again at {time.strftime('%Y-%m-%dT%H:%M:%SZ', time.gmtime(resets))}.")

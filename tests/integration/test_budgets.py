@@ -70,6 +70,7 @@ def test_a_spent_budget_whose_cheaper_backend_the_tenant_may_not_use_is_a_429_js
     assert first.header("x-demo-backend") == "large" and second.header("x-demo-backend") == "large"
     assert third.status == 429, third
     assert third.header("content-type") == "application/json", third
+    assert 1 <= int(third.header("retry-after")) <= 86400, third  # seconds to the next window
     error = third.json()["error"]
     assert error["code"] == "budget_exhausted" and "narrow" in error["message"], error
     assert third.header("x-demo-backend") is None, third

@@ -168,9 +168,10 @@ def test_a_window_rollover_starts_the_spend_again():
     assert first[-1] == "small" and second == "large"
 
 
-def test_reject_answers_429_budget_exhausted():
-    eng, store = engine(when="{reject: true}"), MemoryStore(clock=Clock(1_000.0))
-    budgets = Budgets(store)
+def test_reject_answers_429_budget_exhausted_with_the_seconds_to_the_next_window():
+    clock = Clock(86400.0 * 100 + 86400 - 90.5)  # 90.5 s before the day's window ends
+    eng, store = engine(when="{reject: true}"), MemoryStore(clock=clock)
+    budgets = Budgets(store, clock=clock)
 
     async def scenario():
         for _ in range(4):
@@ -180,7 +181,8 @@ def test_reject_answers_429_budget_exhausted():
     with pytest.raises(RequestError) as raised:
         run(scenario())
     assert raised.value.status == 429 and raised.value.code == "budget_exhausted"
-    assert "'acme'" in str(raised.value) and "starts again at" in str(raised.value)
+    assert "'acme'" in str(raised.value) and "starts again at 1970-04-12T00:00:00Z" in str(raised.value)
+    assert raised.value.retry_after_s == 91
 
 
 def test_a_budget_backend_the_request_cannot_use_means_429():
@@ -313,3 +315,5 @@ def test_the_servicer_stays_synchronous_without_budgets_and_charges_with_them():
     response = run(answer)
     assert response.immediate_response.status.code == 429
     assert json.loads(response.immediate_response.body)["error"]["code"] == "budget_exhausted"
+    retry_after = {h.header.key: h.header.raw_value for h in response.immediate_response.headers.set_headers}
+    assert 1 <= int(retry_after["retry-after"]) <= 86400
