@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import math
 import re
+from collections.abc import Mapping
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -34,6 +35,8 @@ __all__ = [
     "MapOf",
     "Tagged",
     "Validation",
+    "Path",
+    "nearest_mark",
     "REQUIRED",
     "kind_key",
     "DESCRIPTION_KEY",
@@ -81,11 +84,17 @@ class Validation:
     def position(self, node: yaml.Node | None, path: Path = ()) -> tuple[int, int]:
         if node is not None:
             return node.start_mark.line + 1, node.start_mark.column + 1
-        while path:
-            if path in self.marks:
-                return self.marks[path]
-            path = path[:-1]
-        return self.marks.get((), (1, 1))
+        return nearest_mark(self.marks, path)
+
+
+def nearest_mark(marks: Mapping[Path, tuple[int, int]], path: Path) -> tuple[int, int]:
+    """Where ``path`` sits (line, column), or the nearest enclosing path that ``marks`` has;
+    ``(1, 1)`` when none."""
+    while path:
+        if path in marks:
+            return marks[path]
+        path = path[:-1]
+    return marks.get((), (1, 1))
 
 
 def dotted(path: Path) -> str:

@@ -219,7 +219,7 @@ def _build(data: dict[str, Any], v: Validation, base_dir: Path, checkpoints: dic
         routing=RoutingConfig(frozenset(routing["paths"]), routing["max_body_bytes"], routing["rewrite_model"]),
         fallback=data["fallback"],
         scorers=scorers,
-        scorer_positions={name: v.position(None, ("scorers", name)) for name in scorers},
+        positions=dict(v.marks),
         capture=_capture(data["capture"], base_dir),
         budgets=_budgets(data.get("budgets"), tenants["header"].lower(), check_backend, report),
         share=_share(data.get("share"), signals, data["signals"], check_backend, report),

@@ -9,6 +9,7 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from typing import Union
 
+from extproc._schema import Path, nearest_mark
 from extproc.policy._sections import (
     Backend,
     BudgetsConfig,
@@ -111,9 +112,9 @@ class Policy:
     routing: RoutingConfig
     fallback: str | None = None
     scorers: dict[str, ScorerSpec] = field(default_factory=dict)
-    #: Where each ``scorers.<name>`` entry starts (line, column), for problems found after
-    #: validation (a scorer that fails to load).
-    scorer_positions: dict[str, tuple[int, int]] = field(default_factory=dict)
+    #: Where each value of the file sits (line, column) by its path (``("scorers", "probe")``),
+    #: for problems found after validation (a scorer that fails to load): see :meth:`position`.
+    positions: dict[Path, tuple[int, int]] = field(default_factory=dict, compare=False, repr=False)
     capture: CaptureConfig = field(default_factory=CaptureConfig)
     #: ``budgets:``; ``None``: no money budgets.
     budgets: BudgetsConfig | None = None
@@ -123,6 +124,11 @@ class Policy:
     sessions: SessionsConfig | None = None
     #: ``state:``: where fleet state (session pins, budgets, the share) lives.
     state: StateConfig = field(default_factory=StateConfig)
+
+    def position(self, path: Path) -> tuple[int, int]:
+        """Where the value at ``path`` sits in :attr:`source` (line, column), or the nearest
+        enclosing value that does; ``(1, 1)`` for a policy built without positions."""
+        return nearest_mark(self.positions, path)
 
     def backend_for_model(self, model: str) -> Backend | None:
         """The backend whose served model (or name) is ``model``, if any."""

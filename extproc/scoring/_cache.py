@@ -48,7 +48,7 @@ class ScorerCache:
                 except (CheckpointError, ScorerError) as exc:
                     for loaded in fresh:
                         _close_soon(loaded)
-                    line, column = policy.scorer_positions.get(name, (1, 1))
+                    line, column = policy.position(("scorers", name))
                     raise PolicyError([PolicyProblem(policy.source, line, column,
                                                      scorer_message(name, exc, "failed to load"))]) from exc
                 fresh.append(scorer)

@@ -55,7 +55,8 @@ class FleetState:
         try:
             store = self._build(policy.state)
         except StateConfigError as exc:
-            raise PolicyError([PolicyProblem(policy.source, 1, 1, str(exc))]) from exc
+            line, column = policy.position(("state", "redis", "password_env"))
+            raise PolicyError([PolicyProblem(policy.source, line, column, str(exc))]) from exc
         old, self.store, self.config = self.store, store, policy.state
         log.info("fleet-state store changed", extra={"store": repr(store)})
         self._loop.call_soon_threadsafe(self._retire, old)

@@ -388,3 +388,19 @@ def test_a_reload_that_changes_state_swaps_the_store_and_one_that_cannot_build_i
         await fleet.aclose()
 
     asyncio.run(run())
+
+
+def test_a_store_that_cannot_be_built_is_a_policy_error_at_its_password_env():
+    text = POLICY + "state:\n  redis:\n    url: redis://127.0.0.1:9/0\n    password_env: SY_TEST_UNSET_PASSWORD\n"
+    line = text.splitlines().index("    password_env: SY_TEST_UNSET_PASSWORD") + 1
+
+    async def run():
+        fleet = FleetState(StateConfig(), environ={})
+        with pytest.raises(PolicyError) as raised:
+            fleet.accept(parse_policy(text, source="policy.yaml"))
+        await fleet.aclose()
+        return raised.value
+
+    error = asyncio.run(run())
+    assert str(error).startswith(f"policy.yaml:{line}:5: ")
+    assert "'SY_TEST_UNSET_PASSWORD', which is not set" in str(error)
