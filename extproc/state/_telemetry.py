@@ -28,8 +28,8 @@ class StateTelemetry:
         self.fallbacks = meter.create_counter(
             "switchyard.state.fallbacks", unit="{call}",
             description="Fleet-state store calls answered in process instead of by the remote store "
-                        "(`state.redis`), by operation (get, set, set_if_absent, incr_window, read_window, "
-                        "read_sliding) and reason (timeout, error, down: not tried, it failed less than a "
+                        "(`state.redis`), by operation (get, set, set_if_absent, incr_window, incr_bucket, "
+                        "read_window, read_sliding) and reason (timeout, error, down: not tried, it failed less than a "
                         "retry interval ago).")
 
     def fallback(self, operation: str, reason: str) -> None:

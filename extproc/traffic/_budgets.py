@@ -168,15 +168,12 @@ class Budgets:
         why = None if backend is None else engine.cannot_serve(request, backend, memo)
         if backend is None or why is not None:
             self.telemetry.budget_exhausted.add(1, {"action": "reject"})
-            resets = self._resets(config)
+            now = self._clock()
+            resets = (window_index(now, config.window_s) + 1) * config.window_s  # the window's end
             raise RequestError(self._message(config, name, limit, backend, why, resets), status=429,
-                               code=BUDGET_EXHAUSTED, retry_after_s=max(1, math.ceil(resets - self._clock())))
+                               code=BUDGET_EXHAUSTED, retry_after_s=max(1, math.ceil(resets - now)))
         self.telemetry.budget_exhausted.add(1, {"action": "backend"})
         return engine.rerouted(decision, backend, BUDGET_RULE, request, "budget spent")
-
-    def _resets(self, config: BudgetsConfig) -> float:
-        """When the current window of ``config`` ends (wall-clock seconds)."""
-        return (window_index(self._clock(), config.window_s) + 1) * config.window_s
 
     @staticmethod
     def _message(config: BudgetsConfig, name: str, limit: float, backend: str | None, why: str | None,

@@ -23,7 +23,7 @@ response headers; :meth:`UsageCorrections.observe` reads it to its end and then,
 
 Token counts are capped at :data:`~extproc.traffic._budgets.MAX_OUTPUT_TOKENS` each, so every
 correction is a finite number. A stream without a charge (a request that was not charged) is
-read to its end and left alone. Nothing here raises into the server: a failure is logged.
+left at its first message. Nothing here raises into the server: a failure is logged.
 """
 
 from __future__ import annotations
